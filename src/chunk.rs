@@ -1,0 +1,217 @@
+//! File content: content-defined chunking (FastCDC v2020), blake3 chunk ids,
+//! deduplicating upload, and verified reads.
+//!
+//! Owns: how bytes become chunks and back. Depends only on `store` (and the
+//! shared `hash` vocabulary); knows nothing of trees, commits or refs.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{ChunkRef, Hash};
+use crate::store::{Store, StoreError};
+
+/// Files up to this size live inside their directory node: one object
+/// fewer per tiny file, which is most files in many lakes.
+pub const INLINE_MAX: u64 = 4096;
+
+/// Bytes of chunks uploaded per batch (many chunks in flight at once).
+const UPLOAD_BATCH: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, ChunkError>;
+
+/// FastCDC size parameters, fixed per lake in `lake.json` (changing them
+/// would stop new chunks from deduplicating against old ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl Default for ChunkParams {
+    /// 256 KiB / 1 MiB / 4 MiB: large enough that a 2 GiB file is ~2k
+    /// objects (few requests, good S3 throughput), small enough that an
+    /// append or edit re-uploads about a megabyte. See docs/BENCHMARKS.md.
+    fn default() -> Self {
+        ChunkParams {
+            min: 256 << 10,
+            avg: 1 << 20,
+            max: 4 << 20,
+        }
+    }
+}
+
+/// What storing one file did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreStats {
+    pub bytes: u64,
+    pub chunks: usize,
+    pub new_chunks: usize,
+}
+
+/// A file's bytes as stored: small files inline, others as chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Inline(Vec<u8>),
+    Chunks(Vec<ChunkRef>),
+}
+
+/// Chunk `reader` and upload the chunks the store does not have yet.
+pub fn store_content(store: &Store, params: ChunkParams, reader: impl Read, what: &str) -> Result<(Stored, StoreStats)> {
+    let io = |e: std::io::Error| ChunkError::Io {
+        what: what.to_string(),
+        source: e,
+    };
+    let mut reader = reader;
+    // Read the first INLINE_MAX + 1 bytes to decide inline vs chunked.
+    let mut head = Vec::with_capacity(INLINE_MAX as usize + 1);
+    (&mut reader)
+        .take(INLINE_MAX + 1)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    let mut stats = StoreStats::default();
+    if head.len() as u64 <= INLINE_MAX {
+        stats.bytes = head.len() as u64;
+        return Ok((Stored::Inline(head), stats));
+    }
+    let source = std::io::Cursor::new(head).chain(reader);
+    let mut refs = Vec::new();
+    let mut batch: Vec<(String, Bytes)> = Vec::new();
+    let mut batch_bytes = 0;
+    for chunk in fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max) {
+        let chunk = chunk.map_err(|e| io(e.into()))?;
+        let hash = Hash::of(&chunk.data);
+        refs.push(ChunkRef {
+            hash,
+            len: chunk.length as u32,
+        });
+        stats.bytes += chunk.length as u64;
+        batch_bytes += chunk.length;
+        batch.push((hash.key("chunks"), Bytes::from(chunk.data)));
+        if batch_bytes >= UPLOAD_BATCH {
+            stats.new_chunks += store.put_content_many(std::mem::take(&mut batch))?;
+            batch_bytes = 0;
+        }
+    }
+    stats.new_chunks += store.put_content_many(batch)?;
+    stats.chunks = refs.len();
+    Ok((Stored::Chunks(refs), stats))
+}
+
+/// Read one chunk, verified.
+pub fn read_chunk(store: &Store, hash: &Hash) -> Result<Bytes> {
+    Ok(store.get_verified(&hash.key("chunks"), hash)?)
+}
+
+/// Write chunks, in order, to `out`, verifying every one. Chunks are
+/// fetched a batch at a time, many in flight.
+pub fn write_chunks(store: &Store, refs: &[ChunkRef], out: &mut impl Write) -> Result<u64> {
+    let io = |e| ChunkError::Io {
+        what: "output".into(),
+        source: e,
+    };
+    let mut written = 0;
+    for group in refs.chunks(16) {
+        let keys: Vec<String> = group.iter().map(|c| c.hash.key("chunks")).collect();
+        for (c, bytes) in group.iter().zip(store.get_many(&keys)?) {
+            let key = c.hash.key("chunks");
+            let bytes = bytes.ok_or_else(|| StoreError::Missing(key.clone()))?;
+            let bytes = crate::store::verify(&key, &c.hash, bytes)?;
+            out.write_all(&bytes).map_err(io)?;
+            written += bytes.len() as u64;
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> Store {
+        Store::open(&format!("memory://chunk-{}", ulid::Ulid::new())).unwrap()
+    }
+
+    fn chunks(s: Stored) -> Vec<ChunkRef> {
+        match s {
+            Stored::Chunks(c) => c,
+            Stored::Inline(_) => panic!("expected chunks"),
+        }
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_files_are_inline() {
+        let s = setup();
+        let (c, st) = store_content(&s, ChunkParams::default(), &b"hello"[..], "x").unwrap();
+        assert_eq!(c, Stored::Inline(b"hello".to_vec()));
+        assert_eq!(st.new_chunks, 0);
+    }
+
+    #[test]
+    fn round_trip_and_dedup() {
+        let s = setup();
+        let p = ChunkParams {
+            min: 4096,
+            avg: 16384,
+            max: 65536,
+        };
+        let d = data(2_000_000, 7);
+        let (c, st) = store_content(&s, p, &d[..], "x").unwrap();
+        assert!(st.chunks > 10 && st.new_chunks == st.chunks);
+        let mut out = Vec::new();
+        write_chunks(&s, &chunks(c), &mut out).unwrap();
+        assert_eq!(out, d);
+        // Same bytes again: nothing new. Appended bytes: only the tail is new.
+        let (_, st2) = store_content(&s, p, &d[..], "x").unwrap();
+        assert_eq!(st2.new_chunks, 0);
+        let mut d2 = d.clone();
+        d2.extend_from_slice(&data(10_000, 9));
+        let (_, st3) = store_content(&s, p, &d2[..], "x").unwrap();
+        assert!(st3.new_chunks <= 2, "append uploaded {} chunks", st3.new_chunks);
+    }
+
+    #[test]
+    fn corrupt_chunk_is_never_served() {
+        let s = setup();
+        let d = data(100_000, 3);
+        let p = ChunkParams {
+            min: 4096,
+            avg: 16384,
+            max: 65536,
+        };
+        let (c, _) = store_content(&s, p, &d[..], "x").unwrap();
+        let refs = chunks(c);
+        s.put(&refs[1].hash.key("chunks"), Bytes::from_static(b"evil")).unwrap();
+        let mut out = Vec::new();
+        assert!(matches!(
+            write_chunks(&s, &refs, &mut out),
+            Err(ChunkError::Store(StoreError::Corrupt { .. }))
+        ));
+    }
+}

@@ -1,0 +1,9 @@
+//! tarn: a versioned data lake you can mount.
+//!
+//! Layers (see docs/ARCHITECTURE.md): `store` → `chunk`, `tree` → `repo` → `cli`.
+
+pub mod chunk;
+pub mod hash;
+pub mod repo;
+pub mod store;
+pub mod tree;

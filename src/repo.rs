@@ -1,0 +1,1298 @@
+//! Repositories, commits, branches, tags, ref expressions, staging, and the
+//! ref-update protocol (DESIGN.md: "Staging and the ref-update protocol").
+//!
+//! Owns every key under `repos/` and `lake.json`. Builds on `tree` (to
+//! apply staged ops) and `chunk` (to store file bytes); must not know about
+//! the CLI, the mount or hooks.
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{self, ChunkParams, Stored};
+use crate::hash::Hash;
+use crate::store::{Cas, Store, StoreError, Version};
+use crate::tree::{self, Content, Entry, File, Op, TreeError, Trees};
+
+pub const LAKE_FORMAT: u32 = 1;
+pub const COMMIT_FORMAT: u8 = 1;
+pub const BATCH_FORMAT: u8 = 1;
+
+/// A commit or merge that keeps losing the race for its ref gives up after
+/// this many rounds with a "concurrent update" error.
+const CAS_ROUNDS: u32 = 30;
+
+/// How far back along first parents a commit looks for batches it must not
+/// apply twice (see `Lake::commit`).
+const DEDUP_WALK: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Chunk(#[from] chunk::ChunkError),
+    #[error("no lake at {0}: run `tarn init` first")]
+    NoLake(String),
+    #[error("lake at {url} has format {found}; this tarn reads format {LAKE_FORMAT}")]
+    LakeFormat { url: String, found: u32 },
+    #[error("invalid {kind} name {name:?}: use letters, digits, '_', '.', '-' (not first), at most 128 characters")]
+    BadName { kind: &'static str, name: String },
+    #[error("repository {0} does not exist")]
+    NoRepo(String),
+    #[error("repository {0} already exists")]
+    RepoExists(String),
+    #[error("branch {repo}/{branch} does not exist")]
+    NoBranch { repo: String, branch: String },
+    #[error("branch {repo}/{branch} already exists")]
+    BranchExists { repo: String, branch: String },
+    #[error("tag {repo}/{tag} already exists")]
+    TagExists { repo: String, tag: String },
+    #[error("tag {repo}/{tag} does not exist")]
+    NoTag { repo: String, tag: String },
+    #[error("unknown ref {expr:?} in repository {repo}: not a branch, tag or commit id")]
+    UnknownRef { repo: String, expr: String },
+    #[error("ambiguous commit prefix {prefix:?} in repository {repo}: give more digits")]
+    AmbiguousRef { repo: String, prefix: String },
+    #[error("bad ref expression {0:?}: expected NAME, NAME~N or NAME^N")]
+    BadRefExpr(String),
+    #[error("commit {commit} has no parent {n} (in {expr})")]
+    NoParent { expr: String, commit: String, n: usize },
+    #[error("bad address {0:?}: expected REPO/REF[/PATH]")]
+    BadAddress(String),
+    #[error("{0} is not a branch: commits, tags and ~N refs are read-only")]
+    NotABranch(String),
+    #[error("cannot delete {repo}/{branch}: it is the repository's default branch")]
+    DefaultBranch { repo: String, branch: String },
+    #[error("nothing to commit on {repo}/{branch}")]
+    NothingToCommit { repo: String, branch: String },
+    #[error("concurrent update of {0}: another writer kept winning; try again")]
+    Concurrent(String),
+    #[error("object {key} cannot be decoded (corrupt or from a newer tarn)")]
+    Decode { key: String },
+    #[error("{0}: no such file or directory")]
+    NotFound(String),
+    #[error("{path}: {why}")]
+    BadPath { path: String, why: String },
+}
+
+pub type Result<T> = std::result::Result<T, RepoError>;
+
+/// `lake.json`: written once by `tarn init`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LakeConfig {
+    pub format: u32,
+    pub chunking: ChunkParams,
+    pub inline_max: u64,
+    pub created: String,
+}
+
+/// `repos/<repo>/repo.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub default_branch: String,
+    pub created: String,
+    #[serde(default)]
+    pub protected: Vec<String>,
+}
+
+/// A branch ref: its head commit, the staging token writers append to now,
+/// and tokens sealed by a commit in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchRef {
+    pub commit: String,
+    pub staging: String,
+    #[serde(default)]
+    pub sealed: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRef {
+    pub commit: String,
+}
+
+/// Staging batches a commit consumed, per token (so a batch re-put under a
+/// later token is never applied twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consumed {
+    pub token: String,
+    pub batches: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub tree: Hash,
+    pub parents: Vec<Hash>,
+    pub author: String,
+    /// Milliseconds since the Unix epoch (display only: order comes from parents).
+    pub time: i64,
+    pub message: String,
+    pub meta: BTreeMap<String, String>,
+    /// 1 + the largest parent generation; the initial commit has 1.
+    pub generation: u64,
+    pub consumed: Vec<Consumed>,
+}
+
+impl Commit {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_extend(self, vec![COMMIT_FORMAT]).expect("commit encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Commit> {
+        match bytes.split_first() {
+            Some((&COMMIT_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// One appended group of staged ops: `repos/<repo>/staging/<token>/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagingBatch {
+    /// A ULID: batches apply in id order.
+    pub id: String,
+    /// Tokens this batch was put under before (it is re-put when its token
+    /// was sealed before the writer could confirm it was seen).
+    pub prior: Vec<String>,
+    pub ops: Vec<Op>,
+}
+
+impl StagingBatch {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_extend(self, vec![BATCH_FORMAT]).expect("batch encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<StagingBatch> {
+        match bytes.split_first() {
+            Some((&BATCH_FORMAT, rest)) => postcard::from_bytes(rest).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// A resolved ref: the commit, and the branch when the expression named one.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub commit: Hash,
+    pub branch: Option<String>,
+}
+
+/// `REPO/REF[/PATH]`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub repo: String,
+    pub reference: Option<String>,
+    pub path: String,
+}
+
+impl Address {
+    pub fn parse(s: &str) -> Result<Address> {
+        let bad = || RepoError::BadAddress(s.to_string());
+        let mut parts = s.trim_start_matches('/').splitn(3, '/');
+        let repo = parts.next().filter(|r| !r.is_empty()).ok_or_else(bad)?;
+        check_name("repository", repo)?;
+        let reference = parts.next().filter(|r| !r.is_empty()).map(str::to_string);
+        let path = tree::check_path(parts.next().unwrap_or("")).map_err(|e| RepoError::BadPath {
+            path: s.to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(Address {
+            repo: repo.to_string(),
+            reference,
+            path,
+        })
+    }
+
+    /// The ref, or an error saying the address needs one.
+    pub fn reference(&self) -> Result<&str> {
+        self.reference
+            .as_deref()
+            .ok_or_else(|| RepoError::BadAddress(format!("{} (no branch or ref)", self.repo)))
+    }
+}
+
+/// Repos, branches and tags: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+pub fn check_name(kind: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RepoError::BadName {
+            kind,
+            name: name.to_string(),
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn now_rfc3339ish() -> String {
+    format!("{}", now_ms())
+}
+
+/// Who is committing: `$TARN_AUTHOR`, else `$USER`.
+pub fn default_author() -> String {
+    std::env::var("TARN_AUTHOR")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+fn new_token() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+/// ULIDs from one process are strictly increasing, so one writer's batches
+/// apply in the order it staged them.
+fn next_batch_id() -> String {
+    static GEN: parking_lot::Mutex<Option<ulid::Generator>> = parking_lot::Mutex::new(None);
+    let mut g = GEN.lock();
+    let gen = g.get_or_insert_with(ulid::Generator::new);
+    gen.generate().unwrap_or_else(|_| ulid::Ulid::new()).to_string()
+}
+
+/// Options for a commit.
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    pub message: String,
+    pub author: Option<String>,
+    pub meta: BTreeMap<String, String>,
+    /// Create a commit even when nothing changed.
+    pub allow_empty: bool,
+}
+
+/// One changed path between two trees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub path: String,
+    pub kind: ChangeKind,
+    pub size_before: Option<u64>,
+    pub size_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Added,
+    Removed,
+    Modified,
+}
+
+/// What `put` did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PutSummary {
+    pub files: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+}
+
+/// An open lake: the store, its tree handle and its configuration.
+pub struct Lake {
+    store: Store,
+    trees: Trees,
+    config: LakeConfig,
+}
+
+impl Lake {
+    /// Create the lake's `lake.json` if there is none; opening an existing
+    /// lake is not an error.
+    pub fn init(store: Store) -> Result<(Lake, bool)> {
+        let config = LakeConfig {
+            format: LAKE_FORMAT,
+            chunking: ChunkParams::default(),
+            inline_max: chunk::INLINE_MAX,
+            created: now_rfc3339ish(),
+        };
+        let bytes = serde_json::to_vec_pretty(&config).expect("json");
+        let created = store.put_if_absent("lake.json", Bytes::from(bytes))?;
+        Ok((Lake::open(store)?, created))
+    }
+
+    pub fn open(store: Store) -> Result<Lake> {
+        let bytes = store
+            .get("lake.json")?
+            .ok_or_else(|| RepoError::NoLake(store.url().to_string()))?;
+        let config: LakeConfig = serde_json::from_slice(&bytes).map_err(|_| RepoError::Decode {
+            key: "lake.json".into(),
+        })?;
+        if config.format != LAKE_FORMAT {
+            return Err(RepoError::LakeFormat {
+                url: store.url().to_string(),
+                found: config.format,
+            });
+        }
+        Ok(Lake {
+            trees: Trees::new(store.clone()),
+            store,
+            config,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn trees(&self) -> &Trees {
+        &self.trees
+    }
+
+    pub fn config(&self) -> &LakeConfig {
+        &self.config
+    }
+
+    // ---- repositories ----
+
+    fn repo_key(repo: &str, rest: &str) -> String {
+        format!("repos/{repo}/{rest}")
+    }
+
+    pub fn repo_config(&self, repo: &str) -> Result<RepoConfig> {
+        check_name("repository", repo)?;
+        let bytes = self
+            .store
+            .get(&Self::repo_key(repo, "repo.json"))?
+            .ok_or_else(|| RepoError::NoRepo(repo.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|_| RepoError::Decode {
+            key: Self::repo_key(repo, "repo.json"),
+        })
+    }
+
+    /// Create a repository with an empty initial commit on its default branch.
+    pub fn create_repo(&self, repo: &str, default_branch: &str) -> Result<Hash> {
+        check_name("repository", repo)?;
+        check_name("branch", default_branch)?;
+        let commit = Commit {
+            tree: self.trees.empty_dir(),
+            parents: vec![],
+            author: default_author(),
+            time: now_ms(),
+            message: "repository created".into(),
+            meta: BTreeMap::new(),
+            generation: 1,
+            consumed: vec![],
+        };
+        self.trees.flush()?;
+        let id = self.write_commit(repo, &commit)?;
+        let cfg = RepoConfig {
+            default_branch: default_branch.to_string(),
+            created: now_rfc3339ish(),
+            protected: vec![],
+        };
+        let bytes = serde_json::to_vec_pretty(&cfg).expect("json");
+        if !self
+            .store
+            .put_if_absent(&Self::repo_key(repo, "repo.json"), Bytes::from(bytes))?
+        {
+            return Err(RepoError::RepoExists(repo.to_string()));
+        }
+        self.create_branch_at(repo, default_branch, id)?;
+        Ok(id)
+    }
+
+    pub fn list_repos(&self) -> Result<Vec<String>> {
+        Ok(self.store.list_dirs("repos")?)
+    }
+
+    /// Delete a repository's refs, commits and staging. Content shared with
+    /// other repositories stays (garbage collection decides about it).
+    pub fn delete_repo(&self, repo: &str) -> Result<()> {
+        self.repo_config(repo)?;
+        // Refs first, so a half-finished delete never leaves refs pointing
+        // at deleted commits; repo.json last, so it can be retried.
+        self.store.delete_prefix(&Self::repo_key(repo, "refs"))?;
+        self.store.delete_prefix(&Self::repo_key(repo, "staging"))?;
+        self.store.delete_prefix(&Self::repo_key(repo, "commits"))?;
+        self.store.delete(&Self::repo_key(repo, "repo.json"))?;
+        Ok(())
+    }
+
+    // ---- commits ----
+
+    fn commit_key(repo: &str, id: &Hash) -> String {
+        Self::repo_key(repo, &id.key("commits"))
+    }
+
+    fn write_commit(&self, repo: &str, c: &Commit) -> Result<Hash> {
+        let bytes = c.encode();
+        let id = Hash::of(&bytes);
+        self.store
+            .put_if_absent(&Self::commit_key(repo, &id), Bytes::from(bytes))?;
+        Ok(id)
+    }
+
+    pub fn commit(&self, repo: &str, id: &Hash) -> Result<Commit> {
+        let key = Self::commit_key(repo, id);
+        let bytes = self.store.get_verified(&key, id)?;
+        Commit::decode(&bytes).ok_or(RepoError::Decode { key })
+    }
+
+    // ---- branches and tags ----
+
+    fn branch_key(repo: &str, branch: &str) -> String {
+        Self::repo_key(repo, &format!("refs/branches/{branch}"))
+    }
+
+    fn tag_key(repo: &str, tag: &str) -> String {
+        Self::repo_key(repo, &format!("refs/tags/{tag}"))
+    }
+
+    pub fn branch(&self, repo: &str, branch: &str) -> Result<(BranchRef, Version)> {
+        check_name("branch", branch)?;
+        match self.store.get_versioned(&Self::branch_key(repo, branch))? {
+            Some((bytes, v)) => {
+                let r = serde_json::from_slice(&bytes).map_err(|_| RepoError::Decode {
+                    key: Self::branch_key(repo, branch),
+                })?;
+                Ok((r, v))
+            }
+            None => {
+                self.repo_config(repo)?;
+                Err(RepoError::NoBranch {
+                    repo: repo.to_string(),
+                    branch: branch.to_string(),
+                })
+            }
+        }
+    }
+
+    fn branch_head(&self, repo: &str, branch: &str) -> Result<Hash> {
+        let (r, _) = self.branch(repo, branch)?;
+        self.parse_id(repo, &r.commit)
+    }
+
+    fn parse_id(&self, repo: &str, hex: &str) -> Result<Hash> {
+        Hash::from_hex(hex).ok_or_else(|| RepoError::Decode {
+            key: format!("repos/{repo}/refs: commit id {hex:?}"),
+        })
+    }
+
+    fn cas_branch(&self, repo: &str, branch: &str, expected: Option<&Version>, r: &BranchRef) -> Result<Cas> {
+        let bytes = serde_json::to_vec(r).expect("json");
+        Ok(self
+            .store
+            .cas(&Self::branch_key(repo, branch), expected, Bytes::from(bytes))?)
+    }
+
+    fn create_branch_at(&self, repo: &str, branch: &str, commit: Hash) -> Result<()> {
+        let r = BranchRef {
+            commit: commit.to_hex(),
+            staging: new_token(),
+            sealed: vec![],
+        };
+        match self.cas_branch(repo, branch, None, &r)? {
+            Cas::Done(_) => Ok(()),
+            Cas::Lost => Err(RepoError::BranchExists {
+                repo: repo.to_string(),
+                branch: branch.to_string(),
+            }),
+        }
+    }
+
+    /// Create a branch at a ref (O(1): one ref object).
+    pub fn create_branch(&self, repo: &str, branch: &str, from: &str) -> Result<Hash> {
+        check_name("branch", branch)?;
+        let at = self.resolve(repo, from)?.commit;
+        self.create_branch_at(repo, branch, at)?;
+        Ok(at)
+    }
+
+    pub fn list_branches(&self, repo: &str) -> Result<Vec<(String, BranchRef)>> {
+        self.repo_config(repo)?;
+        let names = self.store.list_files(&Self::repo_key(repo, "refs/branches"))?;
+        let mut out = Vec::new();
+        for n in names {
+            if check_name("branch", &n).is_err() {
+                continue;
+            }
+            if let Ok((r, _)) = self.branch(repo, &n) {
+                out.push((n, r));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn delete_branch(&self, repo: &str, branch: &str) -> Result<()> {
+        let cfg = self.repo_config(repo)?;
+        if cfg.default_branch == branch {
+            return Err(RepoError::DefaultBranch {
+                repo: repo.to_string(),
+                branch: branch.to_string(),
+            });
+        }
+        let (r, _) = self.branch(repo, branch)?;
+        self.store.delete(&Self::branch_key(repo, branch))?;
+        for t in std::iter::once(&r.staging).chain(r.sealed.iter()) {
+            self.store
+                .delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn create_tag(&self, repo: &str, tag: &str, at: &str) -> Result<Hash> {
+        check_name("tag", tag)?;
+        let commit = self.resolve(repo, at)?.commit;
+        let bytes = serde_json::to_vec(&TagRef {
+            commit: commit.to_hex(),
+        })
+        .expect("json");
+        if !self.store.put_if_absent(&Self::tag_key(repo, tag), Bytes::from(bytes))? {
+            return Err(RepoError::TagExists {
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+            });
+        }
+        Ok(commit)
+    }
+
+    fn tag(&self, repo: &str, tag: &str) -> Result<Option<Hash>> {
+        match self.store.get(&Self::tag_key(repo, tag))? {
+            Some(bytes) => {
+                let t: TagRef = serde_json::from_slice(&bytes).map_err(|_| RepoError::Decode {
+                    key: Self::tag_key(repo, tag),
+                })?;
+                Ok(Some(self.parse_id(repo, &t.commit)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn list_tags(&self, repo: &str) -> Result<Vec<(String, Hash)>> {
+        self.repo_config(repo)?;
+        let mut out = Vec::new();
+        for n in self.store.list_files(&Self::repo_key(repo, "refs/tags"))? {
+            if let Some(h) = self.tag(repo, &n)? {
+                out.push((n, h));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<()> {
+        check_name("tag", tag)?;
+        if self.tag(repo, tag)?.is_none() {
+            return Err(RepoError::NoTag {
+                repo: repo.to_string(),
+                tag: tag.to_string(),
+            });
+        }
+        Ok(self.store.delete(&Self::tag_key(repo, tag))?)
+    }
+
+    // ---- ref expressions ----
+
+    /// Resolve `NAME[~N|^N]...`: NAME is a branch, then a tag, then a full
+    /// commit id or a unique prefix of at least 6 hex digits.
+    pub fn resolve(&self, repo: &str, expr: &str) -> Result<Resolved> {
+        let split = expr.find(['~', '^']).unwrap_or(expr.len());
+        let (base, mut rest) = expr.split_at(split);
+        let unknown = || RepoError::UnknownRef {
+            repo: repo.to_string(),
+            expr: expr.to_string(),
+        };
+        if base.is_empty() {
+            return Err(RepoError::BadRefExpr(expr.to_string()));
+        }
+        let mut branch = None;
+        let mut commit = if check_name("ref", base).is_err() {
+            return Err(unknown());
+        } else if let Some(h) = match self.branch(repo, base) {
+            Ok((r, _)) => Some(self.parse_id(repo, &r.commit)?),
+            Err(RepoError::NoBranch { .. }) => None,
+            Err(e) => return Err(e),
+        } {
+            branch = Some(base.to_string());
+            h
+        } else if let Some(h) = self.tag(repo, base)? {
+            h
+        } else if base.len() >= 6 && base.bytes().all(|b| b.is_ascii_hexdigit()) {
+            self.resolve_prefix(repo, &base.to_ascii_lowercase())?
+                .ok_or_else(unknown)?
+        } else {
+            return Err(unknown());
+        };
+        while !rest.is_empty() {
+            let op = rest.as_bytes()[0];
+            let digits_end = rest[1..]
+                .find(|c: char| !c.is_ascii_digit())
+                .map(|i| i + 1)
+                .unwrap_or(rest.len());
+            let n: usize = if digits_end == 1 {
+                1
+            } else {
+                rest[1..digits_end]
+                    .parse()
+                    .map_err(|_| RepoError::BadRefExpr(expr.to_string()))?
+            };
+            rest = &rest[digits_end..];
+            branch = None;
+            let (steps, parent) = if op == b'~' { (n, 0) } else { (1, n) };
+            if op == b'^' && n == 0 {
+                continue;
+            }
+            for _ in 0..steps {
+                let c = self.commit(repo, &commit)?;
+                let idx = if op == b'~' { 0 } else { parent - 1 };
+                commit = *c.parents.get(idx).ok_or_else(|| RepoError::NoParent {
+                    expr: expr.to_string(),
+                    commit: commit.short(),
+                    n: idx + 1,
+                })?;
+            }
+        }
+        Ok(Resolved { commit, branch })
+    }
+
+    fn resolve_prefix(&self, repo: &str, prefix: &str) -> Result<Option<Hash>> {
+        if prefix.len() == 64 {
+            let h = Hash::from_hex(prefix).expect("64 hex digits");
+            return Ok(self.store.exists(&Self::commit_key(repo, &h))?.then_some(h));
+        }
+        let dir = Self::repo_key(repo, &format!("commits/{}", &prefix[..2]));
+        let found: Vec<String> = self
+            .store
+            .list_files(&dir)?
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Hash::from_hex(one)),
+            _ => Err(RepoError::AmbiguousRef {
+                repo: repo.to_string(),
+                prefix: prefix.to_string(),
+            }),
+        }
+    }
+
+    /// Resolve a ref that must be a branch.
+    pub fn require_branch(&self, repo: &str, expr: &str) -> Result<String> {
+        match self.resolve(repo, expr)?.branch {
+            Some(b) => Ok(b),
+            None => Err(RepoError::NotABranch(format!("{repo}/{expr}"))),
+        }
+    }
+
+    // ---- staging ----
+
+    fn batch_key(repo: &str, token: &str, id: &str) -> String {
+        Self::repo_key(repo, &format!("staging/{token}/{id}"))
+    }
+
+    /// Append ops to a branch's staging area. Returns once the batch is
+    /// durable under a token that a future commit will consume: after each
+    /// put, re-read the ref; if the token was sealed meanwhile, put the same
+    /// batch under the new token (commits skip batches already applied).
+    pub fn stage(&self, repo: &str, branch: &str, ops: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let (r, _) = self.branch(repo, branch)?;
+        let mut batch = StagingBatch {
+            id: next_batch_id(),
+            prior: vec![],
+            ops,
+        };
+        let mut token = r.staging;
+        for _ in 0..CAS_ROUNDS {
+            self.store
+                .put_if_absent(&Self::batch_key(repo, &token, &batch.id), Bytes::from(batch.encode()))?;
+            let (now, _) = self.branch(repo, branch)?;
+            if now.staging == token {
+                return Ok(());
+            }
+            batch.prior.push(std::mem::replace(&mut token, now.staging));
+        }
+        Err(RepoError::Concurrent(format!("{repo}/{branch} staging")))
+    }
+
+    /// Staged batches under the given tokens, in apply order, without
+    /// duplicates.
+    fn read_batches(&self, repo: &str, tokens: &[String]) -> Result<Vec<(String, StagingBatch)>> {
+        let mut keys = Vec::new();
+        for t in tokens {
+            let dir = Self::repo_key(repo, &format!("staging/{t}"));
+            for id in self.store.list_files(&dir)? {
+                keys.push((t.clone(), id));
+            }
+        }
+        let full: Vec<String> = keys.iter().map(|(t, id)| Self::batch_key(repo, t, id)).collect();
+        let bodies = self.store.get_many(&full)?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for ((t, _), (key, body)) in keys.into_iter().zip(full.into_iter().zip(bodies)) {
+            let Some(body) = body else { continue };
+            let b = StagingBatch::decode(&body).ok_or(RepoError::Decode { key })?;
+            if seen.insert(b.id.clone()) {
+                out.push((t, b));
+            }
+        }
+        out.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+        Ok(out)
+    }
+
+    /// All staged ops of a branch (active and sealed tokens), in order.
+    pub fn staged_ops(&self, repo: &str, branch: &str) -> Result<Vec<Op>> {
+        let (r, _) = self.branch(repo, branch)?;
+        let mut tokens = r.sealed.clone();
+        tokens.push(r.staging.clone());
+        let applied = self.applied_batches(repo, &self.parse_id(repo, &r.commit)?, &tokens)?;
+        Ok(self
+            .read_batches(repo, &tokens)?
+            .into_iter()
+            .filter(|(_, b)| !applied.contains(&b.id))
+            .flat_map(|(_, b)| b.ops)
+            .collect())
+    }
+
+    /// Ids of batches already applied by recent commits, for the batches
+    /// under `tokens` that were re-put from earlier tokens.
+    fn applied_batches(&self, repo: &str, head: &Hash, tokens: &[String]) -> Result<HashSet<String>> {
+        let mut wanted: HashSet<String> = HashSet::new();
+        for (_, b) in self.read_batch_headers(repo, tokens)? {
+            wanted.extend(b.prior);
+        }
+        let mut applied = HashSet::new();
+        let mut at = Some(*head);
+        let mut steps = 0;
+        while let Some(id) = at {
+            if wanted.is_empty() || steps == DEDUP_WALK {
+                break;
+            }
+            let c = self.commit(repo, &id)?;
+            for consumed in &c.consumed {
+                if wanted.remove(&consumed.token) {
+                    applied.extend(consumed.batches.iter().cloned());
+                }
+            }
+            at = c.parents.first().copied();
+            steps += 1;
+        }
+        Ok(applied)
+    }
+
+    fn read_batch_headers(&self, repo: &str, tokens: &[String]) -> Result<Vec<(String, StagingBatch)>> {
+        // Batches are small; reading them whole is the header read.
+        let all = self.read_batches(repo, tokens)?;
+        Ok(all.into_iter().filter(|(_, b)| !b.prior.is_empty()).collect())
+    }
+
+    /// The tree a branch shows: its head tree with staged ops applied.
+    pub fn working_tree(&self, repo: &str, branch: &str) -> Result<(Hash, Hash)> {
+        let head = self.branch_head(repo, branch)?;
+        let base = self.commit(repo, &head)?.tree;
+        let ops = self.staged_ops(repo, branch)?;
+        Ok((base, self.trees.apply(&base, &ops)?))
+    }
+
+    /// The tree to read for a ref: a branch's working tree, or a commit's tree.
+    pub fn tree_of(&self, repo: &str, expr: &str) -> Result<Hash> {
+        let r = self.resolve(repo, expr)?;
+        match r.branch {
+            Some(b) => Ok(self.working_tree(repo, &b)?.1),
+            None => Ok(self.commit(repo, &r.commit)?.tree),
+        }
+    }
+
+    /// Staged changes of a branch, as paths changed against its head.
+    pub fn status(&self, repo: &str, branch: &str) -> Result<Vec<Change>> {
+        let (base, work) = self.working_tree(repo, branch)?;
+        self.diff_trees(&base, &work)
+    }
+
+    /// Discard every staged change of a branch.
+    pub fn reset(&self, repo: &str, branch: &str) -> Result<()> {
+        for _ in 0..CAS_ROUNDS {
+            let (r, v) = self.branch(repo, branch)?;
+            let new = BranchRef {
+                commit: r.commit.clone(),
+                staging: new_token(),
+                sealed: vec![],
+            };
+            if let Cas::Done(_) = self.cas_branch(repo, branch, Some(&v), &new)? {
+                for t in std::iter::once(&r.staging).chain(r.sealed.iter()) {
+                    self.store
+                        .delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")))?;
+                }
+                return Ok(());
+            }
+        }
+        Err(RepoError::Concurrent(format!("{repo}/{branch}")))
+    }
+
+    /// Discard staged changes under one path: stage ops that put it back as
+    /// it is in the head commit.
+    pub fn reset_path(&self, repo: &str, branch: &str, path: &str) -> Result<()> {
+        let head = self.branch_head(repo, branch)?;
+        let tree = self.commit(repo, &head)?.tree;
+        let op = match self.trees.lookup(&tree, path)? {
+            Some(entry) => Op::Put {
+                path: path.to_string(),
+                entry,
+            },
+            None => Op::Delete {
+                path: path.to_string(),
+            },
+        };
+        self.stage(repo, branch, vec![op])
+    }
+
+    // ---- commit ----
+
+    /// Commit a branch's staged changes (DESIGN.md, ref-update protocol):
+    /// seal the active staging token by CAS, apply every sealed batch to the
+    /// head tree, write nodes and the commit, then CAS the ref to the new
+    /// commit. Losing a CAS to another committer restarts from the ref.
+    pub fn commit_branch(&self, repo: &str, branch: &str, opts: &CommitOptions) -> Result<Hash> {
+        let mut backoff = Duration::from_millis(2);
+        for _ in 0..CAS_ROUNDS {
+            match self.try_commit(repo, branch, opts)? {
+                Some(id) => return Ok(id),
+                None => {
+                    std::thread::sleep(backoff.mul_f64(0.5 + rand::random::<f64>()));
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+        Err(RepoError::Concurrent(format!("{repo}/{branch}")))
+    }
+
+    /// One round of the commit protocol; `None` means "lost a race, retry".
+    fn try_commit(&self, repo: &str, branch: &str, opts: &CommitOptions) -> Result<Option<Hash>> {
+        let (r, v) = self.branch(repo, branch)?;
+        let mut sealed = r.sealed.clone();
+        sealed.push(r.staging.clone());
+        let sealing = BranchRef {
+            commit: r.commit.clone(),
+            staging: new_token(),
+            sealed: sealed.clone(),
+        };
+        if self.cas_branch(repo, branch, Some(&v), &sealing)? == Cas::Lost {
+            return Ok(None);
+        }
+        let head = self.parse_id(repo, &r.commit)?;
+        let head_commit = self.commit(repo, &head)?;
+        let applied = self.applied_batches(repo, &head, &sealed)?;
+        let batches: Vec<(String, StagingBatch)> = self
+            .read_batches(repo, &sealed)?
+            .into_iter()
+            .filter(|(_, b)| !applied.contains(&b.id))
+            .collect();
+        let ops: Vec<Op> = batches.iter().flat_map(|(_, b)| b.ops.iter().cloned()).collect();
+        let tree = self.trees.apply(&head_commit.tree, &ops)?;
+        let unchanged = tree == head_commit.tree;
+        let mut consumed: BTreeMap<String, Vec<String>> = sealed.iter().map(|t| (t.clone(), vec![])).collect();
+        for (t, b) in &batches {
+            consumed.entry(t.clone()).or_default().push(b.id.clone());
+        }
+        let new_head = if unchanged && !opts.allow_empty {
+            None
+        } else {
+            self.trees.flush()?;
+            let commit = Commit {
+                tree,
+                parents: vec![head],
+                author: opts.author.clone().unwrap_or_else(default_author),
+                time: now_ms(),
+                message: opts.message.clone(),
+                meta: opts.meta.clone(),
+                generation: head_commit.generation + 1,
+                consumed: consumed
+                    .into_iter()
+                    .map(|(token, batches)| Consumed { token, batches })
+                    .collect(),
+            };
+            Some(self.write_commit(repo, &commit)?)
+        };
+        // Publish: move the ref to the new commit and drop the tokens we
+        // consumed, keeping whatever others sealed or started meanwhile.
+        let mut version = None;
+        loop {
+            let (cur, cv) = match version.take() {
+                Some(x) => x,
+                None => self.branch(repo, branch)?,
+            };
+            if let Some(id) = new_head {
+                if cur.commit == id.to_hex() {
+                    return Ok(Some(id)); // our own write, reported as lost
+                }
+            }
+            if cur.commit != r.commit {
+                // Someone else committed or merged first; the batches we
+                // consumed are still sealed (or in their commit). Start over.
+                return Ok(None);
+            }
+            let done = BranchRef {
+                commit: new_head.map(|h| h.to_hex()).unwrap_or_else(|| r.commit.clone()),
+                staging: cur.staging.clone(),
+                sealed: cur.sealed.iter().filter(|t| !sealed.contains(t)).cloned().collect(),
+            };
+            match self.cas_branch(repo, branch, Some(&cv), &done)? {
+                Cas::Done(_) => break,
+                Cas::Lost => continue,
+            }
+        }
+        for t in &sealed {
+            // Consumed batches are now in the commit; their objects can go.
+            let _ = self.store.delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")));
+        }
+        match new_head {
+            Some(id) => Ok(Some(id)),
+            None => Err(RepoError::NothingToCommit {
+                repo: repo.to_string(),
+                branch: branch.to_string(),
+            }),
+        }
+    }
+
+    // ---- history ----
+
+    /// Commits reachable from `from`, newest first (by generation, then time),
+    /// at most `limit`.
+    pub fn log(&self, repo: &str, from: &Hash, limit: usize) -> Result<Vec<(Hash, Commit)>> {
+        let mut heap = BinaryHeap::new();
+        let mut seen = HashSet::new();
+        let first = self.commit(repo, from)?;
+        heap.push((first.generation, first.time, *from));
+        let mut cache: HashMap<Hash, Commit> = HashMap::from([(*from, first)]);
+        let mut out = Vec::new();
+        while let Some((_, _, id)) = heap.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            let c = match cache.remove(&id) {
+                Some(c) => c,
+                None => self.commit(repo, &id)?,
+            };
+            for p in &c.parents {
+                if !seen.contains(p) {
+                    let pc = self.commit(repo, p)?;
+                    heap.push((pc.generation, pc.time, *p));
+                    cache.insert(*p, pc);
+                }
+            }
+            out.push((id, c));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Paths that differ between two trees. Subtrees with equal hashes are
+    /// skipped, so cost grows with the change.
+    pub fn diff_trees(&self, a: &Hash, b: &Hash) -> Result<Vec<Change>> {
+        let mut out = Vec::new();
+        self.diff_dir(a, b, "", &mut out)?;
+        Ok(out)
+    }
+
+    fn diff_dir(&self, a: &Hash, b: &Hash, prefix: &str, out: &mut Vec<Change>) -> Result<()> {
+        if a == b {
+            return Ok(());
+        }
+        let left: BTreeMap<String, Entry> = self.trees.entries(a)?.into_iter().collect();
+        let right: BTreeMap<String, Entry> = self.trees.entries(b)?.into_iter().collect();
+        let names: std::collections::BTreeSet<&String> = left.keys().chain(right.keys()).collect();
+        for name in names {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            match (left.get(name), right.get(name)) {
+                (Some(Entry::Dir(x)), Some(Entry::Dir(y))) => self.diff_dir(x, y, &path, out)?,
+                (Some(x), Some(y)) if x == y => {}
+                (Some(x), Some(y)) => {
+                    if let Entry::Dir(h) = x {
+                        self.subtree_changes(h, &path, ChangeKind::Removed, out)?;
+                    }
+                    out.push(Change {
+                        path: path.clone(),
+                        kind: if matches!(x, Entry::Dir(_)) || matches!(y, Entry::Dir(_)) {
+                            ChangeKind::Added
+                        } else {
+                            ChangeKind::Modified
+                        },
+                        size_before: (!matches!(x, Entry::Dir(_))).then(|| x.size()),
+                        size_after: (!matches!(y, Entry::Dir(_))).then(|| y.size()),
+                    });
+                    if let Entry::Dir(h) = y {
+                        self.subtree_changes(h, &path, ChangeKind::Added, out)?;
+                    }
+                }
+                (Some(x), None) => self.whole_change(x, path, ChangeKind::Removed, out)?,
+                (None, Some(y)) => self.whole_change(y, path, ChangeKind::Added, out)?,
+                (None, None) => unreachable!(),
+            }
+        }
+        Ok(())
+    }
+
+    fn whole_change(&self, e: &Entry, path: String, kind: ChangeKind, out: &mut Vec<Change>) -> Result<()> {
+        match e {
+            Entry::Dir(h) if self.trees.count(h)? > 0 => self.subtree_changes(h, &path, kind, out),
+            _ => {
+                let size = Some(e.size());
+                out.push(Change {
+                    path,
+                    kind,
+                    size_before: if kind == ChangeKind::Removed { size } else { None },
+                    size_after: if kind == ChangeKind::Added { size } else { None },
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn subtree_changes(&self, dir: &Hash, prefix: &str, kind: ChangeKind, out: &mut Vec<Change>) -> Result<()> {
+        for (name, e) in self.trees.entries(dir)? {
+            self.whole_change(&e, format!("{prefix}/{name}"), kind, out)?;
+        }
+        Ok(())
+    }
+
+    // ---- files ----
+
+    /// Store a local file's bytes and return its entry.
+    pub fn file_entry(&self, reader: impl std::io::Read, meta: &std::fs::Metadata, what: &str) -> Result<(Entry, chunk::StoreStats)> {
+        use std::os::unix::fs::MetadataExt;
+        let (stored, stats) = chunk::store_content(&self.store, self.config.chunking, reader, what)?;
+        let content = match stored {
+            Stored::Inline(b) => Content::Inline(b),
+            Stored::Chunks(refs) => self.trees.pack_chunks(refs),
+        };
+        Ok((
+            Entry::File(File {
+                size: stats.bytes,
+                mode: meta.mode() & 0o7777,
+                mtime: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                content,
+            }),
+            stats,
+        ))
+    }
+
+    /// Write a file entry's bytes to `out`.
+    pub fn read_file(&self, file: &File, out: &mut impl std::io::Write) -> Result<u64> {
+        if let Content::Inline(b) = &file.content {
+            out.write_all(b).map_err(|e| chunk::ChunkError::Io {
+                what: "output".into(),
+                source: e,
+            })?;
+            return Ok(b.len() as u64);
+        }
+        let refs = self.trees.chunk_list(&file.content)?;
+        Ok(chunk::write_chunks(&self.store, &refs, out)?)
+    }
+
+    /// Write staged content nodes (manifests) so staged ops can refer to them.
+    pub fn flush(&self) -> Result<()> {
+        self.trees.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lake() -> Lake {
+        let s = Store::open(&format!("memory://repo-{}", ulid::Ulid::new())).unwrap();
+        Lake::init(s).unwrap().0
+    }
+
+    fn put(l: &Lake, repo: &str, branch: &str, path: &str, data: &[u8]) {
+        let e = Entry::File(File {
+            size: data.len() as u64,
+            mode: 0o644,
+            mtime: 0,
+            content: Content::Inline(data.to_vec()),
+        });
+        l.stage(
+            repo,
+            branch,
+            vec![Op::Put {
+                path: path.into(),
+                entry: e,
+            }],
+        )
+        .unwrap();
+    }
+
+    fn read(l: &Lake, repo: &str, r: &str, path: &str) -> Option<Vec<u8>> {
+        let t = l.tree_of(repo, r).unwrap();
+        match l.trees().lookup(&t, path).unwrap()? {
+            Entry::File(f) => {
+                let mut v = Vec::new();
+                l.read_file(&f, &mut v).unwrap();
+                Some(v)
+            }
+            _ => None,
+        }
+    }
+
+    fn opts(m: &str) -> CommitOptions {
+        CommitOptions {
+            message: m.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["a", "sales", "A1_b.c-d"] {
+            check_name("x", ok).unwrap();
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_name("x", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn branches_commits_refs() {
+        let l = lake();
+        l.create_repo("r", "main").unwrap();
+        assert!(matches!(l.create_repo("r", "main"), Err(RepoError::RepoExists(_))));
+        put(&l, "r", "main", "a/x.txt", b"one");
+        assert_eq!(read(&l, "r", "main", "a/x.txt").unwrap(), b"one", "working view shows staged");
+        let c1 = l.commit_branch("r", "main", &opts("first")).unwrap();
+        assert!(l.status("r", "main").unwrap().is_empty());
+        assert!(matches!(
+            l.commit_branch("r", "main", &opts("empty")),
+            Err(RepoError::NothingToCommit { .. })
+        ));
+        l.create_branch("r", "dev", "main").unwrap();
+        put(&l, "r", "main", "a/x.txt", b"two");
+        let c2 = l.commit_branch("r", "main", &opts("second")).unwrap();
+        assert_eq!(l.resolve("r", "main~1").unwrap().commit, c1);
+        assert_eq!(l.resolve("r", "main^").unwrap().commit, c1);
+        assert_eq!(l.resolve("r", &c2.to_hex()[..8]).unwrap().commit, c2);
+        assert_eq!(read(&l, "r", "dev", "a/x.txt").unwrap(), b"one");
+        l.create_tag("r", "v1", "main~1").unwrap();
+        assert_eq!(read(&l, "r", "v1", "a/x.txt").unwrap(), b"one");
+        assert!(matches!(l.resolve("r", "nope"), Err(RepoError::UnknownRef { .. })));
+        assert!(matches!(l.resolve("r", "main~9"), Err(RepoError::NoParent { .. })));
+        let log = l.log("r", &c2, 10).unwrap();
+        assert_eq!(log.iter().map(|(h, _)| *h).collect::<Vec<_>>()[..2], [c2, c1]);
+        assert_eq!(log.len(), 3, "two commits and the initial one");
+        // Reset discards staged changes.
+        put(&l, "r", "dev", "junk", b"x");
+        assert_eq!(l.status("r", "dev").unwrap().len(), 1);
+        l.reset("r", "dev").unwrap();
+        assert!(l.status("r", "dev").unwrap().is_empty());
+        // Reset of one path.
+        put(&l, "r", "dev", "a/x.txt", b"changed");
+        put(&l, "r", "dev", "keep", b"k");
+        l.reset_path("r", "dev", "a/x.txt").unwrap();
+        let st = l.status("r", "dev").unwrap();
+        assert_eq!(st.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["keep"]);
+        assert!(matches!(l.delete_branch("r", "main"), Err(RepoError::DefaultBranch { .. })));
+        l.delete_branch("r", "dev").unwrap();
+        assert!(matches!(l.resolve("r", "dev"), Err(RepoError::UnknownRef { .. })));
+    }
+
+    #[test]
+    fn addresses_parse() {
+        let a = Address::parse("sales/main/raw/x.csv").unwrap();
+        assert_eq!((a.repo.as_str(), a.reference.as_deref(), a.path.as_str()), ("sales", Some("main"), "raw/x.csv"));
+        assert!(Address::parse("bad name/main").is_err());
+        assert!(Address::parse("r/main/../x").is_err());
+        assert_eq!(Address::parse("r").unwrap().reference, None);
+    }
+
+    #[test]
+    fn a_batch_put_during_a_commit_is_committed_exactly_once() {
+        let l = lake();
+        l.create_repo("r", "main").unwrap();
+        put(&l, "r", "main", "a", b"1");
+        // Simulate the race: seal the token by hand (a commit in progress),
+        // then stage: the batch lands in the sealed token, and the writer
+        // re-puts it under the new one.
+        let (r, v) = l.branch("r", "main").unwrap();
+        let sealing = BranchRef {
+            commit: r.commit.clone(),
+            staging: new_token(),
+            sealed: vec![r.staging.clone()],
+        };
+        let batch = StagingBatch {
+            id: next_batch_id(),
+            prior: vec![],
+            ops: vec![Op::Put {
+                path: "b".into(),
+                entry: Entry::Symlink("t".into()),
+            }],
+        };
+        l.store
+            .put_if_absent(&Lake::batch_key("r", &r.staging, &batch.id), Bytes::from(batch.encode()))
+            .unwrap();
+        assert_eq!(l.cas_branch("r", "main", Some(&v), &sealing).unwrap(), Cas::Done(l.branch("r", "main").unwrap().1));
+        let mut again = batch.clone();
+        again.prior.push(r.staging.clone());
+        l.store
+            .put_if_absent(&Lake::batch_key("r", &sealing.staging, &batch.id), Bytes::from(again.encode()))
+            .unwrap();
+        let c = l.commit_branch("r", "main", &opts("both")).unwrap();
+        let tree = l.commit("r", &c).unwrap().tree;
+        assert!(l.trees().lookup(&tree, "a").unwrap().is_some());
+        assert!(l.trees().lookup(&tree, "b").unwrap().is_some());
+        // Deleting b and committing must not resurrect it from the duplicate.
+        l.stage("r", "main", vec![Op::Delete { path: "b".into() }]).unwrap();
+        let c2 = l.commit_branch("r", "main", &opts("del")).unwrap();
+        let tree = l.commit("r", &c2).unwrap().tree;
+        assert!(l.trees().lookup(&tree, "b").unwrap().is_none());
+    }
+
+    #[test]
+    fn concurrent_writers_and_committers_lose_nothing() {
+        let l = std::sync::Arc::new(lake());
+        l.create_repo("r", "main").unwrap();
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        put(&l, "r", "main", &format!("w{w}/f{i}"), b"x");
+                    }
+                })
+            })
+            .collect();
+        let committers: Vec<_> = (0..2)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..15 {
+                        match l.commit_branch("r", "main", &opts("c")) {
+                            Ok(_) | Err(RepoError::NothingToCommit { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in writers.into_iter().chain(committers) {
+            t.join().unwrap();
+        }
+        let _ = l.commit_branch("r", "main", &opts("final"));
+        let head = l.resolve("r", "main").unwrap().commit;
+        let tree = l.commit("r", &head).unwrap().tree;
+        let mut all = Vec::new();
+        l.trees().walk(&tree, "", &mut all).unwrap();
+        let files = all.iter().filter(|(_, e)| matches!(e, Entry::File(_))).count();
+        assert_eq!(files, 120);
+        assert!(l.staged_ops("r", "main").unwrap().is_empty());
+    }
+}

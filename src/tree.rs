@@ -1,0 +1,1100 @@
+//! Immutable Merkle directory trees.
+//!
+//! Owns: entries (file, directory, symlink), the node encoding, prolly-tree
+//! directories (content-defined B-trees of name → entry), lookup, ordered
+//! listing with pagination, and `apply(ops)`, the one function that turns a
+//! sequence of staged operations into a new tree. Depends only on `store`;
+//! knows nothing of commits, refs or chunking.
+//!
+//! A directory is a sorted map stored as a prolly tree: a node ends after an
+//! item when the hash of the item's key (salted by the level) falls under a
+//! threshold, subject to minimum and maximum node sizes. Boundaries therefore
+//! depend only on the content, so the same entries always give the same
+//! nodes and root hash whatever the order of edits (history independence),
+//! and an edit rewrites only the nodes on its path plus, rarely, a neighbour.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::{ChunkRef, Hash};
+use crate::store::{Store, StoreError};
+
+/// Leading byte of every node encoding; bump when the encoding changes.
+pub const NODE_FORMAT: u8 = 1;
+
+/// Average items per node: about 4 KiB per node for typical names, small
+/// enough that one edit rewrites little, big enough that 1M entries are
+/// four levels deep.
+const AVG_ITEMS: u32 = 32;
+/// Never end a node before this many items (except the last node of a level).
+const MIN_ITEMS: usize = 4;
+/// Always end a node at this many items, so adversarial names cannot make a
+/// single huge node.
+const MAX_ITEMS: usize = 1024;
+
+/// Decoded nodes kept in memory per `Trees` handle.
+const NODE_CACHE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("node {0} cannot be decoded (corrupt or from a newer tarn)")]
+    Decode(String),
+    #[error("bad path {path:?}: {why}")]
+    BadPath { path: String, why: &'static str },
+    #[error("{0} is an imported object, read in place")]
+    External(String),
+}
+
+pub type Result<T> = std::result::Result<T, TreeError>;
+
+/// A file read in place from outside the lake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct External {
+    pub url: String,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// Small files live in the directory node itself.
+    Inline(Vec<u8>),
+    /// Chunks in file order.
+    Chunks(Vec<ChunkRef>),
+    /// A long chunk list, moved to its own node.
+    Manifest(Hash),
+    External(External),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct File {
+    pub size: u64,
+    pub mode: u32,
+    /// Nanoseconds since the Unix epoch.
+    pub mtime: i64,
+    pub content: Content,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    File(File),
+    Dir(Hash),
+    Symlink(String),
+}
+
+impl Entry {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Entry::File(_) => "file",
+            Entry::Dir(_) => "dir",
+            Entry::Symlink(_) => "symlink",
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Entry::File(f) => f.size,
+            Entry::Dir(_) => 0,
+            Entry::Symlink(t) => t.len() as u64,
+        }
+    }
+}
+
+/// A child pointer in an internal node: the child's first key, its hash,
+/// and how many entries its subtree holds (for counts and offsets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Child {
+    pub first: String,
+    pub hash: Hash,
+    pub count: u64,
+}
+
+/// Every object under `nodes/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Node {
+    Leaf(Vec<(String, Entry)>),
+    Internal { level: u8, children: Vec<Child> },
+    /// The chunk list of a large file.
+    Manifest(Vec<ChunkRef>),
+}
+
+impl Node {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_extend(self, vec![NODE_FORMAT]).expect("node encodes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::result::Result<Node, postcard::Error> {
+        match bytes.split_first() {
+            Some((&NODE_FORMAT, rest)) => postcard::from_bytes(rest),
+            _ => Err(postcard::Error::DeserializeBadEncoding),
+        }
+    }
+
+    fn level(&self) -> u8 {
+        match self {
+            Node::Internal { level, .. } => *level,
+            _ => 0,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        match self {
+            Node::Leaf(items) => items.len() as u64,
+            Node::Internal { children, .. } => children.iter().map(|c| c.count).sum(),
+            Node::Manifest(c) => c.len() as u64,
+        }
+    }
+
+    fn first_key(&self) -> Option<&str> {
+        match self {
+            Node::Leaf(items) => items.first().map(|(k, _)| k.as_str()),
+            Node::Internal { children, .. } => children.first().map(|c| c.first.as_str()),
+            Node::Manifest(_) => None,
+        }
+    }
+}
+
+/// A staged operation on a tree. Paths are `/`-separated, relative to the
+/// tree root, already validated by `check_path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create or replace the entry at `path`; missing parents are created,
+    /// a file standing where a parent directory should be is replaced.
+    Put { path: String, entry: Entry },
+    /// Remove `path` and everything under it; a missing path is a no-op.
+    Delete { path: String },
+    /// Move `from` (with its subtree) to `to`, replacing what was there.
+    /// A missing `from`, or `to` inside `from`, is a no-op.
+    Move { from: String, to: String },
+}
+
+impl Op {
+    /// The path this op changes (for a move: its destination).
+    pub fn path(&self) -> &str {
+        match self {
+            Op::Put { path, .. } | Op::Delete { path } => path,
+            Op::Move { to, .. } => to,
+        }
+    }
+}
+
+/// Validate and normalise a path inside a tree: no empty, `.` or `..`
+/// components, no NUL, each component at most 255 bytes. `""` is the root.
+pub fn check_path(path: &str) -> Result<String> {
+    let bad = |why| TreeError::BadPath {
+        path: path.to_string(),
+        why,
+    };
+    let trimmed = path.trim_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    for c in trimmed.split('/') {
+        match c {
+            "" => return Err(bad("empty path component")),
+            "." | ".." => return Err(bad("'.' and '..' are not allowed")),
+            _ if c.contains('\0') => return Err(bad("NUL in name")),
+            _ if c.len() > 255 => return Err(bad("name longer than 255 bytes")),
+            _ => {}
+        }
+    }
+    Ok(trimmed.to_string())
+}
+
+fn split_parent(path: &str) -> (&str, &str) {
+    match path.rfind('/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    }
+}
+
+fn components(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|c| !c.is_empty())
+}
+
+/// Should a node at `level` end after an item with `key`, given it would then
+/// hold `len` items?
+fn is_boundary(level: u8, key: &str, len: usize) -> bool {
+    if len >= MAX_ITEMS {
+        return true;
+    }
+    if len < MIN_ITEMS {
+        return false;
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(&[level]);
+    h.update(key.as_bytes());
+    let d = h.finalize();
+    let x = u32::from_le_bytes(d.as_bytes()[..4].try_into().expect("4 bytes"));
+    x < u32::MAX / AVG_ITEMS
+}
+
+/// Items stored at one level of a prolly tree.
+trait Item: Clone {
+    fn key(&self) -> &str;
+    fn items(node: &Node) -> &[Self];
+    fn node(level: u8, items: Vec<Self>) -> Node;
+}
+
+impl Item for (String, Entry) {
+    fn key(&self) -> &str {
+        &self.0
+    }
+    fn items(node: &Node) -> &[Self] {
+        match node {
+            Node::Leaf(items) => items,
+            _ => &[],
+        }
+    }
+    fn node(_: u8, items: Vec<Self>) -> Node {
+        Node::Leaf(items)
+    }
+}
+
+impl Item for Child {
+    fn key(&self) -> &str {
+        &self.first
+    }
+    fn items(node: &Node) -> &[Self] {
+        match node {
+            Node::Internal { children, .. } => children,
+            _ => &[],
+        }
+    }
+    fn node(level: u8, children: Vec<Self>) -> Node {
+        Node::Internal { level, children }
+    }
+}
+
+/// Cuts a stream of items into nodes at content-defined boundaries.
+struct Chunker<'a, I: Item> {
+    trees: &'a Trees,
+    level: u8,
+    buf: Vec<I>,
+    out: Vec<Child>,
+}
+
+impl<'a, I: Item> Chunker<'a, I> {
+    fn new(trees: &'a Trees, level: u8) -> Self {
+        Chunker {
+            trees,
+            level,
+            buf: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, item: I) {
+        let end = is_boundary(self.level, item.key(), self.buf.len() + 1);
+        self.buf.push(item);
+        if end {
+            self.emit();
+        }
+    }
+
+    fn emit(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let items = std::mem::take(&mut self.buf);
+        let node = I::node(self.level, items);
+        let first = node.first_key().expect("non-empty").to_string();
+        let count = node.count();
+        let hash = self.trees.save(&node);
+        self.out.push(Child { first, hash, count });
+    }
+}
+
+/// A position at one level of a tree: the path of (node, child index) from
+/// the root down to the current node at that level.
+struct Cursor {
+    stack: Vec<(Arc<Node>, usize)>,
+}
+
+impl Cursor {
+    /// The node at `level` where `key` belongs.
+    fn seek(trees: &Trees, root: &Hash, level: u8, key: &str) -> Result<Cursor> {
+        let mut node = trees.load(root)?;
+        let mut stack = Vec::new();
+        while node.level() > level {
+            let Node::Internal { children, .. } = &*node else {
+                unreachable!()
+            };
+            // The last child whose first key is <= key; keys below every
+            // child belong to the first.
+            let idx = children
+                .partition_point(|c| c.first.as_str() <= key)
+                .saturating_sub(1);
+            let next = trees.load(&children[idx].hash)?;
+            stack.push((node, idx));
+            node = next;
+        }
+        stack.push((node, 0));
+        Ok(Cursor { stack })
+    }
+
+    fn node(&self) -> &Arc<Node> {
+        &self.stack.last().expect("cursor has a node").0
+    }
+
+    /// The key the current node is filed under in its parent, if it has one.
+    fn key_in_parent(&self) -> Option<&str> {
+        let n = self.stack.len();
+        if n < 2 {
+            return None;
+        }
+        let (parent, idx) = &self.stack[n - 2];
+        let Node::Internal { children, .. } = &**parent else {
+            unreachable!()
+        };
+        Some(&children[*idx].first)
+    }
+
+    /// First key of the node after this one at the same level.
+    fn next_first(&self) -> Option<String> {
+        for (node, idx) in self.stack[..self.stack.len() - 1].iter().rev() {
+            let Node::Internal { children, .. } = &**node else {
+                unreachable!()
+            };
+            if idx + 1 < children.len() {
+                return Some(children[idx + 1].first.clone());
+            }
+        }
+        None
+    }
+
+    /// Move to the next node at the same level; false at the end.
+    fn advance(&mut self, trees: &Trees) -> Result<bool> {
+        let level = self.node().level();
+        self.stack.pop();
+        loop {
+            let Some((node, idx)) = self.stack.last_mut() else {
+                return Ok(false);
+            };
+            let Node::Internal { children, .. } = &**node else {
+                unreachable!()
+            };
+            if *idx + 1 < children.len() {
+                *idx += 1;
+                break;
+            }
+            self.stack.pop();
+        }
+        loop {
+            let (node, idx) = self.stack.last().expect("non-empty");
+            let Node::Internal { children, .. } = &**node else {
+                unreachable!()
+            };
+            let child = trees.load(&children[*idx].hash)?;
+            let done = child.level() == level;
+            self.stack.push((child, 0));
+            if done {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// Sorted edits to one level: key → new item, or `None` to remove it.
+type Edits<I> = Vec<(String, Option<I>)>;
+
+/// Chunk lists longer than this move to a manifest node, so directory
+/// nodes stay small whatever the file sizes.
+const MANIFEST_AFTER: usize = 64;
+
+/// A handle for reading and writing trees in one lake. New nodes are kept
+/// in memory until `flush` writes them (in parallel) to the store.
+pub struct Trees {
+    store: Store,
+    cache: Mutex<lru::LruCache<Hash, Arc<Node>>>,
+    pending: Mutex<HashMap<Hash, Bytes>>,
+}
+
+impl Trees {
+    pub fn new(store: Store) -> Trees {
+        Trees {
+            store,
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(NODE_CACHE).expect("non-zero"),
+            )),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Load a node, verified against its hash.
+    pub fn load(&self, hash: &Hash) -> Result<Arc<Node>> {
+        if let Some(n) = self.cache.lock().get(hash) {
+            return Ok(n.clone());
+        }
+        let pending = self.pending.lock().get(hash).cloned();
+        let bytes = match pending {
+            Some(b) => b,
+            None => self.store.get_verified(&hash.key("nodes"), hash)?,
+        };
+        let node = Arc::new(Node::decode(&bytes).map_err(|_| TreeError::Decode(hash.to_hex()))?);
+        self.cache.lock().put(*hash, node.clone());
+        Ok(node)
+    }
+
+    /// Encode a node and queue it for writing; returns its hash.
+    pub fn save(&self, node: &Node) -> Hash {
+        let bytes = node.encode();
+        let hash = Hash::of(&bytes);
+        self.pending.lock().insert(hash, Bytes::from(bytes));
+        hash
+    }
+
+    /// Write every queued node to the store.
+    pub fn flush(&self) -> Result<usize> {
+        let pending: Vec<(String, Bytes)> = self
+            .pending
+            .lock()
+            .iter()
+            .map(|(h, b)| (h.key("nodes"), b.clone()))
+            .collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let n = self.store.put_content_many(pending)?;
+        self.pending.lock().clear();
+        Ok(n)
+    }
+
+    /// Content for a chunk list: in the entry when short, else a manifest node.
+    pub fn pack_chunks(&self, refs: Vec<ChunkRef>) -> Content {
+        if refs.len() > MANIFEST_AFTER {
+            Content::Manifest(self.save(&Node::Manifest(refs)))
+        } else {
+            Content::Chunks(refs)
+        }
+    }
+
+    /// The chunk list of a file's content (empty for inline content).
+    pub fn chunk_list(&self, content: &Content) -> Result<Vec<ChunkRef>> {
+        match content {
+            Content::Inline(_) => Ok(Vec::new()),
+            Content::Chunks(c) => Ok(c.clone()),
+            Content::Manifest(h) => match &*self.load(h)? {
+                Node::Manifest(c) => Ok(c.clone()),
+                _ => Err(TreeError::Decode(h.to_hex())),
+            },
+            Content::External(e) => Err(TreeError::External(e.url.clone())),
+        }
+    }
+
+    /// The hash of the empty directory.
+    pub fn empty_dir(&self) -> Hash {
+        self.save(&Node::Leaf(Vec::new()))
+    }
+
+    /// Look up one name in a directory.
+    pub fn get(&self, dir: &Hash, name: &str) -> Result<Option<Entry>> {
+        let cur = Cursor::seek(self, dir, 0, name)?;
+        let Node::Leaf(items) = &**cur.node() else {
+            return Err(TreeError::Decode(dir.to_hex()));
+        };
+        Ok(items
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .map(|i| items[i].1.clone()))
+    }
+
+    /// Number of entries in a directory (O(1): read from the root node).
+    pub fn count(&self, dir: &Hash) -> Result<u64> {
+        Ok(self.load(dir)?.count())
+    }
+
+    /// Up to `limit` entries of a directory in name order, starting after
+    /// `after` (exclusive), for paginated listings.
+    pub fn list(&self, dir: &Hash, after: Option<&str>, limit: usize) -> Result<Vec<(String, Entry)>> {
+        let mut out = Vec::new();
+        let mut cur = Cursor::seek(self, dir, 0, after.unwrap_or(""))?;
+        loop {
+            if let Node::Leaf(items) = &**cur.node() {
+                for (k, e) in items {
+                    if after.is_some_and(|a| k.as_str() <= a) {
+                        continue;
+                    }
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                    out.push((k.clone(), e.clone()));
+                }
+            }
+            if !cur.advance(self)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every entry of a directory, in name order.
+    pub fn entries(&self, dir: &Hash) -> Result<Vec<(String, Entry)>> {
+        self.list(dir, None, usize::MAX)
+    }
+
+    /// Build a directory from scratch (entries need not be sorted).
+    pub fn build_dir(&self, entries: Vec<(String, Entry)>) -> Result<Hash> {
+        let empty = self.empty_dir();
+        self.update_dir(&empty, entries.into_iter().map(|(k, e)| (k, Some(e))).collect())
+    }
+
+    /// Apply edits (name → entry, or `None` to remove) to one directory.
+    pub fn update_dir(&self, dir: &Hash, edits: BTreeMap<String, Option<Entry>>) -> Result<Hash> {
+        if edits.is_empty() {
+            return Ok(*dir);
+        }
+        let root = self.load(dir)?;
+        let top = root.level();
+        let leaf_edits: Edits<(String, Entry)> = edits
+            .into_iter()
+            .map(|(k, e)| {
+                let item = e.map(|e| (k.clone(), e));
+                (k, item)
+            })
+            .collect();
+        let mut next = self.update_level(dir, 0, leaf_edits)?;
+        for level in 1..=top {
+            let edits = match next {
+                LevelResult::Parent(e) => e,
+                LevelResult::Root(_) => unreachable!("only the top level yields a root"),
+            };
+            next = self.update_level(dir, level, edits)?;
+        }
+        let LevelResult::Root(nodes) = next else {
+            unreachable!("the top level yields a root")
+        };
+        self.finish_root(nodes, top)
+    }
+
+    /// Turn the new nodes of the old top level into a canonical root: grow
+    /// levels while there is more than one node, shrink while the root has
+    /// a single child.
+    fn finish_root(&self, mut nodes: Vec<Child>, mut level: u8) -> Result<Hash> {
+        if nodes.is_empty() {
+            return Ok(self.empty_dir());
+        }
+        while nodes.len() > 1 {
+            level += 1;
+            let mut ch = Chunker::<Child>::new(self, level);
+            for c in nodes {
+                ch.push(c);
+            }
+            ch.emit();
+            nodes = ch.out;
+        }
+        let mut root = nodes[0].hash;
+        loop {
+            match &*self.load(&root)? {
+                Node::Internal { children, .. } if children.len() == 1 => root = children[0].hash,
+                _ => return Ok(root),
+            }
+        }
+    }
+
+    /// Apply sorted edits to the items of one level of the tree rooted at
+    /// `root`. Rewrites each node an edit touches, continuing into the
+    /// following nodes until the new boundaries line up with old ones again.
+    fn update_level<I: Item>(&self, root: &Hash, level: u8, edits: Edits<I>) -> Result<LevelResult> {
+        let is_top = self.load(root)?.level() == level;
+        let mut parent_edits: BTreeMap<String, Option<Child>> = BTreeMap::new();
+        let mut replaced = Vec::new();
+        let mut new_nodes = Vec::new();
+        let mut i = 0;
+        while i < edits.len() {
+            let mut cur = Cursor::seek(self, root, level, &edits[i].0)?;
+            let mut ch = Chunker::<I>::new(self, level);
+            loop {
+                if let Some(k) = cur.key_in_parent() {
+                    replaced.push(k.to_string());
+                }
+                let next_first = cur.next_first();
+                let end = i + edits[i..]
+                    .iter()
+                    .take_while(|(k, _)| next_first.as_deref().is_none_or(|n| k.as_str() < n))
+                    .count();
+                merge_into(&mut ch, I::items(cur.node()), &edits[i..end]);
+                i = end;
+                if next_first.is_none() {
+                    ch.emit();
+                    break;
+                }
+                // Boundaries agree with the old ones again: the rest of the
+                // level is unchanged until the next edit.
+                if ch.buf.is_empty() && (i == edits.len() || next_first.as_deref() <= Some(edits[i].0.as_str())) {
+                    break;
+                }
+                cur.advance(self)?;
+            }
+            new_nodes.extend(ch.out);
+        }
+        if is_top {
+            return Ok(LevelResult::Root(new_nodes));
+        }
+        for k in replaced {
+            parent_edits.insert(k, None);
+        }
+        for c in new_nodes {
+            parent_edits.insert(c.first.clone(), Some(c));
+        }
+        Ok(LevelResult::Parent(parent_edits.into_iter().collect()))
+    }
+
+    /// The entry at a path under `root` (`""` is the root directory itself).
+    pub fn lookup(&self, root: &Hash, path: &str) -> Result<Option<Entry>> {
+        let mut entry = Entry::Dir(*root);
+        for c in components(path) {
+            let Entry::Dir(h) = entry else {
+                return Ok(None);
+            };
+            match self.get(&h, c)? {
+                Some(e) => entry = e,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(entry))
+    }
+
+    /// Apply staged operations, in order, to the tree `root`; returns the new
+    /// root. Cost grows with the number of ops and the depth of their paths.
+    pub fn apply(&self, root: &Hash, ops: &[Op]) -> Result<Hash> {
+        let mut top = Overlay::Dir {
+            base: Some(*root),
+            children: BTreeMap::new(),
+        };
+        for op in ops {
+            self.apply_op(&mut top, op)?;
+        }
+        self.write_overlay(top)
+    }
+
+    fn apply_op(&self, top: &mut Overlay, op: &Op) -> Result<()> {
+        match op {
+            Op::Put { path, entry } => {
+                if path.is_empty() {
+                    if let Entry::Dir(h) = entry {
+                        *top = Overlay::Dir {
+                            base: Some(*h),
+                            children: BTreeMap::new(),
+                        };
+                    }
+                    return Ok(());
+                }
+                let (parent, name) = split_parent(path);
+                let dir = self.dir_mut(top, parent, true)?.expect("created");
+                dir.insert(name.to_string(), Overlay::Entry(entry.clone()));
+            }
+            Op::Delete { path } => {
+                if path.is_empty() {
+                    *top = Overlay::Dir {
+                        base: None,
+                        children: BTreeMap::new(),
+                    };
+                    return Ok(());
+                }
+                let (parent, name) = split_parent(path);
+                if let Some(dir) = self.dir_mut(top, parent, false)? {
+                    dir.insert(name.to_string(), Overlay::Deleted);
+                }
+            }
+            Op::Move { from, to } => {
+                if from.is_empty() || to.is_empty() || from == to || to.starts_with(&format!("{from}/")) {
+                    return Ok(());
+                }
+                let (fp, fname) = split_parent(from);
+                let Some(Overlay::Dir { base, children }) = self.dir_node(top, fp, false)? else {
+                    return Ok(());
+                };
+                let moved = match children.remove(fname) {
+                    Some(Overlay::Deleted) => None,
+                    Some(o) => Some(o),
+                    None => match base {
+                        Some(b) => self.get(b, fname)?.map(Overlay::Entry),
+                        None => None,
+                    },
+                };
+                // Whatever was there, `from` is gone afterwards.
+                children.insert(fname.to_string(), Overlay::Deleted);
+                if let Some(o) = moved {
+                    let (tp, tname) = split_parent(to);
+                    let dest = self.dir_mut(top, tp, true)?.expect("created");
+                    dest.insert(tname.to_string(), o);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn dir_mut<'o>(
+        &self,
+        top: &'o mut Overlay,
+        path: &str,
+        create: bool,
+    ) -> Result<Option<&'o mut BTreeMap<String, Overlay>>> {
+        match self.dir_node(top, path, create)? {
+            Some(Overlay::Dir { children, .. }) => Ok(Some(children)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Walk the overlay to the directory at `path`, opening base directories
+    /// as overlay directories on the way. With `create`, missing directories
+    /// (or non-directories in the way) become new empty directories.
+    fn dir_node<'o>(&self, top: &'o mut Overlay, path: &str, create: bool) -> Result<Option<&'o mut Overlay>> {
+        let mut node = top;
+        for c in components(path) {
+            let Overlay::Dir { base, children } = node else {
+                unreachable!("dir_node only descends through directories")
+            };
+            if !children.contains_key(c) {
+                let existing = match base {
+                    Some(b) => self.get(b, c)?,
+                    None => None,
+                };
+                let opened = match existing {
+                    Some(Entry::Dir(h)) => Overlay::Dir {
+                        base: Some(h),
+                        children: BTreeMap::new(),
+                    },
+                    _ if create => Overlay::Dir {
+                        base: None,
+                        children: BTreeMap::new(),
+                    },
+                    _ => return Ok(None),
+                };
+                children.insert(c.to_string(), opened);
+            }
+            let child = children.get_mut(c).expect("inserted");
+            match child {
+                Overlay::Dir { .. } => {}
+                Overlay::Entry(Entry::Dir(h)) => {
+                    *child = Overlay::Dir {
+                        base: Some(*h),
+                        children: BTreeMap::new(),
+                    }
+                }
+                _ if create => {
+                    *child = Overlay::Dir {
+                        base: None,
+                        children: BTreeMap::new(),
+                    }
+                }
+                _ => return Ok(None),
+            }
+            node = child;
+        }
+        Ok(Some(node))
+    }
+
+    fn write_overlay(&self, ov: Overlay) -> Result<Hash> {
+        match ov {
+            Overlay::Dir { base, children } => {
+                let base = base.unwrap_or_else(|| self.empty_dir());
+                let mut edits = BTreeMap::new();
+                for (name, child) in children {
+                    let e = match child {
+                        Overlay::Deleted => None,
+                        Overlay::Entry(e) => Some(e),
+                        d @ Overlay::Dir { .. } => Some(Entry::Dir(self.write_overlay(d)?)),
+                    };
+                    edits.insert(name, e);
+                }
+                self.update_dir(&base, edits)
+            }
+            _ => unreachable!("the top of an overlay is a directory"),
+        }
+    }
+
+    /// Every path under `root` with its entry, depth first in name order
+    /// (directories are listed before their contents).
+    pub fn walk(&self, root: &Hash, prefix: &str, out: &mut Vec<(String, Entry)>) -> Result<()> {
+        for (name, e) in self.entries(root)? {
+            let path = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let sub = if let Entry::Dir(h) = &e { Some(*h) } else { None };
+            out.push((path.clone(), e));
+            if let Some(h) = sub {
+                self.walk(&h, &path, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum LevelResult {
+    /// Edits for the level above.
+    Parent(Edits<Child>),
+    /// The new nodes replacing the old top level.
+    Root(Vec<Child>),
+}
+
+/// Merge a node's sorted items with sorted edits into the chunker.
+fn merge_into<I: Item>(ch: &mut Chunker<'_, I>, items: &[I], edits: &[(String, Option<I>)]) {
+    let mut e = edits.iter().peekable();
+    for item in items {
+        while let Some((k, new)) = e.next_if(|(k, _)| k.as_str() < item.key()) {
+            let _ = k;
+            if let Some(n) = new {
+                ch.push(n.clone());
+            }
+        }
+        match e.next_if(|(k, _)| k.as_str() == item.key()) {
+            Some((_, Some(n))) => ch.push(n.clone()),
+            Some((_, None)) => {}
+            None => ch.push(item.clone()),
+        }
+    }
+    for (_, new) in e {
+        if let Some(n) = new {
+            ch.push(n.clone());
+        }
+    }
+}
+
+/// Pending changes to a tree, as a sparse tree over the base.
+enum Overlay {
+    Entry(Entry),
+    Deleted,
+    Dir {
+        base: Option<Hash>,
+        children: BTreeMap<String, Overlay>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn trees() -> Trees {
+        Trees::new(Store::open(&format!("memory://tree-{}", ulid::Ulid::new())).unwrap())
+    }
+
+    fn file(n: u64) -> Entry {
+        Entry::File(File {
+            size: 8,
+            mode: 0o644,
+            mtime: 0,
+            content: Content::Inline(n.to_le_bytes().to_vec()),
+        })
+    }
+
+    fn check_dir(t: &Trees, dir: &Hash, model: &BTreeMap<String, Entry>) {
+        let got: BTreeMap<String, Entry> = t.entries(dir).unwrap().into_iter().collect();
+        assert_eq!(&got, model);
+        assert_eq!(t.count(dir).unwrap(), model.len() as u64);
+        for (k, v) in model.iter().take(20) {
+            assert_eq!(t.get(dir, k).unwrap().as_ref(), Some(v));
+        }
+        // A fresh build of the same entries has the same root hash.
+        let fresh = t.build_dir(model.clone().into_iter().collect()).unwrap();
+        assert_eq!(&fresh, dir, "history independence");
+    }
+
+    #[test]
+    fn big_directory_edits_match_a_fresh_build() {
+        let t = trees();
+        let mut model = BTreeMap::new();
+        let mut dir = t.empty_dir();
+        let mut edits = BTreeMap::new();
+        for i in 0..20_000u64 {
+            edits.insert(format!("f{i:06}"), Some(file(i)));
+            model.insert(format!("f{i:06}"), file(i));
+        }
+        dir = t.update_dir(&dir, edits).unwrap();
+        assert!(t.load(&dir).unwrap().level() >= 2, "20k entries need several levels");
+        check_dir(&t, &dir, &model);
+        // Small edits scattered through the directory.
+        let mut edits = BTreeMap::new();
+        for i in (0..20_000u64).step_by(997) {
+            edits.insert(format!("f{i:06}"), None);
+            model.remove(&format!("f{i:06}"));
+            edits.insert(format!("g{i}"), Some(file(i + 1)));
+            model.insert(format!("g{i}"), file(i + 1));
+        }
+        dir = t.update_dir(&dir, edits).unwrap();
+        check_dir(&t, &dir, &model);
+        // Pagination.
+        let page = t.list(&dir, Some("f000100"), 5).unwrap();
+        let want: Vec<_> = model.range("f000101".to_string()..).take(5).map(|(k, _)| k.clone()).collect();
+        assert_eq!(page.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), want);
+        // Delete everything: back to the empty directory.
+        let all = model.keys().map(|k| (k.clone(), None)).collect();
+        dir = t.update_dir(&dir, all).unwrap();
+        assert_eq!(dir, t.empty_dir());
+    }
+
+    #[test]
+    fn one_edit_rewrites_few_nodes() {
+        let t = trees();
+        let edits = (0..50_000u64).map(|i| (format!("k{i}"), Some(file(i)))).collect();
+        let dir = t.update_dir(&t.empty_dir(), edits).unwrap();
+        t.flush().unwrap();
+        let mut one = BTreeMap::new();
+        one.insert("k777".to_string(), Some(file(0)));
+        t.update_dir(&dir, one).unwrap();
+        let written = t.pending.lock().len();
+        assert!(written <= 12, "one edit wrote {written} nodes");
+    }
+
+    #[test]
+    fn apply_ops_on_paths() {
+        let t = trees();
+        let root = t.empty_dir();
+        let put = |p: &str, n| Op::Put {
+            path: p.into(),
+            entry: file(n),
+        };
+        let r = t
+            .apply(&root, &[put("a/b/c.txt", 1), put("a/d.txt", 2), put("top", 3)])
+            .unwrap();
+        assert_eq!(t.lookup(&r, "a/b/c.txt").unwrap(), Some(file(1)));
+        let r2 = t
+            .apply(
+                &r,
+                &[
+                    Op::Move {
+                        from: "a/b".into(),
+                        to: "x/y".into(),
+                    },
+                    Op::Delete { path: "top".into() },
+                    Op::Delete {
+                        path: "no/such".into(),
+                    },
+                ],
+            )
+            .unwrap();
+        assert_eq!(t.lookup(&r2, "x/y/c.txt").unwrap(), Some(file(1)));
+        assert_eq!(t.lookup(&r2, "a/b").unwrap(), None);
+        assert_eq!(t.lookup(&r2, "top").unwrap(), None);
+        assert_eq!(t.lookup(&r2, "no").unwrap(), None, "delete of a missing path creates nothing");
+        // Moving back restores the original tree exactly.
+        let r3 = t
+            .apply(
+                &r2,
+                &[
+                    Op::Move {
+                        from: "x/y".into(),
+                        to: "a/b".into(),
+                    },
+                    Op::Delete { path: "x".into() },
+                    put("top", 3),
+                ],
+            )
+            .unwrap();
+        assert_eq!(r3, r);
+        t.flush().unwrap();
+        // Nodes are readable from the store after a flush, by a fresh handle.
+        let t2 = Trees::new(t.store().clone());
+        assert_eq!(t2.lookup(&r3, "a/d.txt").unwrap(), Some(file(2)));
+    }
+
+    #[test]
+    fn path_checks() {
+        assert_eq!(check_path("/a/b/").unwrap(), "a/b");
+        assert_eq!(check_path("").unwrap(), "");
+        for bad in ["a//b", "a/../b", "./a", "a/\0"] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn corrupt_nodes_are_errors() {
+        let t = trees();
+        let mut e = BTreeMap::new();
+        e.insert("x".to_string(), Some(file(1)));
+        let dir = t.update_dir(&t.empty_dir(), e).unwrap();
+        t.flush().unwrap();
+        t.store().put(&dir.key("nodes"), Bytes::from_static(b"garbage")).unwrap();
+        let fresh = Trees::new(t.store().clone());
+        assert!(matches!(
+            fresh.get(&dir, "x"),
+            Err(TreeError::Store(StoreError::Corrupt { .. }))
+        ));
+        assert!(Node::decode(b"\x01\xff\xff").is_err());
+        assert!(Node::decode(b"").is_err());
+    }
+
+    fn arb_edits() -> impl Strategy<Value = Vec<Vec<(u16, Option<u64>)>>> {
+        prop::collection::vec(prop::collection::vec((0u16..3000, prop::option::of(0u64..5)), 1..300), 1..6)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn prolly_matches_btreemap_model(rounds in arb_edits()) {
+            let t = trees();
+            let mut dir = t.empty_dir();
+            let mut model = BTreeMap::new();
+            for round in rounds {
+                let mut edits = BTreeMap::new();
+                for (k, v) in round {
+                    let key = format!("n{k}");
+                    match v {
+                        Some(n) => { model.insert(key.clone(), file(n)); edits.insert(key, Some(file(n))); }
+                        None => { model.remove(&key); edits.insert(key, None); }
+                    }
+                }
+                dir = t.update_dir(&dir, edits).unwrap();
+                check_dir(&t, &dir, &model);
+            }
+        }
+
+        #[test]
+        fn apply_matches_path_model(ops in prop::collection::vec((0u8..3, 0u8..6, 0u8..6, 0u64..4), 1..60)) {
+            // Model: a map of full file paths; paths are a/b style over a small alphabet.
+            let t = trees();
+            let names = ["a", "b", "a/x", "a/y", "b/x", "a/x/z"];
+            let mut model: BTreeMap<String, u64> = BTreeMap::new();
+            let mut tree_ops = Vec::new();
+            for (kind, p, q, n) in ops {
+                let (p, q) = (names[p as usize], names[q as usize]);
+                match kind {
+                    0 => {
+                        // Put a file at p: drops anything under p and any file at a parent of p.
+                        model.retain(|k, _| !k.starts_with(&format!("{p}/")));
+                        let mut parent = p;
+                        while let Some(i) = parent.rfind('/') { parent = &parent[..i]; model.remove(parent); }
+                        model.insert(p.to_string(), n);
+                        tree_ops.push(Op::Put { path: p.into(), entry: file(n) });
+                    }
+                    1 => {
+                        model.retain(|k, _| k != p && !k.starts_with(&format!("{p}/")));
+                        tree_ops.push(Op::Delete { path: p.into() });
+                    }
+                    _ => {
+                        // Only model moves of plain files onto free names.
+                        if model.contains_key(p) && !model.contains_key(q) && !q.starts_with(&format!("{p}/")) && p != q
+                            && !model.keys().any(|k| k.starts_with(&format!("{q}/")))
+                            && !model.keys().any(|k| q.starts_with(&format!("{k}/"))) {
+                            let v = model.remove(p).unwrap();
+                            model.insert(q.to_string(), v);
+                            tree_ops.push(Op::Move { from: p.into(), to: q.into() });
+                        }
+                    }
+                }
+            }
+            let root = t.apply(&t.empty_dir(), &tree_ops).unwrap();
+            let mut all = Vec::new();
+            t.walk(&root, "", &mut all).unwrap();
+            let files: BTreeMap<String, u64> = all.into_iter().filter_map(|(p, e)| match e {
+                Entry::File(File { content: Content::Inline(b), .. }) => Some((p, u64::from_le_bytes(b.try_into().unwrap()))),
+                _ => None,
+            }).collect();
+            prop_assert_eq!(files, model);
+        }
+    }
+}
