@@ -3,6 +3,7 @@
 //! Layers (see docs/ARCHITECTURE.md): `store` → `chunk`, `tree` → `repo` → `cli`.
 
 pub mod chunk;
+pub mod cli;
 pub mod hash;
 pub mod repo;
 pub mod store;

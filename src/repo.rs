@@ -244,11 +244,21 @@ fn now_rfc3339ish() -> String {
     format!("{}", now_ms())
 }
 
-/// Who is committing: `$TARN_AUTHOR`, else `$USER`.
+/// Who is committing: `$TARN_AUTHOR`, else `$USER`, else the login name of
+/// the current uid.
 pub fn default_author() -> String {
-    std::env::var("TARN_AUTHOR")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".to_string())
+    if let Ok(a) = std::env::var("TARN_AUTHOR").or_else(|_| std::env::var("USER")) {
+        return a;
+    }
+    // SAFETY: getpwuid returns a pointer to static storage or null; we copy
+    // the name out before any other call could overwrite it.
+    unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if !pw.is_null() && !(*pw).pw_name.is_null() {
+            return std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned();
+        }
+    }
+    format!("uid-{}", unsafe { libc::getuid() })
 }
 
 fn new_token() -> String {
@@ -404,7 +414,14 @@ impl Lake {
     }
 
     pub fn list_repos(&self) -> Result<Vec<String>> {
-        Ok(self.store.list_dirs("repos")?)
+        let mut out = Vec::new();
+        // A local lake can keep an empty directory after a delete.
+        for name in self.store.list_dirs("repos")? {
+            if self.store.exists(&Self::repo_key(&name, "repo.json"))? {
+                out.push(name);
+            }
+        }
+        Ok(out)
     }
 
     /// Delete a repository's refs, commits and staging. Content shared with
@@ -987,6 +1004,34 @@ impl Lake {
             out.push((id, c));
             if out.len() == limit {
                 break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like `log`, but only commits that changed `path`: a commit is shown
+    /// when the entry at `path` differs from every parent (so a merge that
+    /// just took one side's version is not).
+    pub fn log_path(&self, repo: &str, from: &Hash, path: &str, limit: usize) -> Result<Vec<(Hash, Commit)>> {
+        let mut out = Vec::new();
+        for (id, c) in self.log(repo, from, usize::MAX)? {
+            let here = self.trees.lookup(&c.tree, path)?;
+            let mut changed = true;
+            for p in &c.parents {
+                let pt = self.commit(repo, p)?.tree;
+                if self.trees.lookup(&pt, path)? == here {
+                    changed = false;
+                    break;
+                }
+            }
+            if c.parents.is_empty() {
+                changed = here.is_some();
+            }
+            if changed {
+                out.push((id, c));
+                if out.len() == limit {
+                    break;
+                }
             }
         }
         Ok(out)

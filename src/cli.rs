@@ -1,0 +1,784 @@
+//! The `tarn` command line: thin; each command parses its arguments, makes
+//! one or two library calls and prints the result (text, or one JSON
+//! document with `--json`). Errors are one line on stderr and exit code 1.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::hash::Hash;
+use crate::repo::{Address, Change, ChangeKind, Commit, CommitOptions, Lake, PutSummary};
+use crate::store::Store;
+use crate::tree::{Entry, Op};
+
+/// Ops per staging batch when putting a directory: big enough to amortise
+/// the store round trips, small enough to keep a batch object a few MiB.
+const PUT_BATCH_OPS: usize = 10_000;
+
+#[derive(Parser, Debug)]
+#[command(name = "tarn", version, about = "A versioned data lake you can mount")]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Lake URL: file:///dir, s3://bucket/prefix, memory://name.
+    /// Default: $TARN_LAKE, else ~/.local/share/tarn/lake.
+    #[arg(long, global = true, env = "TARN_LAKE")]
+    lake: Option<String>,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a lake (idempotent).
+    Init {
+        /// Lake URL (overrides --lake).
+        url: Option<String>,
+    },
+    /// Repositories: create, list, delete.
+    #[command(subcommand)]
+    Repo(RepoCmd),
+    /// Branches: create, list, delete.
+    #[command(subcommand)]
+    Branch(BranchCmd),
+    /// Tags: create, list, delete.
+    #[command(subcommand)]
+    Tag(TagCmd),
+    /// Stage a local file or directory (recursively) at REPO/BRANCH/PATH.
+    Put { source: PathBuf, dest: String },
+    /// Stage the removal of REPO/BRANCH/PATH.
+    Rm {
+        target: String,
+        /// Remove a directory and everything under it.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Staged changes of a branch.
+    Status { branch: Option<String> },
+    /// Commit a branch's staged changes.
+    Commit {
+        branch: Option<String>,
+        #[arg(short, long)]
+        message: String,
+        /// Metadata KEY=VALUE (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+        #[arg(long)]
+        allow_empty: bool,
+    },
+    /// Discard staged changes of a branch (all, or under --path).
+    Reset {
+        branch: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// List a directory at REPO/REF[/PATH].
+    Ls {
+        target: String,
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Print a file at REPO/REF/PATH.
+    Cat { target: String },
+    /// Copy a file or directory at REPO/REF[/PATH] to a local path.
+    Get { source: String, dest: PathBuf },
+    /// Commit history of a ref, newest first.
+    Log {
+        target: String,
+        #[arg(short = 'n', long, default_value_t = 50)]
+        limit: usize,
+        /// Only commits that changed this path.
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// A commit: its metadata and the paths it changed.
+    Show { target: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RepoCmd {
+    Create {
+        name: String,
+        #[arg(long, default_value = "main")]
+        default_branch: String,
+    },
+    List,
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum BranchCmd {
+    /// Create REPO/BRANCH from a ref (default: the repository's default branch). O(1).
+    Create {
+        branch: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    List { repo: String },
+    Delete { branch: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum TagCmd {
+    /// Create REPO/TAG at a ref (default: the default branch).
+    Create { tag: String, at: Option<String> },
+    List { repo: String },
+    Delete { tag: String },
+}
+
+/// Entry point: run the command, print errors as one line, return the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad arguments");
+            eprintln!("tarn: {first} (see tarn --help)");
+            return 1;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TARN_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("tarn: error: {msg}");
+            1
+        }
+    }
+}
+
+fn default_lake_url() -> Result<String> {
+    let home = std::env::var("HOME").context("neither --lake, TARN_LAKE nor HOME is set")?;
+    Ok(format!("file://{home}/.local/share/tarn/lake"))
+}
+
+fn lake_url(g: &Global) -> Result<String> {
+    match &g.lake {
+        Some(u) => Ok(u.clone()),
+        None => default_lake_url(),
+    }
+}
+
+fn open_lake(g: &Global) -> Result<Lake> {
+    let url = lake_url(g)?;
+    Ok(Lake::open(Store::open(&url)?)?)
+}
+
+/// `REPO/BRANCH`, from the argument.
+fn branch_address(lake: &Lake, arg: Option<&str>) -> Result<(String, String)> {
+    let arg = arg.ok_or_else(|| anyhow!("give REPO/BRANCH"))?;
+    let a = Address::parse(arg)?;
+    let branch = lake.require_branch(&a.repo, a.reference()?)?;
+    Ok((a.repo, branch))
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+fn commit_json(id: &Hash, c: &Commit) -> serde_json::Value {
+    json!({
+        "id": id.to_hex(),
+        "parents": c.parents.iter().map(|p| p.to_hex()).collect::<Vec<_>>(),
+        "tree": c.tree.to_hex(),
+        "author": c.author,
+        "time": c.time,
+        "message": c.message,
+        "meta": c.meta,
+        "generation": c.generation,
+    })
+}
+
+fn fmt_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn print_changes(changes: &[Change]) {
+    for c in changes {
+        let mark = match c.kind {
+            ChangeKind::Added => "A",
+            ChangeKind::Removed => "D",
+            ChangeKind::Modified => "M",
+        };
+        let size = match (c.size_before, c.size_after) {
+            (Some(a), Some(b)) => format!("{a} -> {b} bytes"),
+            (None, Some(b)) => format!("{b} bytes"),
+            (Some(a), None) => format!("{a} bytes"),
+            (None, None) => String::new(),
+        };
+        println!("{mark}  {}  {size}", c.path);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Init { url } => {
+            let url = match url {
+                Some(u) => u,
+                None => lake_url(&g)?,
+            };
+            let (_, created) = Lake::init(Store::open(&url)?)?;
+            if g.json {
+                print_json(&json!({"lake": url, "created": created}));
+            } else if created {
+                println!("created lake at {url}");
+            } else {
+                println!("lake at {url} already exists");
+            }
+        }
+        Command::Repo(cmd) => repo_cmd(&g, cmd)?,
+        Command::Branch(cmd) => branch_cmd(&g, cmd)?,
+        Command::Tag(cmd) => tag_cmd(&g, cmd)?,
+        Command::Put { source, dest } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&dest)?;
+            let branch = lake.require_branch(&a.repo, a.reference()?)?;
+            let summary = put(&lake, &a.repo, &branch, &source, &a.path, !g.json)?;
+            if g.json {
+                print_json(&serde_json::to_value(&summary)?);
+            } else {
+                println!(
+                    "staged {} file(s), {} bytes ({} new chunks) on {}/{}",
+                    summary.files, summary.bytes, summary.new_chunks, a.repo, branch
+                );
+            }
+        }
+        Command::Rm { target, recursive } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&target)?;
+            let branch = lake.require_branch(&a.repo, a.reference()?)?;
+            if a.path.is_empty() {
+                bail!("refusing to remove the root of {}/{branch}", a.repo);
+            }
+            let tree = lake.working_tree(&a.repo, &branch)?.1;
+            match lake.trees().lookup(&tree, &a.path)? {
+                None => bail!("{target}: no such file or directory"),
+                Some(Entry::Dir(_)) if !recursive => bail!("{target} is a directory: use rm -r"),
+                Some(_) => {}
+            }
+            lake.stage(&a.repo, &branch, vec![Op::Delete { path: a.path.clone() }])?;
+            if g.json {
+                print_json(&json!({"removed": a.path}));
+            } else {
+                println!("staged removal of {}", a.path);
+            }
+        }
+        Command::Status { branch } => {
+            let lake = open_lake(&g)?;
+            let (repo, branch) = branch_address(&lake, branch.as_deref())?;
+            let changes = lake.status(&repo, &branch)?;
+            if g.json {
+                print_json(&json!({"repo": repo, "branch": branch, "changes": changes}));
+            } else if changes.is_empty() {
+                println!("{repo}/{branch}: nothing staged");
+            } else {
+                println!("{repo}/{branch}: {} staged change(s)", changes.len());
+                print_changes(&changes);
+            }
+        }
+        Command::Commit {
+            branch,
+            message,
+            meta,
+            allow_empty,
+        } => {
+            let lake = open_lake(&g)?;
+            let (repo, branch) = branch_address(&lake, branch.as_deref())?;
+            let mut m = BTreeMap::new();
+            for kv in meta {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--meta {kv:?}: expected KEY=VALUE"))?;
+                m.insert(k.to_string(), v.to_string());
+            }
+            let opts = CommitOptions {
+                message,
+                author: None,
+                meta: m,
+                allow_empty,
+            };
+            let id = lake.commit_branch(&repo, &branch, &opts)?;
+            if g.json {
+                print_json(&json!({"id": id.to_hex(), "repo": repo, "branch": branch}));
+            } else {
+                println!("{repo}/{branch} {}", id.short());
+            }
+        }
+        Command::Reset { branch, path } => {
+            let lake = open_lake(&g)?;
+            let (repo, branch) = branch_address(&lake, branch.as_deref())?;
+            match path {
+                Some(p) => {
+                    let p = crate::tree::check_path(&p)?;
+                    lake.reset_path(&repo, &branch, &p)?;
+                }
+                None => lake.reset(&repo, &branch)?,
+            }
+            if g.json {
+                print_json(&json!({"reset": format!("{repo}/{branch}")}));
+            } else {
+                println!("{repo}/{branch}: staged changes discarded");
+            }
+        }
+        Command::Ls { target, recursive } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&target)?;
+            let tree = lake.tree_of(&a.repo, a.reference()?)?;
+            let entries = match lake.trees().lookup(&tree, &a.path)? {
+                None => bail!("{target}: no such file or directory"),
+                Some(Entry::Dir(h)) => {
+                    if recursive {
+                        let mut all = Vec::new();
+                        lake.trees().walk(&h, "", &mut all)?;
+                        all
+                    } else {
+                        lake.trees().entries(&h)?
+                    }
+                }
+                Some(e) => vec![(a.path.rsplit('/').next().unwrap_or("").to_string(), e)],
+            };
+            if g.json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|(n, e)| {
+                        let (mode, mtime) = match e {
+                            Entry::File(f) => (f.mode, f.mtime),
+                            _ => (0, 0),
+                        };
+                        json!({"name": n, "kind": e.kind(), "size": e.size(), "mode": mode, "mtime_ns": mtime})
+                    })
+                    .collect();
+                print_json(&json!(v));
+            } else {
+                for (n, e) in entries {
+                    let suffix = match &e {
+                        Entry::Dir(_) => "/".to_string(),
+                        Entry::Symlink(t) => format!(" -> {t}"),
+                        Entry::File(_) => String::new(),
+                    };
+                    println!("{:<7} {:>12}  {n}{suffix}", e.kind(), e.size());
+                }
+            }
+        }
+        Command::Cat { target } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&target)?;
+            let tree = lake.tree_of(&a.repo, a.reference()?)?;
+            match lake.trees().lookup(&tree, &a.path)? {
+                Some(Entry::File(f)) => {
+                    let stdout = std::io::stdout();
+                    let mut out = std::io::BufWriter::new(stdout.lock());
+                    lake.read_file(&f, &mut out)?;
+                    out.flush()?;
+                }
+                Some(Entry::Symlink(t)) => println!("{t}"),
+                Some(Entry::Dir(_)) => bail!("{target} is a directory: use tarn ls or tarn get"),
+                None => bail!("{target}: no such file or directory"),
+            }
+        }
+        Command::Get { source, dest } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&source)?;
+            let tree = lake.tree_of(&a.repo, a.reference()?)?;
+            let entry = lake
+                .trees()
+                .lookup(&tree, &a.path)?
+                .ok_or_else(|| anyhow!("{source}: no such file or directory"))?;
+            let dest = if dest.is_dir() && !matches!(entry, Entry::Dir(_)) {
+                dest.join(a.path.rsplit('/').next().unwrap_or("file"))
+            } else {
+                dest
+            };
+            let n = get(&lake, &entry, &dest)?;
+            if g.json {
+                print_json(&json!({"files": n, "dest": dest}));
+            } else {
+                println!("wrote {n} file(s) to {}", dest.display());
+            }
+        }
+        Command::Log { target, limit, path } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&target)?;
+            let head = lake.resolve(&a.repo, a.reference()?)?.commit;
+            let path = match path {
+                Some(p) => Some(crate::tree::check_path(&p)?),
+                None => None,
+            };
+            let commits = match &path {
+                None => lake.log(&a.repo, &head, limit)?,
+                Some(p) => lake.log_path(&a.repo, &head, p, limit)?,
+            };
+            if g.json {
+                print_json(&json!(commits.iter().map(|(h, c)| commit_json(h, c)).collect::<Vec<_>>()));
+            } else {
+                for (h, c) in commits {
+                    println!("commit {}", h.to_hex());
+                    if c.parents.len() > 1 {
+                        let ps: Vec<String> = c.parents.iter().map(|p| p.short()).collect();
+                        println!("Merge:  {}", ps.join(" "));
+                    }
+                    println!("Author: {}", c.author);
+                    println!("Date:   {}", fmt_time(c.time));
+                    for (k, v) in &c.meta {
+                        println!("Meta:   {k}={v}");
+                    }
+                    println!("\n    {}\n", c.message);
+                }
+            }
+        }
+        Command::Show { target } => {
+            let lake = open_lake(&g)?;
+            let a = Address::parse(&target)?;
+            let id = lake.resolve(&a.repo, a.reference()?)?.commit;
+            let c = lake.commit(&a.repo, &id)?;
+            let before = match c.parents.first() {
+                Some(p) => lake.commit(&a.repo, p)?.tree,
+                None => lake.trees().empty_dir(),
+            };
+            let changes = lake.diff_trees(&before, &c.tree)?;
+            if g.json {
+                print_json(&json!({"commit": commit_json(&id, &c), "changes": changes}));
+            } else {
+                println!("commit {}", id.to_hex());
+                for p in &c.parents {
+                    println!("Parent: {}", p.to_hex());
+                }
+                println!("Author: {}", c.author);
+                println!("Date:   {}", fmt_time(c.time));
+                for (k, v) in &c.meta {
+                    println!("Meta:   {k}={v}");
+                }
+                println!("\n    {}\n", c.message);
+                print_changes(&changes);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn repo_cmd(g: &Global, cmd: RepoCmd) -> Result<()> {
+    let lake = open_lake(g)?;
+    match cmd {
+        RepoCmd::Create { name, default_branch } => {
+            let id = lake.create_repo(&name, &default_branch)?;
+            if g.json {
+                print_json(&json!({"repo": name, "default_branch": default_branch, "commit": id.to_hex()}));
+            } else {
+                println!("created repository {name} (branch {default_branch})");
+            }
+        }
+        RepoCmd::List => {
+            let repos = lake.list_repos()?;
+            if g.json {
+                print_json(&json!(repos));
+            } else {
+                for r in repos {
+                    println!("{r}");
+                }
+            }
+        }
+        RepoCmd::Delete { name } => {
+            lake.delete_repo(&name)?;
+            if g.json {
+                print_json(&json!({"deleted": name}));
+            } else {
+                println!("deleted repository {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn split_repo_name(s: &str, what: &str) -> Result<(String, String)> {
+    match s.split_once('/') {
+        Some((r, n)) if !r.is_empty() && !n.is_empty() && !n.contains('/') => Ok((r.to_string(), n.to_string())),
+        _ => bail!("{s:?}: expected REPO/{what}"),
+    }
+}
+
+fn branch_cmd(g: &Global, cmd: BranchCmd) -> Result<()> {
+    let lake = open_lake(g)?;
+    match cmd {
+        BranchCmd::Create { branch, from } => {
+            let (repo, name) = split_repo_name(&branch, "BRANCH")?;
+            let from = match from {
+                Some(f) => f,
+                None => lake.repo_config(&repo)?.default_branch,
+            };
+            let at = lake.create_branch(&repo, &name, &from)?;
+            if g.json {
+                print_json(&json!({"repo": repo, "branch": name, "commit": at.to_hex()}));
+            } else {
+                println!("created branch {repo}/{name} at {}", at.short());
+            }
+        }
+        BranchCmd::List { repo } => {
+            let default = lake.repo_config(&repo)?.default_branch;
+            let branches = lake.list_branches(&repo)?;
+            if g.json {
+                let v: Vec<_> = branches
+                    .iter()
+                    .map(|(n, r)| json!({"name": n, "commit": r.commit, "default": *n == default}))
+                    .collect();
+                print_json(&json!(v));
+            } else {
+                for (n, r) in branches {
+                    let mark = if n == default { "*" } else { " " };
+                    println!("{mark} {n:<24} {}", &r.commit[..12]);
+                }
+            }
+        }
+        BranchCmd::Delete { branch } => {
+            let (repo, name) = split_repo_name(&branch, "BRANCH")?;
+            lake.delete_branch(&repo, &name)?;
+            if g.json {
+                print_json(&json!({"deleted": branch}));
+            } else {
+                println!("deleted branch {branch}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tag_cmd(g: &Global, cmd: TagCmd) -> Result<()> {
+    let lake = open_lake(g)?;
+    match cmd {
+        TagCmd::Create { tag, at } => {
+            let (repo, name) = split_repo_name(&tag, "TAG")?;
+            let at = match at {
+                Some(a) => a,
+                None => lake.repo_config(&repo)?.default_branch,
+            };
+            let id = lake.create_tag(&repo, &name, &at)?;
+            if g.json {
+                print_json(&json!({"repo": repo, "tag": name, "commit": id.to_hex()}));
+            } else {
+                println!("created tag {repo}/{name} at {}", id.short());
+            }
+        }
+        TagCmd::List { repo } => {
+            let tags = lake.list_tags(&repo)?;
+            if g.json {
+                let v: Vec<_> = tags
+                    .iter()
+                    .map(|(n, h)| json!({"name": n, "commit": h.to_hex()}))
+                    .collect();
+                print_json(&json!(v));
+            } else {
+                for (n, h) in tags {
+                    println!("{n:<24} {}", h.short());
+                }
+            }
+        }
+        TagCmd::Delete { tag } => {
+            let (repo, name) = split_repo_name(&tag, "TAG")?;
+            lake.delete_tag(&repo, &name)?;
+            if g.json {
+                print_json(&json!({"deleted": tag}));
+            } else {
+                println!("deleted tag {tag}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}/{name}")
+    }
+}
+
+/// Local sources of a `put`: (local path, path in the tree).
+fn collect_sources(src: &Path, dest: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+    let meta = std::fs::symlink_metadata(src).with_context(|| format!("{}", src.display()))?;
+    out.push((src.to_path_buf(), dest.to_string()));
+    if meta.is_dir() {
+        let mut names: Vec<_> = std::fs::read_dir(src)
+            .with_context(|| format!("{}", src.display()))?
+            .collect::<std::io::Result<Vec<_>>>()?;
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let name = e
+                .file_name()
+                .into_string()
+                .map_err(|n| anyhow!("{}: file name is not UTF-8", Path::new(&n).display()))?;
+            collect_sources(&e.path(), &join(dest, &name), out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Stage a local file or directory tree at `dest` on a branch.
+fn put(lake: &Lake, repo: &str, branch: &str, src: &Path, dest: &str, progress: bool) -> Result<PutSummary> {
+    let meta = std::fs::metadata(src).with_context(|| format!("{}", src.display()))?;
+    let dest = if dest.is_empty() || (dest.ends_with('/') && !meta.is_dir()) {
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow!("{}: give a destination path", src.display()))?;
+        join(dest.trim_end_matches('/'), name)
+    } else {
+        dest.to_string()
+    };
+    if meta.is_dir() && dest.is_empty() {
+        bail!("give a destination directory");
+    }
+    let mut sources = Vec::new();
+    collect_sources(src, &dest, &mut sources)?;
+    let bar = if progress && sources.len() > 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(sources.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {bytes_per_sec} {eta}")
+            .expect("template"),
+    );
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Op)>> = Mutex::new(Vec::with_capacity(sources.len()));
+    let summary = Mutex::new(PutSummary::default());
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= sources.len() || first_error.lock().expect("lock").is_some() {
+                    return;
+                }
+                let (local, path) = &sources[i];
+                match stage_one(lake, local, path) {
+                    Ok((op, stats)) => {
+                        let mut sum = summary.lock().expect("lock");
+                        if let Some(st) = stats {
+                            sum.files += 1;
+                            sum.bytes += st.bytes;
+                            sum.chunks += st.chunks as u64;
+                            sum.new_chunks += st.new_chunks as u64;
+                        }
+                        drop(sum);
+                        results.lock().expect("lock").push((i, op));
+                        bar.inc(1);
+                    }
+                    Err(e) => {
+                        first_error.lock().expect("lock").get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = first_error.into_inner().expect("lock") {
+        return Err(e);
+    }
+    let mut ops = results.into_inner().expect("lock");
+    ops.sort_by_key(|(i, _)| *i);
+    // Manifests of large files must be in the store before ops name them.
+    lake.flush()?;
+    let ops: Vec<Op> = ops.into_iter().map(|(_, op)| op).collect();
+    for batch in ops.chunks(PUT_BATCH_OPS) {
+        lake.stage(repo, branch, batch.to_vec())?;
+    }
+    Ok(summary.into_inner().expect("lock"))
+}
+
+fn stage_one(lake: &Lake, local: &Path, path: &str) -> Result<(Op, Option<crate::chunk::StoreStats>)> {
+    let meta = std::fs::symlink_metadata(local).with_context(|| format!("{}", local.display()))?;
+    let path = crate::tree::check_path(path)?;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(local)?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| anyhow!("{}: link target is not UTF-8", local.display()))?;
+        return Ok((
+            Op::Put {
+                path,
+                entry: Entry::Symlink(target.to_string()),
+            },
+            None,
+        ));
+    }
+    if meta.is_dir() {
+        return Ok((
+            Op::Put {
+                path,
+                entry: Entry::Dir(lake.trees().empty_dir()),
+            },
+            None,
+        ));
+    }
+    if !meta.is_file() {
+        bail!("{}: not a regular file, directory or symlink", local.display());
+    }
+    let f = std::fs::File::open(local).with_context(|| format!("{}", local.display()))?;
+    let (entry, stats) = lake.file_entry(std::io::BufReader::with_capacity(1 << 20, f), &meta, &local.display().to_string())?;
+    Ok((Op::Put { path, entry }, Some(stats)))
+}
+
+/// Write an entry to a local path (recursively for directories).
+fn get(lake: &Lake, entry: &Entry, dest: &Path) -> Result<u64> {
+    match entry {
+        Entry::File(f) => {
+            let mut out = std::fs::File::create(dest).with_context(|| format!("{}", dest.display()))?;
+            lake.read_file(f, &mut std::io::BufWriter::new(&mut out))?;
+            use std::os::unix::fs::PermissionsExt;
+            out.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(f.mtime.max(0) as u64);
+            out.set_modified(t)?;
+            Ok(1)
+        }
+        Entry::Symlink(t) => {
+            std::os::unix::fs::symlink(t, dest).with_context(|| format!("{}", dest.display()))?;
+            Ok(0)
+        }
+        Entry::Dir(h) => {
+            std::fs::create_dir_all(dest).with_context(|| format!("{}", dest.display()))?;
+            let mut n = 0;
+            for (name, e) in lake.trees().entries(h)? {
+                n += get(lake, &e, &dest.join(name))?;
+            }
+            Ok(n)
+        }
+    }
+}
