@@ -60,7 +60,7 @@ impl Scratch {
             "tarn {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Run and require failure; returns stderr.
