@@ -71,7 +71,12 @@ pub enum Stored {
 }
 
 /// Chunk `reader` and upload the chunks the store does not have yet.
-pub fn store_content(store: &Store, params: ChunkParams, reader: impl Read, what: &str) -> Result<(Stored, StoreStats)> {
+pub fn store_content(
+    store: &Store,
+    params: ChunkParams,
+    reader: impl Read,
+    what: &str,
+) -> Result<(Stored, StoreStats)> {
     let io = |e: std::io::Error| ChunkError::Io {
         what: what.to_string(),
         source: e,
@@ -193,7 +198,11 @@ mod tests {
         let mut d2 = d.clone();
         d2.extend_from_slice(&data(10_000, 9));
         let (_, st3) = store_content(&s, p, &d2[..], "x").unwrap();
-        assert!(st3.new_chunks <= 2, "append uploaded {} chunks", st3.new_chunks);
+        assert!(
+            st3.new_chunks <= 2,
+            "append uploaded {} chunks",
+            st3.new_chunks
+        );
     }
 
     #[test]
@@ -207,7 +216,8 @@ mod tests {
         };
         let (c, _) = store_content(&s, p, &d[..], "x").unwrap();
         let refs = chunks(c);
-        s.put(&refs[1].hash.key("chunks"), Bytes::from_static(b"evil")).unwrap();
+        s.put(&refs[1].hash.key("chunks"), Bytes::from_static(b"evil"))
+            .unwrap();
         let mut out = Vec::new();
         assert!(matches!(
             write_chunks(&s, &refs, &mut out),

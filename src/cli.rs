@@ -13,7 +13,10 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::hash::Hash;
-use crate::repo::{Address, Change, ChangeKind, Commit, CommitOptions, Lake, PutSummary};
+use crate::repo::{
+    Address, Change, ChangeKind, Commit, CommitOptions, Lake, MergeOptions, MergeOutcome,
+    PutSummary, RepoError,
+};
 use crate::store::Store;
 use crate::tree::{Entry, Op};
 
@@ -106,6 +109,49 @@ enum Command {
     },
     /// A commit: its metadata and the paths it changed.
     Show { target: String },
+    /// Paths added, removed or changed between two refs (REPO/REF REPO/REF),
+    /// or the staged changes of one branch (REPO/BRANCH).
+    Diff {
+        from: String,
+        to: Option<String>,
+        /// Only changes under this path.
+        #[arg(long)]
+        path: Option<String>,
+    },
+    /// Three-way merge of SOURCE (REPO/REF) into DEST (REPO/BRANCH).
+    ///
+    /// Conflicts (both sides changed a path differently, one changed what the
+    /// other deleted, a file against a directory) fail the merge and change
+    /// nothing; every conflicting path is listed. Changes staged on DEST stay
+    /// staged, on top of the merge result. Merging a source that is already
+    /// in DEST's history does nothing.
+    Merge {
+        source: String,
+        dest: String,
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Resolve every conflict one way: source-wins or dest-wins.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Fast-forward DEST when it is an ancestor of SOURCE (no merge commit).
+        #[arg(long)]
+        ff: bool,
+        /// Metadata KEY=VALUE (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+    },
+    /// New commit on REPO/BRANCH undoing COMMIT.
+    Revert {
+        branch: String,
+        commit: String,
+        /// For a merge commit: the parent (1-based) to revert against.
+        #[arg(short = 'm', long = "mainline", value_name = "PARENT")]
+        mainline: Option<usize>,
+    },
+    /// Apply the change COMMIT made to REPO/BRANCH as a new commit.
+    CherryPick { commit: String, branch: String },
+    /// The best common ancestor(s) of two refs.
+    MergeBase { a: String, b: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,7 +162,9 @@ enum RepoCmd {
         default_branch: String,
     },
     List,
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,16 +175,27 @@ enum BranchCmd {
         #[arg(long)]
         from: Option<String>,
     },
-    List { repo: String },
-    Delete { branch: String },
+    List {
+        repo: String,
+    },
+    Delete {
+        branch: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum TagCmd {
     /// Create REPO/TAG at a ref (default: the default branch).
-    Create { tag: String, at: Option<String> },
-    List { repo: String },
-    Delete { tag: String },
+    Create {
+        tag: String,
+        at: Option<String>,
+    },
+    List {
+        repo: String,
+    },
+    Delete {
+        tag: String,
+    },
 }
 
 /// Entry point: run the command, print errors as one line, return the exit code.
@@ -293,7 +352,13 @@ fn run(cli: Cli) -> Result<()> {
                 Some(Entry::Dir(_)) if !recursive => bail!("{target} is a directory: use rm -r"),
                 Some(_) => {}
             }
-            lake.stage(&a.repo, &branch, vec![Op::Delete { path: a.path.clone() }])?;
+            lake.stage(
+                &a.repo,
+                &branch,
+                vec![Op::Delete {
+                    path: a.path.clone(),
+                }],
+            )?;
             if g.json {
                 print_json(&json!({"removed": a.path}));
             } else {
@@ -321,17 +386,10 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let lake = open_lake(&g)?;
             let (repo, branch) = branch_address(&lake, branch.as_deref())?;
-            let mut m = BTreeMap::new();
-            for kv in meta {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("--meta {kv:?}: expected KEY=VALUE"))?;
-                m.insert(k.to_string(), v.to_string());
-            }
             let opts = CommitOptions {
                 message,
                 author: None,
-                meta: m,
+                meta: parse_meta(meta)?,
                 allow_empty,
             };
             let id = lake.commit_branch(&repo, &branch, &opts)?;
@@ -433,7 +491,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("wrote {n} file(s) to {}", dest.display());
             }
         }
-        Command::Log { target, limit, path } => {
+        Command::Log {
+            target,
+            limit,
+            path,
+        } => {
             let lake = open_lake(&g)?;
             let a = Address::parse(&target)?;
             let head = lake.resolve(&a.repo, a.reference()?)?.commit;
@@ -446,7 +508,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => lake.log_path(&a.repo, &head, p, limit)?,
             };
             if g.json {
-                print_json(&json!(commits.iter().map(|(h, c)| commit_json(h, c)).collect::<Vec<_>>()));
+                print_json(&json!(commits
+                    .iter()
+                    .map(|(h, c)| commit_json(h, c))
+                    .collect::<Vec<_>>()));
             } else {
                 for (h, c) in commits {
                     println!("commit {}", h.to_hex());
@@ -463,6 +528,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        cmd @ (Command::Diff { .. }
+        | Command::Merge { .. }
+        | Command::Revert { .. }
+        | Command::CherryPick { .. }
+        | Command::MergeBase { .. }) => history_cmd(&g, cmd)?,
         Command::Show { target } => {
             let lake = open_lake(&g)?;
             let a = Address::parse(&target)?;
@@ -493,13 +563,171 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+fn parse_meta(meta: Vec<String>) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for kv in meta {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--meta {kv:?}: expected KEY=VALUE"))?;
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
+/// A ref argument in the context of `repo`: `REPO/REF` or a bare `REF`.
+fn ref_in(repo: &str, arg: &str) -> Result<String> {
+    match arg.split_once('/') {
+        Some((r, rest)) if !rest.contains('/') => {
+            if r != repo {
+                bail!("{arg}: refs must be in repository {repo}");
+            }
+            Ok(rest.to_string())
+        }
+        Some(_) => bail!("{arg}: expected REPO/REF"),
+        None => Ok(arg.to_string()),
+    }
+}
+
+fn history_cmd(g: &Global, cmd: Command) -> Result<()> {
+    let lake = open_lake(g)?;
+    match cmd {
+        Command::Diff { from, to, path } => {
+            let a = Address::parse(&from)?;
+            let path = match path {
+                Some(p) => crate::tree::check_path(&p)?,
+                None => a.path.clone(),
+            };
+            let (before, after, what) = match to {
+                None => {
+                    let branch = lake.require_branch(&a.repo, a.reference()?)?;
+                    let (base, work) = lake.working_tree(&a.repo, &branch)?;
+                    (base, work, format!("staged on {}/{branch}", a.repo))
+                }
+                Some(to) => {
+                    let b = ref_in(&a.repo, &to)?;
+                    let x = lake.resolve(&a.repo, a.reference()?)?.commit;
+                    let y = lake.resolve(&a.repo, &b)?.commit;
+                    let tx = lake.commit(&a.repo, &x)?.tree;
+                    let ty = lake.commit(&a.repo, &y)?.tree;
+                    (tx, ty, format!("{} -> {}", x.short(), y.short()))
+                }
+            };
+            let changes = if path.is_empty() {
+                lake.diff_trees(&before, &after)?
+            } else {
+                lake.diff_path(&before, &after, &path)?
+            };
+            if g.json {
+                print_json(&json!({"repo": a.repo, "diff": what, "changes": changes}));
+            } else {
+                print_changes(&changes);
+            }
+        }
+        Command::Merge {
+            source,
+            dest,
+            message,
+            strategy,
+            ff,
+            meta,
+        } => {
+            let d = Address::parse(&dest)?;
+            let src = ref_in(&d.repo, &source)?;
+            let opts = MergeOptions {
+                message,
+                author: None,
+                meta: parse_meta(meta)?,
+                strategy: strategy.map(|s| s.parse()).transpose()?,
+                ff,
+            };
+            let outcome = match lake.merge(&d.repo, &src, d.reference()?, &opts) {
+                Err(RepoError::Conflict { what, paths }) => {
+                    if g.json {
+                        print_json(&json!({"merged": false, "conflicts": paths}));
+                    }
+                    return Err(RepoError::Conflict { what, paths }.into());
+                }
+                r => r?,
+            };
+            let (kind, id) = match &outcome {
+                MergeOutcome::UpToDate => ("up-to-date", None),
+                MergeOutcome::FastForward(h) => ("fast-forward", Some(h.to_hex())),
+                MergeOutcome::Merged(h) => ("merged", Some(h.to_hex())),
+            };
+            if g.json {
+                print_json(&json!({"merged": id.is_some(), "outcome": kind, "commit": id}));
+            } else {
+                match outcome {
+                    MergeOutcome::UpToDate => {
+                        println!("nothing to merge: {source} is already in {dest}")
+                    }
+                    MergeOutcome::FastForward(h) => {
+                        println!("{dest} fast-forwarded to {}", h.short())
+                    }
+                    MergeOutcome::Merged(h) => {
+                        println!("merged {source} into {dest}: {}", h.short())
+                    }
+                }
+            }
+        }
+        Command::Revert {
+            branch,
+            commit,
+            mainline,
+        } => {
+            let a = Address::parse(&branch)?;
+            let c = lake.resolve(&a.repo, &ref_in(&a.repo, &commit)?)?.commit;
+            let id = lake.revert(&a.repo, a.reference()?, &c, mainline, None)?;
+            if g.json {
+                print_json(&json!({"commit": id.to_hex(), "reverted": c.to_hex()}));
+            } else {
+                println!("reverted {} on {branch}: {}", c.short(), id.short());
+            }
+        }
+        Command::CherryPick { commit, branch } => {
+            let a = Address::parse(&branch)?;
+            let c = lake.resolve(&a.repo, &ref_in(&a.repo, &commit)?)?.commit;
+            let id = lake.cherry_pick(&a.repo, &c, a.reference()?, None)?;
+            if g.json {
+                print_json(&json!({"commit": id.to_hex(), "picked": c.to_hex()}));
+            } else {
+                println!("picked {} onto {branch}: {}", c.short(), id.short());
+            }
+        }
+        Command::MergeBase { a, b } => {
+            let x = Address::parse(&a)?;
+            let y = ref_in(&x.repo, &b)?;
+            let ha = lake.resolve(&x.repo, x.reference()?)?.commit;
+            let hb = lake.resolve(&x.repo, &y)?.commit;
+            let bases = lake.merge_bases(&x.repo, &ha, &hb)?;
+            if bases.is_empty() {
+                bail!("{a} and {b} have no common ancestor");
+            }
+            if g.json {
+                print_json(&json!(bases.iter().map(|h| h.to_hex()).collect::<Vec<_>>()));
+            } else {
+                for h in bases {
+                    println!("{}", h.to_hex());
+                }
+            }
+        }
+        _ => unreachable!("history_cmd handles history commands only"),
+    }
+    Ok(())
+}
+
 fn repo_cmd(g: &Global, cmd: RepoCmd) -> Result<()> {
     let lake = open_lake(g)?;
     match cmd {
-        RepoCmd::Create { name, default_branch } => {
+        RepoCmd::Create {
+            name,
+            default_branch,
+        } => {
             let id = lake.create_repo(&name, &default_branch)?;
             if g.json {
-                print_json(&json!({"repo": name, "default_branch": default_branch, "commit": id.to_hex()}));
+                print_json(
+                    &json!({"repo": name, "default_branch": default_branch, "commit": id.to_hex()}),
+                );
             } else {
                 println!("created repository {name} (branch {default_branch})");
             }
@@ -528,7 +756,9 @@ fn repo_cmd(g: &Global, cmd: RepoCmd) -> Result<()> {
 
 fn split_repo_name(s: &str, what: &str) -> Result<(String, String)> {
     match s.split_once('/') {
-        Some((r, n)) if !r.is_empty() && !n.is_empty() && !n.contains('/') => Ok((r.to_string(), n.to_string())),
+        Some((r, n)) if !r.is_empty() && !n.is_empty() && !n.contains('/') => {
+            Ok((r.to_string(), n.to_string()))
+        }
         _ => bail!("{s:?}: expected REPO/{what}"),
     }
 }
@@ -650,7 +880,14 @@ fn collect_sources(src: &Path, dest: &str, out: &mut Vec<(PathBuf, String)>) -> 
 }
 
 /// Stage a local file or directory tree at `dest` on a branch.
-fn put(lake: &Lake, repo: &str, branch: &str, src: &Path, dest: &str, progress: bool) -> Result<PutSummary> {
+fn put(
+    lake: &Lake,
+    repo: &str,
+    branch: &str,
+    src: &Path,
+    dest: &str,
+    progress: bool,
+) -> Result<PutSummary> {
     let meta = std::fs::metadata(src).with_context(|| format!("{}", src.display()))?;
     let dest = if dest.is_empty() || (dest.ends_with('/') && !meta.is_dir()) {
         let name = src
@@ -666,11 +903,12 @@ fn put(lake: &Lake, repo: &str, branch: &str, src: &Path, dest: &str, progress: 
     }
     let mut sources = Vec::new();
     collect_sources(src, &dest, &mut sources)?;
-    let bar = if progress && sources.len() > 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(sources.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar =
+        if progress && sources.len() > 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            indicatif::ProgressBar::new(sources.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {bytes_per_sec} {eta}")
             .expect("template"),
@@ -679,7 +917,10 @@ fn put(lake: &Lake, repo: &str, branch: &str, src: &Path, dest: &str, progress: 
     let results: Mutex<Vec<(usize, Op)>> = Mutex::new(Vec::with_capacity(sources.len()));
     let summary = Mutex::new(PutSummary::default());
     let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
@@ -723,7 +964,11 @@ fn put(lake: &Lake, repo: &str, branch: &str, src: &Path, dest: &str, progress: 
     Ok(summary.into_inner().expect("lock"))
 }
 
-fn stage_one(lake: &Lake, local: &Path, path: &str) -> Result<(Op, Option<crate::chunk::StoreStats>)> {
+fn stage_one(
+    lake: &Lake,
+    local: &Path,
+    path: &str,
+) -> Result<(Op, Option<crate::chunk::StoreStats>)> {
     let meta = std::fs::symlink_metadata(local).with_context(|| format!("{}", local.display()))?;
     let path = crate::tree::check_path(path)?;
     if meta.file_type().is_symlink() {
@@ -749,10 +994,17 @@ fn stage_one(lake: &Lake, local: &Path, path: &str) -> Result<(Op, Option<crate:
         ));
     }
     if !meta.is_file() {
-        bail!("{}: not a regular file, directory or symlink", local.display());
+        bail!(
+            "{}: not a regular file, directory or symlink",
+            local.display()
+        );
     }
     let f = std::fs::File::open(local).with_context(|| format!("{}", local.display()))?;
-    let (entry, stats) = lake.file_entry(std::io::BufReader::with_capacity(1 << 20, f), &meta, &local.display().to_string())?;
+    let (entry, stats) = lake.file_entry(
+        std::io::BufReader::with_capacity(1 << 20, f),
+        &meta,
+        &local.display().to_string(),
+    )?;
     Ok((Op::Put { path, entry }, Some(stats)))
 }
 
@@ -760,7 +1012,8 @@ fn stage_one(lake: &Lake, local: &Path, path: &str) -> Result<(Op, Option<crate:
 fn get(lake: &Lake, entry: &Entry, dest: &Path) -> Result<u64> {
     match entry {
         Entry::File(f) => {
-            let mut out = std::fs::File::create(dest).with_context(|| format!("{}", dest.display()))?;
+            let mut out =
+                std::fs::File::create(dest).with_context(|| format!("{}", dest.display()))?;
             lake.read_file(f, &mut std::io::BufWriter::new(&mut out))?;
             use std::os::unix::fs::PermissionsExt;
             out.set_permissions(std::fs::Permissions::from_mode(f.mode))?;

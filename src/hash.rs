@@ -70,6 +70,8 @@ mod tests {
         let h = Hash::of(b"tarn");
         assert_eq!(Hash::from_hex(&h.to_hex()), Some(h));
         assert_eq!(Hash::from_hex("zz"), None);
-        assert!(h.key("chunks").starts_with(&format!("chunks/{}/", &h.to_hex()[..2])));
+        assert!(h
+            .key("chunks")
+            .starts_with(&format!("chunks/{}/", &h.to_hex()[..2])));
     }
 }

@@ -16,6 +16,9 @@ use crate::hash::Hash;
 use crate::store::{Cas, Store, StoreError, Version};
 use crate::tree::{self, Content, Entry, File, Op, TreeError, Trees};
 
+mod merge;
+pub use merge::{MergeOptions, MergeOutcome, Strategy};
+
 pub const LAKE_FORMAT: u32 = 1;
 pub const COMMIT_FORMAT: u8 = 1;
 pub const BATCH_FORMAT: u8 = 1;
@@ -61,7 +64,11 @@ pub enum RepoError {
     #[error("bad ref expression {0:?}: expected NAME, NAME~N or NAME^N")]
     BadRefExpr(String),
     #[error("commit {commit} has no parent {n} (in {expr})")]
-    NoParent { expr: String, commit: String, n: usize },
+    NoParent {
+        expr: String,
+        commit: String,
+        n: usize,
+    },
     #[error("bad address {0:?}: expected REPO/REF[/PATH]")]
     BadAddress(String),
     #[error("{0} is not a branch: commits, tags and ~N refs are read-only")]
@@ -76,6 +83,14 @@ pub enum RepoError {
     Decode { key: String },
     #[error("{0}: no such file or directory")]
     NotFound(String),
+    #[error("unknown merge strategy {0:?}: use source-wins or dest-wins")]
+    BadStrategy(String),
+    #[error("{what}: conflict in {} path(s): {}", paths.len(), paths.join(", "))]
+    Conflict { what: String, paths: Vec<String> },
+    #[error("commit {0} has no parent: nothing to revert against")]
+    Unrevertable(String),
+    #[error("commit {0} is a merge: say which parent to revert against with -m N")]
+    NeedParent(String),
     #[error("{path}: {why}")]
     BadPath { path: String, why: String },
 }
@@ -196,10 +211,11 @@ impl Address {
         let repo = parts.next().filter(|r| !r.is_empty()).ok_or_else(bad)?;
         check_name("repository", repo)?;
         let reference = parts.next().filter(|r| !r.is_empty()).map(str::to_string);
-        let path = tree::check_path(parts.next().unwrap_or("")).map_err(|e| RepoError::BadPath {
-            path: s.to_string(),
-            why: e.to_string(),
-        })?;
+        let path =
+            tree::check_path(parts.next().unwrap_or("")).map_err(|e| RepoError::BadPath {
+                path: s.to_string(),
+                why: e.to_string(),
+            })?;
         Ok(Address {
             repo: repo.to_string(),
             reference,
@@ -255,7 +271,9 @@ pub fn default_author() -> String {
     unsafe {
         let pw = libc::getpwuid(libc::getuid());
         if !pw.is_null() && !(*pw).pw_name.is_null() {
-            return std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().into_owned();
+            return std::ffi::CStr::from_ptr((*pw).pw_name)
+                .to_string_lossy()
+                .into_owned();
         }
     }
     format!("uid-{}", unsafe { libc::getuid() })
@@ -271,7 +289,9 @@ fn next_batch_id() -> String {
     static GEN: parking_lot::Mutex<Option<ulid::Generator>> = parking_lot::Mutex::new(None);
     let mut g = GEN.lock();
     let gen = g.get_or_insert_with(ulid::Generator::new);
-    gen.generate().unwrap_or_else(|_| ulid::Ulid::new()).to_string()
+    gen.generate()
+        .unwrap_or_else(|_| ulid::Ulid::new())
+        .to_string()
 }
 
 /// Options for a commit.
@@ -497,11 +517,19 @@ impl Lake {
         })
     }
 
-    fn cas_branch(&self, repo: &str, branch: &str, expected: Option<&Version>, r: &BranchRef) -> Result<Cas> {
+    fn cas_branch(
+        &self,
+        repo: &str,
+        branch: &str,
+        expected: Option<&Version>,
+        r: &BranchRef,
+    ) -> Result<Cas> {
         let bytes = serde_json::to_vec(r).expect("json");
-        Ok(self
-            .store
-            .cas(&Self::branch_key(repo, branch), expected, Bytes::from(bytes))?)
+        Ok(self.store.cas(
+            &Self::branch_key(repo, branch),
+            expected,
+            Bytes::from(bytes),
+        )?)
     }
 
     fn create_branch_at(&self, repo: &str, branch: &str, commit: Hash) -> Result<()> {
@@ -529,7 +557,9 @@ impl Lake {
 
     pub fn list_branches(&self, repo: &str) -> Result<Vec<(String, BranchRef)>> {
         self.repo_config(repo)?;
-        let names = self.store.list_files(&Self::repo_key(repo, "refs/branches"))?;
+        let names = self
+            .store
+            .list_files(&Self::repo_key(repo, "refs/branches"))?;
         let mut out = Vec::new();
         for n in names {
             if check_name("branch", &n).is_err() {
@@ -566,7 +596,10 @@ impl Lake {
             commit: commit.to_hex(),
         })
         .expect("json");
-        if !self.store.put_if_absent(&Self::tag_key(repo, tag), Bytes::from(bytes))? {
+        if !self
+            .store
+            .put_if_absent(&Self::tag_key(repo, tag), Bytes::from(bytes))?
+        {
             return Err(RepoError::TagExists {
                 repo: repo.to_string(),
                 tag: tag.to_string(),
@@ -725,8 +758,10 @@ impl Lake {
         };
         let mut token = r.staging;
         for _ in 0..CAS_ROUNDS {
-            self.store
-                .put_if_absent(&Self::batch_key(repo, &token, &batch.id), Bytes::from(batch.encode()))?;
+            self.store.put_if_absent(
+                &Self::batch_key(repo, &token, &batch.id),
+                Bytes::from(batch.encode()),
+            )?;
             let (now, _) = self.branch(repo, branch)?;
             if now.staging == token {
                 return Ok(());
@@ -746,7 +781,10 @@ impl Lake {
                 keys.push((t.clone(), id));
             }
         }
-        let full: Vec<String> = keys.iter().map(|(t, id)| Self::batch_key(repo, t, id)).collect();
+        let full: Vec<String> = keys
+            .iter()
+            .map(|(t, id)| Self::batch_key(repo, t, id))
+            .collect();
         let bodies = self.store.get_many(&full)?;
         let mut seen = HashSet::new();
         let mut out = Vec::new();
@@ -777,7 +815,12 @@ impl Lake {
 
     /// Ids of batches already applied by recent commits, for the batches
     /// under `tokens` that were re-put from earlier tokens.
-    fn applied_batches(&self, repo: &str, head: &Hash, tokens: &[String]) -> Result<HashSet<String>> {
+    fn applied_batches(
+        &self,
+        repo: &str,
+        head: &Hash,
+        tokens: &[String],
+    ) -> Result<HashSet<String>> {
         let mut wanted: HashSet<String> = HashSet::new();
         for (_, b) in self.read_batch_headers(repo, tokens)? {
             wanted.extend(b.prior);
@@ -801,10 +844,17 @@ impl Lake {
         Ok(applied)
     }
 
-    fn read_batch_headers(&self, repo: &str, tokens: &[String]) -> Result<Vec<(String, StagingBatch)>> {
+    fn read_batch_headers(
+        &self,
+        repo: &str,
+        tokens: &[String],
+    ) -> Result<Vec<(String, StagingBatch)>> {
         // Batches are small; reading them whole is the header read.
         let all = self.read_batches(repo, tokens)?;
-        Ok(all.into_iter().filter(|(_, b)| !b.prior.is_empty()).collect())
+        Ok(all
+            .into_iter()
+            .filter(|(_, b)| !b.prior.is_empty())
+            .collect())
     }
 
     /// The tree a branch shows: its head tree with staged ops applied.
@@ -908,10 +958,14 @@ impl Lake {
             .into_iter()
             .filter(|(_, b)| !applied.contains(&b.id))
             .collect();
-        let ops: Vec<Op> = batches.iter().flat_map(|(_, b)| b.ops.iter().cloned()).collect();
+        let ops: Vec<Op> = batches
+            .iter()
+            .flat_map(|(_, b)| b.ops.iter().cloned())
+            .collect();
         let tree = self.trees.apply(&head_commit.tree, &ops)?;
         let unchanged = tree == head_commit.tree;
-        let mut consumed: BTreeMap<String, Vec<String>> = sealed.iter().map(|t| (t.clone(), vec![])).collect();
+        let mut consumed: BTreeMap<String, Vec<String>> =
+            sealed.iter().map(|t| (t.clone(), vec![])).collect();
         for (t, b) in &batches {
             consumed.entry(t.clone()).or_default().push(b.id.clone());
         }
@@ -953,9 +1007,16 @@ impl Lake {
                 return Ok(None);
             }
             let done = BranchRef {
-                commit: new_head.map(|h| h.to_hex()).unwrap_or_else(|| r.commit.clone()),
+                commit: new_head
+                    .map(|h| h.to_hex())
+                    .unwrap_or_else(|| r.commit.clone()),
                 staging: cur.staging.clone(),
-                sealed: cur.sealed.iter().filter(|t| !sealed.contains(t)).cloned().collect(),
+                sealed: cur
+                    .sealed
+                    .iter()
+                    .filter(|t| !sealed.contains(t))
+                    .cloned()
+                    .collect(),
             };
             match self.cas_branch(repo, branch, Some(&cv), &done)? {
                 Cas::Done(_) => break,
@@ -964,7 +1025,9 @@ impl Lake {
         }
         for t in &sealed {
             // Consumed batches are now in the commit; their objects can go.
-            let _ = self.store.delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")));
+            let _ = self
+                .store
+                .delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")));
         }
         match new_head {
             Some(id) => Ok(Some(id)),
@@ -1012,7 +1075,13 @@ impl Lake {
     /// Like `log`, but only commits that changed `path`: a commit is shown
     /// when the entry at `path` differs from every parent (so a merge that
     /// just took one side's version is not).
-    pub fn log_path(&self, repo: &str, from: &Hash, path: &str, limit: usize) -> Result<Vec<(Hash, Commit)>> {
+    pub fn log_path(
+        &self,
+        repo: &str,
+        from: &Hash,
+        path: &str,
+        limit: usize,
+    ) -> Result<Vec<(Hash, Commit)>> {
         let mut out = Vec::new();
         for (id, c) in self.log(repo, from, usize::MAX)? {
             let here = self.trees.lookup(&c.tree, path)?;
@@ -1037,57 +1106,75 @@ impl Lake {
         Ok(out)
     }
 
-    /// Paths that differ between two trees. Subtrees with equal hashes are
-    /// skipped, so cost grows with the change.
+    /// Paths that differ between two trees. Subtrees and directory nodes
+    /// with equal hashes are skipped, so cost grows with the change.
     pub fn diff_trees(&self, a: &Hash, b: &Hash) -> Result<Vec<Change>> {
         let mut out = Vec::new();
-        self.diff_dir(a, b, "", &mut out)?;
+        self.diff_entries(
+            Some(&Entry::Dir(*a)),
+            Some(&Entry::Dir(*b)),
+            String::new(),
+            &mut out,
+        )?;
         Ok(out)
     }
 
-    fn diff_dir(&self, a: &Hash, b: &Hash, prefix: &str, out: &mut Vec<Change>) -> Result<()> {
-        if a == b {
-            return Ok(());
-        }
-        let left: BTreeMap<String, Entry> = self.trees.entries(a)?.into_iter().collect();
-        let right: BTreeMap<String, Entry> = self.trees.entries(b)?.into_iter().collect();
-        let names: std::collections::BTreeSet<&String> = left.keys().chain(right.keys()).collect();
-        for name in names {
-            let path = if prefix.is_empty() {
-                name.clone()
+    /// Changes between two trees under `path` only.
+    pub fn diff_path(&self, a: &Hash, b: &Hash, path: &str) -> Result<Vec<Change>> {
+        let x = self.trees.lookup(a, path)?;
+        let y = self.trees.lookup(b, path)?;
+        let mut out = Vec::new();
+        self.diff_entries(x.as_ref(), y.as_ref(), path.to_string(), &mut out)?;
+        Ok(out)
+    }
+
+    fn diff_entries(
+        &self,
+        x: Option<&Entry>,
+        y: Option<&Entry>,
+        path: String,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
+        let join = |name: &str| {
+            if path.is_empty() {
+                name.to_string()
             } else {
-                format!("{prefix}/{name}")
-            };
-            match (left.get(name), right.get(name)) {
-                (Some(Entry::Dir(x)), Some(Entry::Dir(y))) => self.diff_dir(x, y, &path, out)?,
-                (Some(x), Some(y)) if x == y => {}
-                (Some(x), Some(y)) => {
-                    if let Entry::Dir(h) = x {
-                        self.subtree_changes(h, &path, ChangeKind::Removed, out)?;
-                    }
-                    out.push(Change {
-                        path: path.clone(),
-                        kind: if matches!(x, Entry::Dir(_)) || matches!(y, Entry::Dir(_)) {
-                            ChangeKind::Added
-                        } else {
-                            ChangeKind::Modified
-                        },
-                        size_before: (!matches!(x, Entry::Dir(_))).then(|| x.size()),
-                        size_after: (!matches!(y, Entry::Dir(_))).then(|| y.size()),
-                    });
-                    if let Entry::Dir(h) = y {
-                        self.subtree_changes(h, &path, ChangeKind::Added, out)?;
-                    }
+                format!("{path}/{name}")
+            }
+        };
+        match (x, y) {
+            (Some(Entry::Dir(a)), Some(Entry::Dir(b))) => {
+                for (name, l, r) in self.trees.diff_dir(a, b)? {
+                    self.diff_entries(l.as_ref(), r.as_ref(), join(&name), out)?;
                 }
-                (Some(x), None) => self.whole_change(x, path, ChangeKind::Removed, out)?,
-                (None, Some(y)) => self.whole_change(y, path, ChangeKind::Added, out)?,
-                (None, None) => unreachable!(),
+            }
+            (Some(a), Some(b)) if a == b => {}
+            (Some(a), Some(b)) if !matches!(a, Entry::Dir(_)) && !matches!(b, Entry::Dir(_)) => out
+                .push(Change {
+                    path,
+                    kind: ChangeKind::Modified,
+                    size_before: Some(a.size()),
+                    size_after: Some(b.size()),
+                }),
+            (x, y) => {
+                if let Some(a) = x {
+                    self.whole_change(a, path.clone(), ChangeKind::Removed, out)?;
+                }
+                if let Some(b) = y {
+                    self.whole_change(b, path, ChangeKind::Added, out)?;
+                }
             }
         }
         Ok(())
     }
 
-    fn whole_change(&self, e: &Entry, path: String, kind: ChangeKind, out: &mut Vec<Change>) -> Result<()> {
+    fn whole_change(
+        &self,
+        e: &Entry,
+        path: String,
+        kind: ChangeKind,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
         match e {
             Entry::Dir(h) if self.trees.count(h)? > 0 => self.subtree_changes(h, &path, kind, out),
             _ => {
@@ -1095,15 +1182,29 @@ impl Lake {
                 out.push(Change {
                     path,
                     kind,
-                    size_before: if kind == ChangeKind::Removed { size } else { None },
-                    size_after: if kind == ChangeKind::Added { size } else { None },
+                    size_before: if kind == ChangeKind::Removed {
+                        size
+                    } else {
+                        None
+                    },
+                    size_after: if kind == ChangeKind::Added {
+                        size
+                    } else {
+                        None
+                    },
                 });
                 Ok(())
             }
         }
     }
 
-    fn subtree_changes(&self, dir: &Hash, prefix: &str, kind: ChangeKind, out: &mut Vec<Change>) -> Result<()> {
+    fn subtree_changes(
+        &self,
+        dir: &Hash,
+        prefix: &str,
+        kind: ChangeKind,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
         for (name, e) in self.trees.entries(dir)? {
             self.whole_change(&e, format!("{prefix}/{name}"), kind, out)?;
         }
@@ -1113,9 +1214,15 @@ impl Lake {
     // ---- files ----
 
     /// Store a local file's bytes and return its entry.
-    pub fn file_entry(&self, reader: impl std::io::Read, meta: &std::fs::Metadata, what: &str) -> Result<(Entry, chunk::StoreStats)> {
+    pub fn file_entry(
+        &self,
+        reader: impl std::io::Read,
+        meta: &std::fs::Metadata,
+        what: &str,
+    ) -> Result<(Entry, chunk::StoreStats)> {
         use std::os::unix::fs::MetadataExt;
-        let (stored, stats) = chunk::store_content(&self.store, self.config.chunking, reader, what)?;
+        let (stored, stats) =
+            chunk::store_content(&self.store, self.config.chunking, reader, what)?;
         let content = match stored {
             Stored::Inline(b) => Content::Inline(b),
             Stored::Chunks(refs) => self.trees.pack_chunks(refs),
@@ -1211,9 +1318,16 @@ mod tests {
     fn branches_commits_refs() {
         let l = lake();
         l.create_repo("r", "main").unwrap();
-        assert!(matches!(l.create_repo("r", "main"), Err(RepoError::RepoExists(_))));
+        assert!(matches!(
+            l.create_repo("r", "main"),
+            Err(RepoError::RepoExists(_))
+        ));
         put(&l, "r", "main", "a/x.txt", b"one");
-        assert_eq!(read(&l, "r", "main", "a/x.txt").unwrap(), b"one", "working view shows staged");
+        assert_eq!(
+            read(&l, "r", "main", "a/x.txt").unwrap(),
+            b"one",
+            "working view shows staged"
+        );
         let c1 = l.commit_branch("r", "main", &opts("first")).unwrap();
         assert!(l.status("r", "main").unwrap().is_empty());
         assert!(matches!(
@@ -1229,10 +1343,19 @@ mod tests {
         assert_eq!(read(&l, "r", "dev", "a/x.txt").unwrap(), b"one");
         l.create_tag("r", "v1", "main~1").unwrap();
         assert_eq!(read(&l, "r", "v1", "a/x.txt").unwrap(), b"one");
-        assert!(matches!(l.resolve("r", "nope"), Err(RepoError::UnknownRef { .. })));
-        assert!(matches!(l.resolve("r", "main~9"), Err(RepoError::NoParent { .. })));
+        assert!(matches!(
+            l.resolve("r", "nope"),
+            Err(RepoError::UnknownRef { .. })
+        ));
+        assert!(matches!(
+            l.resolve("r", "main~9"),
+            Err(RepoError::NoParent { .. })
+        ));
         let log = l.log("r", &c2, 10).unwrap();
-        assert_eq!(log.iter().map(|(h, _)| *h).collect::<Vec<_>>()[..2], [c2, c1]);
+        assert_eq!(
+            log.iter().map(|(h, _)| *h).collect::<Vec<_>>()[..2],
+            [c2, c1]
+        );
         assert_eq!(log.len(), 3, "two commits and the initial one");
         // Reset discards staged changes.
         put(&l, "r", "dev", "junk", b"x");
@@ -1244,16 +1367,28 @@ mod tests {
         put(&l, "r", "dev", "keep", b"k");
         l.reset_path("r", "dev", "a/x.txt").unwrap();
         let st = l.status("r", "dev").unwrap();
-        assert_eq!(st.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["keep"]);
-        assert!(matches!(l.delete_branch("r", "main"), Err(RepoError::DefaultBranch { .. })));
+        assert_eq!(
+            st.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(),
+            ["keep"]
+        );
+        assert!(matches!(
+            l.delete_branch("r", "main"),
+            Err(RepoError::DefaultBranch { .. })
+        ));
         l.delete_branch("r", "dev").unwrap();
-        assert!(matches!(l.resolve("r", "dev"), Err(RepoError::UnknownRef { .. })));
+        assert!(matches!(
+            l.resolve("r", "dev"),
+            Err(RepoError::UnknownRef { .. })
+        ));
     }
 
     #[test]
     fn addresses_parse() {
         let a = Address::parse("sales/main/raw/x.csv").unwrap();
-        assert_eq!((a.repo.as_str(), a.reference.as_deref(), a.path.as_str()), ("sales", Some("main"), "raw/x.csv"));
+        assert_eq!(
+            (a.repo.as_str(), a.reference.as_deref(), a.path.as_str()),
+            ("sales", Some("main"), "raw/x.csv")
+        );
         assert!(Address::parse("bad name/main").is_err());
         assert!(Address::parse("r/main/../x").is_err());
         assert_eq!(Address::parse("r").unwrap().reference, None);
@@ -1282,20 +1417,30 @@ mod tests {
             }],
         };
         l.store
-            .put_if_absent(&Lake::batch_key("r", &r.staging, &batch.id), Bytes::from(batch.encode()))
+            .put_if_absent(
+                &Lake::batch_key("r", &r.staging, &batch.id),
+                Bytes::from(batch.encode()),
+            )
             .unwrap();
-        assert_eq!(l.cas_branch("r", "main", Some(&v), &sealing).unwrap(), Cas::Done(l.branch("r", "main").unwrap().1));
+        assert_eq!(
+            l.cas_branch("r", "main", Some(&v), &sealing).unwrap(),
+            Cas::Done(l.branch("r", "main").unwrap().1)
+        );
         let mut again = batch.clone();
         again.prior.push(r.staging.clone());
         l.store
-            .put_if_absent(&Lake::batch_key("r", &sealing.staging, &batch.id), Bytes::from(again.encode()))
+            .put_if_absent(
+                &Lake::batch_key("r", &sealing.staging, &batch.id),
+                Bytes::from(again.encode()),
+            )
             .unwrap();
         let c = l.commit_branch("r", "main", &opts("both")).unwrap();
         let tree = l.commit("r", &c).unwrap().tree;
         assert!(l.trees().lookup(&tree, "a").unwrap().is_some());
         assert!(l.trees().lookup(&tree, "b").unwrap().is_some());
         // Deleting b and committing must not resurrect it from the duplicate.
-        l.stage("r", "main", vec![Op::Delete { path: "b".into() }]).unwrap();
+        l.stage("r", "main", vec![Op::Delete { path: "b".into() }])
+            .unwrap();
         let c2 = l.commit_branch("r", "main", &opts("del")).unwrap();
         let tree = l.commit("r", &c2).unwrap().tree;
         assert!(l.trees().lookup(&tree, "b").unwrap().is_none());
@@ -1336,7 +1481,10 @@ mod tests {
         let tree = l.commit("r", &head).unwrap().tree;
         let mut all = Vec::new();
         l.trees().walk(&tree, "", &mut all).unwrap();
-        let files = all.iter().filter(|(_, e)| matches!(e, Entry::File(_))).count();
+        let files = all
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::File(_)))
+            .count();
         assert_eq!(files, 120);
         assert!(l.staged_ops("r", "main").unwrap().is_empty());
     }

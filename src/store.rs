@@ -161,7 +161,10 @@ impl Store {
                 })
             }
             "s3" => {
-                let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(bad)?;
+                let bucket = parsed
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(bad)?;
                 let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(object_store::RetryConfig {
@@ -306,7 +309,8 @@ impl Store {
     /// Read a byte range of an object (no verification: callers verify whole chunks).
     pub fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
         let path = self.path(key);
-        block_on(retry(|| self.inner.get_range(&path, range.clone()))).map_err(|e| Self::backend(key, e))
+        block_on(retry(|| self.inner.get_range(&path, range.clone())))
+            .map_err(|e| Self::backend(key, e))
     }
 
     /// Size of an object, `None` if missing.
@@ -326,9 +330,11 @@ impl Store {
     /// Unconditional put (for objects only one writer ever names, e.g. `lake.json` at init).
     pub fn put(&self, key: &str, bytes: Bytes) -> Result<()> {
         let path = self.path(key);
-        block_on(retry(|| self.inner.put(&path, PutPayload::from_bytes(bytes.clone()))))
-            .map(|_| ())
-            .map_err(|e| Self::backend(key, e))
+        block_on(retry(|| {
+            self.inner.put(&path, PutPayload::from_bytes(bytes.clone()))
+        }))
+        .map(|_| ())
+        .map_err(|e| Self::backend(key, e))
     }
 
     /// Create-only put. Returns false if the object already existed.
@@ -442,8 +448,9 @@ impl Store {
     /// Keys under `prefix` (recursive), relative to the lake root, sorted.
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let path = self.path(prefix);
-        let metas: Vec<object_store::ObjectMeta> = block_on(self.inner.list(Some(&path)).try_collect())
-            .map_err(|e| Self::backend(prefix, e))?;
+        let metas: Vec<object_store::ObjectMeta> =
+            block_on(self.inner.list(Some(&path)).try_collect())
+                .map_err(|e| Self::backend(prefix, e))?;
         let mut keys: Vec<String> = metas.iter().map(|m| self.strip(&m.location)).collect();
         keys.sort();
         Ok(keys)
@@ -597,13 +604,23 @@ pub(crate) mod conformance {
         // get / put / missing
         assert_eq!(store.get("a/missing").unwrap(), None);
         store.put("a/x", Bytes::from_static(b"one")).unwrap();
-        assert_eq!(store.get("a/x").unwrap().unwrap(), Bytes::from_static(b"one"));
+        assert_eq!(
+            store.get("a/x").unwrap().unwrap(),
+            Bytes::from_static(b"one")
+        );
         assert_eq!(store.size("a/x").unwrap(), Some(3));
-        assert_eq!(store.get_range("a/x", 1..3).unwrap(), Bytes::from_static(b"ne"));
+        assert_eq!(
+            store.get_range("a/x", 1..3).unwrap(),
+            Bytes::from_static(b"ne")
+        );
 
         // create-only
-        assert!(store.put_if_absent("a/y", Bytes::from_static(b"1")).unwrap());
-        assert!(!store.put_if_absent("a/y", Bytes::from_static(b"2")).unwrap());
+        assert!(store
+            .put_if_absent("a/y", Bytes::from_static(b"1"))
+            .unwrap());
+        assert!(!store
+            .put_if_absent("a/y", Bytes::from_static(b"2"))
+            .unwrap());
         assert_eq!(store.get("a/y").unwrap().unwrap(), Bytes::from_static(b"1"));
 
         // verified reads
@@ -611,21 +628,41 @@ pub(crate) mod conformance {
         store.put("c/k", Bytes::from_static(b"content")).unwrap();
         assert!(store.get_verified("c/k", &h).is_ok());
         store.put("c/bad", Bytes::from_static(b"tampered")).unwrap();
-        assert!(matches!(store.get_verified("c/bad", &h), Err(StoreError::Corrupt { .. })));
-        assert!(matches!(store.get_verified("c/none", &h), Err(StoreError::Missing(_))));
+        assert!(matches!(
+            store.get_verified("c/bad", &h),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.get_verified("c/none", &h),
+            Err(StoreError::Missing(_))
+        ));
 
         // compare-and-swap
         let Cas::Done(v1) = store.cas("r/ref", None, Bytes::from_static(b"v1")).unwrap() else {
             panic!("create failed")
         };
-        assert_eq!(store.cas("r/ref", None, Bytes::from_static(b"zz")).unwrap(), Cas::Lost);
+        assert_eq!(
+            store.cas("r/ref", None, Bytes::from_static(b"zz")).unwrap(),
+            Cas::Lost
+        );
         let (_, cur) = store.get_versioned("r/ref").unwrap().unwrap();
-        let Cas::Done(_) = store.cas("r/ref", Some(&cur), Bytes::from_static(b"v2")).unwrap() else {
+        let Cas::Done(_) = store
+            .cas("r/ref", Some(&cur), Bytes::from_static(b"v2"))
+            .unwrap()
+        else {
             panic!("update failed")
         };
         // v1's version is stale now.
-        assert_eq!(store.cas("r/ref", Some(&v1), Bytes::from_static(b"v3")).unwrap(), Cas::Lost);
-        assert_eq!(store.get("r/ref").unwrap().unwrap(), Bytes::from_static(b"v2"));
+        assert_eq!(
+            store
+                .cas("r/ref", Some(&v1), Bytes::from_static(b"v3"))
+                .unwrap(),
+            Cas::Lost
+        );
+        assert_eq!(
+            store.get("r/ref").unwrap().unwrap(),
+            Bytes::from_static(b"v2")
+        );
 
         // listing
         store.put("l/d1/x", Bytes::new()).unwrap();
@@ -652,7 +689,9 @@ pub(crate) mod conformance {
 
     /// Many threads race to bump a counter ref by CAS; no increment is lost.
     pub fn cas_race(store: &Store) {
-        store.cas("race/ctr", None, Bytes::from_static(b"0")).unwrap();
+        store
+            .cas("race/ctr", None, Bytes::from_static(b"0"))
+            .unwrap();
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let s = store.clone();
@@ -673,7 +712,10 @@ pub(crate) mod conformance {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(store.get("race/ctr").unwrap().unwrap(), Bytes::from_static(b"100"));
+        assert_eq!(
+            store.get("race/ctr").unwrap().unwrap(),
+            Bytes::from_static(b"100")
+        );
     }
 }
 

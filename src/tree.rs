@@ -120,7 +120,10 @@ pub struct Child {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Node {
     Leaf(Vec<(String, Entry)>),
-    Internal { level: u8, children: Vec<Child> },
+    Internal {
+        level: u8,
+        children: Vec<Child>,
+    },
     /// The chunk list of a large file.
     Manifest(Vec<ChunkRef>),
 }
@@ -517,7 +520,12 @@ impl Trees {
 
     /// Up to `limit` entries of a directory in name order, starting after
     /// `after` (exclusive), for paginated listings.
-    pub fn list(&self, dir: &Hash, after: Option<&str>, limit: usize) -> Result<Vec<(String, Entry)>> {
+    pub fn list(
+        &self,
+        dir: &Hash,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Entry)>> {
         let mut out = Vec::new();
         let mut cur = Cursor::seek(self, dir, 0, after.unwrap_or(""))?;
         loop {
@@ -546,7 +554,10 @@ impl Trees {
     /// Build a directory from scratch (entries need not be sorted).
     pub fn build_dir(&self, entries: Vec<(String, Entry)>) -> Result<Hash> {
         let empty = self.empty_dir();
-        self.update_dir(&empty, entries.into_iter().map(|(k, e)| (k, Some(e))).collect())
+        self.update_dir(
+            &empty,
+            entries.into_iter().map(|(k, e)| (k, Some(e))).collect(),
+        )
     }
 
     /// Apply edits (name → entry, or `None` to remove) to one directory.
@@ -605,7 +616,12 @@ impl Trees {
     /// Apply sorted edits to the items of one level of the tree rooted at
     /// `root`. Rewrites each node an edit touches, continuing into the
     /// following nodes until the new boundaries line up with old ones again.
-    fn update_level<I: Item>(&self, root: &Hash, level: u8, edits: Edits<I>) -> Result<LevelResult> {
+    fn update_level<I: Item>(
+        &self,
+        root: &Hash,
+        level: u8,
+        edits: Edits<I>,
+    ) -> Result<LevelResult> {
         let is_top = self.load(root)?.level() == level;
         let mut parent_edits: BTreeMap<String, Option<Child>> = BTreeMap::new();
         let mut replaced = Vec::new();
@@ -631,7 +647,9 @@ impl Trees {
                 }
                 // Boundaries agree with the old ones again: the rest of the
                 // level is unchanged until the next edit.
-                if ch.buf.is_empty() && (i == edits.len() || next_first.as_deref() <= Some(edits[i].0.as_str())) {
+                if ch.buf.is_empty()
+                    && (i == edits.len() || next_first.as_deref() <= Some(edits[i].0.as_str()))
+                {
                     break;
                 }
                 cur.advance(self)?;
@@ -708,7 +726,11 @@ impl Trees {
                 }
             }
             Op::Move { from, to } => {
-                if from.is_empty() || to.is_empty() || from == to || to.starts_with(&format!("{from}/")) {
+                if from.is_empty()
+                    || to.is_empty()
+                    || from == to
+                    || to.starts_with(&format!("{from}/"))
+                {
                     return Ok(());
                 }
                 let (fp, fname) = split_parent(from);
@@ -750,7 +772,12 @@ impl Trees {
     /// Walk the overlay to the directory at `path`, opening base directories
     /// as overlay directories on the way. With `create`, missing directories
     /// (or non-directories in the way) become new empty directories.
-    fn dir_node<'o>(&self, top: &'o mut Overlay, path: &str, create: bool) -> Result<Option<&'o mut Overlay>> {
+    fn dir_node<'o>(
+        &self,
+        top: &'o mut Overlay,
+        path: &str,
+        create: bool,
+    ) -> Result<Option<&'o mut Overlay>> {
         let mut node = top;
         for c in components(path) {
             let Overlay::Dir { base, children } = node else {
@@ -815,6 +842,85 @@ impl Trees {
         }
     }
 
+    /// The names whose entries differ between two directories, in name
+    /// order, as (name, entry in `a`, entry in `b`). Child nodes with equal
+    /// hashes on both sides are skipped without being read, so the cost
+    /// grows with the change, not with the directory.
+    pub fn diff_dir(&self, a: &Hash, b: &Hash) -> Result<Vec<DirChange>> {
+        if a == b {
+            return Ok(Vec::new());
+        }
+        // Nodes still to compare on each side, as (hash, level); a node is
+        // read only when it is not on the other side too.
+        let mut left = vec![(*a, self.load(a)?.level())];
+        let mut right = vec![(*b, self.load(b)?.level())];
+        loop {
+            drop_common(&mut left, &mut right);
+            let top = left
+                .iter()
+                .chain(right.iter())
+                .map(|(_, l)| *l)
+                .max()
+                .unwrap_or(0);
+            if top == 0 {
+                break;
+            }
+            left = self.expand_level(left, top)?;
+            right = self.expand_level(right, top)?;
+        }
+        let items = |nodes: &[(Hash, u8)]| -> Result<Vec<(String, Entry)>> {
+            let mut out = Vec::new();
+            for (h, _) in nodes {
+                let node = self.load(h)?;
+                out.extend(<(String, Entry)>::items(&node).iter().cloned());
+            }
+            Ok(out)
+        };
+        let (l, r) = (items(&left)?, items(&right)?);
+        let mut out = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        while i < l.len() || j < r.len() {
+            let ord = match (l.get(i), r.get(j)) {
+                (Some(x), Some(y)) => x.0.cmp(&y.0),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match ord {
+                std::cmp::Ordering::Less => {
+                    out.push((l[i].0.clone(), Some(l[i].1.clone()), None));
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((r[j].0.clone(), None, Some(r[j].1.clone())));
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    if l[i].1 != r[j].1 {
+                        out.push((l[i].0.clone(), Some(l[i].1.clone()), Some(r[j].1.clone())));
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replace the nodes at `level` by their children (in order).
+    fn expand_level(&self, nodes: Vec<(Hash, u8)>, level: u8) -> Result<Vec<(Hash, u8)>> {
+        let mut out = Vec::new();
+        for (h, l) in nodes {
+            if l != level {
+                out.push((h, l));
+                continue;
+            }
+            if let Node::Internal { children, .. } = &*self.load(&h)? {
+                out.extend(children.iter().map(|c| (c.hash, level - 1)));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every path under `root` with its entry, depth first in name order
     /// (directories are listed before their contents).
     pub fn walk(&self, root: &Hash, prefix: &str, out: &mut Vec<(String, Entry)>) -> Result<()> {
@@ -824,13 +930,34 @@ impl Trees {
             } else {
                 format!("{prefix}/{name}")
             };
-            let sub = if let Entry::Dir(h) = &e { Some(*h) } else { None };
+            let sub = if let Entry::Dir(h) = &e {
+                Some(*h)
+            } else {
+                None
+            };
             out.push((path.clone(), e));
             if let Some(h) = sub {
                 self.walk(&h, &path, out)?;
             }
         }
         Ok(())
+    }
+}
+
+/// One name that differs between two directories: (name, before, after).
+pub type DirChange = (String, Option<Entry>, Option<Entry>);
+
+/// Remove nodes present (by hash) on both sides: they hold the same items.
+fn drop_common(left: &mut Vec<(Hash, u8)>, right: &mut Vec<(Hash, u8)>) {
+    let l: std::collections::HashSet<Hash> = left.iter().map(|(h, _)| *h).collect();
+    let common: std::collections::HashSet<Hash> = right
+        .iter()
+        .map(|(h, _)| *h)
+        .filter(|h| l.contains(h))
+        .collect();
+    if !common.is_empty() {
+        left.retain(|(h, _)| !common.contains(h));
+        right.retain(|(h, _)| !common.contains(h));
     }
 }
 
@@ -915,7 +1042,10 @@ mod tests {
             model.insert(format!("f{i:06}"), file(i));
         }
         dir = t.update_dir(&dir, edits).unwrap();
-        assert!(t.load(&dir).unwrap().level() >= 2, "20k entries need several levels");
+        assert!(
+            t.load(&dir).unwrap().level() >= 2,
+            "20k entries need several levels"
+        );
         check_dir(&t, &dir, &model);
         // Small edits scattered through the directory.
         let mut edits = BTreeMap::new();
@@ -929,8 +1059,15 @@ mod tests {
         check_dir(&t, &dir, &model);
         // Pagination.
         let page = t.list(&dir, Some("f000100"), 5).unwrap();
-        let want: Vec<_> = model.range("f000101".to_string()..).take(5).map(|(k, _)| k.clone()).collect();
-        assert_eq!(page.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), want);
+        let want: Vec<_> = model
+            .range("f000101".to_string()..)
+            .take(5)
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(
+            page.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            want
+        );
         // Delete everything: back to the empty directory.
         let all = model.keys().map(|k| (k.clone(), None)).collect();
         dir = t.update_dir(&dir, all).unwrap();
@@ -940,7 +1077,9 @@ mod tests {
     #[test]
     fn one_edit_rewrites_few_nodes() {
         let t = trees();
-        let edits = (0..50_000u64).map(|i| (format!("k{i}"), Some(file(i)))).collect();
+        let edits = (0..50_000u64)
+            .map(|i| (format!("k{i}"), Some(file(i))))
+            .collect();
         let dir = t.update_dir(&t.empty_dir(), edits).unwrap();
         t.flush().unwrap();
         let mut one = BTreeMap::new();
@@ -959,7 +1098,10 @@ mod tests {
             entry: file(n),
         };
         let r = t
-            .apply(&root, &[put("a/b/c.txt", 1), put("a/d.txt", 2), put("top", 3)])
+            .apply(
+                &root,
+                &[put("a/b/c.txt", 1), put("a/d.txt", 2), put("top", 3)],
+            )
             .unwrap();
         assert_eq!(t.lookup(&r, "a/b/c.txt").unwrap(), Some(file(1)));
         let r2 = t
@@ -980,7 +1122,11 @@ mod tests {
         assert_eq!(t.lookup(&r2, "x/y/c.txt").unwrap(), Some(file(1)));
         assert_eq!(t.lookup(&r2, "a/b").unwrap(), None);
         assert_eq!(t.lookup(&r2, "top").unwrap(), None);
-        assert_eq!(t.lookup(&r2, "no").unwrap(), None, "delete of a missing path creates nothing");
+        assert_eq!(
+            t.lookup(&r2, "no").unwrap(),
+            None,
+            "delete of a missing path creates nothing"
+        );
         // Moving back restores the original tree exactly.
         let r3 = t
             .apply(
@@ -1003,6 +1149,34 @@ mod tests {
     }
 
     #[test]
+    fn diff_dir_reads_only_changed_nodes() {
+        let t = trees();
+        let edits = (0..50_000u64)
+            .map(|i| (format!("k{i}"), Some(file(i))))
+            .collect();
+        let a = t.update_dir(&t.empty_dir(), edits).unwrap();
+        let mut e = BTreeMap::new();
+        e.insert("k10".to_string(), Some(file(99)));
+        e.insert("k4000".to_string(), None);
+        e.insert("new".to_string(), Some(file(1)));
+        let b = t.update_dir(&a, e).unwrap();
+        t.flush().unwrap();
+        let fresh = Trees::new(t.store().clone());
+        let d = fresh.diff_dir(&a, &b).unwrap();
+        assert_eq!(
+            d,
+            vec![
+                ("k10".to_string(), Some(file(10)), Some(file(99))),
+                ("k4000".to_string(), Some(file(4000)), None),
+                ("new".to_string(), None, Some(file(1))),
+            ]
+        );
+        let loaded = fresh.cache.lock().len();
+        assert!(loaded < 40, "diff loaded {loaded} nodes");
+        assert!(fresh.diff_dir(&a, &a).unwrap().is_empty());
+    }
+
+    #[test]
     fn path_checks() {
         assert_eq!(check_path("/a/b/").unwrap(), "a/b");
         assert_eq!(check_path("").unwrap(), "");
@@ -1018,7 +1192,9 @@ mod tests {
         e.insert("x".to_string(), Some(file(1)));
         let dir = t.update_dir(&t.empty_dir(), e).unwrap();
         t.flush().unwrap();
-        t.store().put(&dir.key("nodes"), Bytes::from_static(b"garbage")).unwrap();
+        t.store()
+            .put(&dir.key("nodes"), Bytes::from_static(b"garbage"))
+            .unwrap();
         let fresh = Trees::new(t.store().clone());
         assert!(matches!(
             fresh.get(&dir, "x"),
@@ -1029,7 +1205,10 @@ mod tests {
     }
 
     fn arb_edits() -> impl Strategy<Value = Vec<Vec<(u16, Option<u64>)>>> {
-        prop::collection::vec(prop::collection::vec((0u16..3000, prop::option::of(0u64..5)), 1..300), 1..6)
+        prop::collection::vec(
+            prop::collection::vec((0u16..3000, prop::option::of(0u64..5)), 1..300),
+            1..6,
+        )
     }
 
     proptest! {
@@ -1040,6 +1219,7 @@ mod tests {
             let mut dir = t.empty_dir();
             let mut model = BTreeMap::new();
             for round in rounds {
+                let (prev_dir, prev_model) = (dir, model.clone());
                 let mut edits = BTreeMap::new();
                 for (k, v) in round {
                     let key = format!("n{k}");
@@ -1050,6 +1230,12 @@ mod tests {
                 }
                 dir = t.update_dir(&dir, edits).unwrap();
                 check_dir(&t, &dir, &model);
+                let keys: std::collections::BTreeSet<&String> = prev_model.keys().chain(model.keys()).collect();
+                let want: Vec<DirChange> = keys.into_iter()
+                    .filter(|k| prev_model.get(*k) != model.get(*k))
+                    .map(|k| (k.clone(), prev_model.get(k).cloned(), model.get(k).cloned()))
+                    .collect();
+                prop_assert_eq!(t.diff_dir(&prev_dir, &dir).unwrap(), want);
             }
         }
 

@@ -13,14 +13,27 @@ fn quickstart_workflow() {
     let st = s.json(&["status", "sales/main"]);
     assert_eq!(st["changes"][0]["path"], "raw/daily.csv");
     assert_eq!(st["changes"][0]["kind"], "added");
-    s.ok(&["commit", "sales/main", "-m", "first load", "--meta", "source=crm"]);
+    s.ok(&[
+        "commit",
+        "sales/main",
+        "-m",
+        "first load",
+        "--meta",
+        "source=crm",
+    ]);
     let log = s.json(&["log", "sales/main"]);
     assert_eq!(log[0]["message"], "first load");
     assert_eq!(log[0]["meta"]["source"], "crm");
     assert_eq!(log[0]["author"], "tester");
     assert_eq!(log.as_array().unwrap().len(), 2, "plus the initial commit");
-    assert!(s.json(&["status", "sales/main"])["changes"].as_array().unwrap().is_empty());
-    assert_eq!(s.ok(&["cat", "sales/main/raw/daily.csv"]), "day,amount\nmon,10\n");
+    assert!(s.json(&["status", "sales/main"])["changes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.ok(&["cat", "sales/main/raw/daily.csv"]),
+        "day,amount\nmon,10\n"
+    );
 
     // Branches are O(1) and independent.
     s.ok(&["branch", "create", "sales/dev", "--from", "main"]);
@@ -28,21 +41,35 @@ fn quickstart_workflow() {
     assert!(s.ok(&["ls", "sales/dev/raw/"]).contains("daily.csv"));
     s.ok(&["rm", "sales/dev/raw/daily.csv"]);
     s.fails(&["cat", "sales/dev/raw/daily.csv"]);
-    assert_eq!(s.ok(&["cat", "sales/main/raw/daily.csv"]), "day,amount\nmon,10\n");
+    assert_eq!(
+        s.ok(&["cat", "sales/main/raw/daily.csv"]),
+        "day,amount\nmon,10\n"
+    );
     s.ok(&["reset", "sales/dev"]);
-    assert_eq!(s.ok(&["cat", "sales/dev/raw/daily.csv"]), "day,amount\nmon,10\n");
+    assert_eq!(
+        s.ok(&["cat", "sales/dev/raw/daily.csv"]),
+        "day,amount\nmon,10\n"
+    );
 
     // Second commit; time travel by ~N, tag and commit prefix.
     let csv = s.write("daily.csv", b"day,amount\nmon,10\ntue,12\n");
     s.ok(&["put", csv.to_str().unwrap(), "sales/main/raw/daily.csv"]);
     s.ok(&["commit", "sales/main", "-m", "second load"]);
-    assert_eq!(s.ok(&["cat", "sales/main~1/raw/daily.csv"]), "day,amount\nmon,10\n");
-    assert_eq!(s.ok(&["cat", "sales/main^/raw/daily.csv"]), "day,amount\nmon,10\n");
+    assert_eq!(
+        s.ok(&["cat", "sales/main~1/raw/daily.csv"]),
+        "day,amount\nmon,10\n"
+    );
+    assert_eq!(
+        s.ok(&["cat", "sales/main^/raw/daily.csv"]),
+        "day,amount\nmon,10\n"
+    );
     s.ok(&["tag", "create", "sales/v1", "main"]);
     assert!(s.ok(&["cat", "sales/v1/raw/daily.csv"]).contains("tue"));
     s.fails(&["tag", "create", "sales/v1", "main"]);
     let id = s.head("sales/main");
-    assert!(s.ok(&["cat", &format!("sales/{}/raw/daily.csv", &id[..8])]).contains("tue"));
+    assert!(s
+        .ok(&["cat", &format!("sales/{}/raw/daily.csv", &id[..8])])
+        .contains("tue"));
     let show = s.json(&["show", "sales/main~1"]);
     assert_eq!(show["commit"]["message"], "first load");
     assert_eq!(show["changes"][0]["path"], "raw/daily.csv");
@@ -76,22 +103,42 @@ fn directories_round_trip_with_large_files_modes_and_symlinks() {
     s.write("src/a/b/empty.txt", b"");
     std::fs::create_dir_all(s.path("src/emptydir")).unwrap();
     std::os::unix::fs::symlink("a/small.txt", s.path("src/link")).unwrap();
-    std::fs::set_permissions(s.path("src/a/small.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        s.path("src/a/small.txt"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let src = s.path("src");
     let sum = s.json(&["put", src.to_str().unwrap(), "r/main/data"]);
     assert_eq!(sum["files"], 3);
-    assert!(sum["new_chunks"].as_u64().unwrap() >= 2, "5 MB is chunked: {sum}");
+    assert!(
+        sum["new_chunks"].as_u64().unwrap() >= 2,
+        "5 MB is chunked: {sum}"
+    );
     s.ok(&["commit", "r/main", "-m", "load"]);
     let out = s.path("out");
     s.ok(&["get", "r/main/data", out.to_str().unwrap()]);
     assert_eq!(tree_files(&src), tree_files(&out));
-    let mode = std::fs::metadata(out.join("a/small.txt")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(out.join("a/small.txt"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o755);
     // Same bytes under another name: no new chunks.
-    let again = s.json(&["put", s.path("src/big.bin").to_str().unwrap(), "r/main/copy.bin"]);
+    let again = s.json(&[
+        "put",
+        s.path("src/big.bin").to_str().unwrap(),
+        "r/main/copy.bin",
+    ]);
     assert_eq!(again["new_chunks"], 0);
     let ls = s.json(&["ls", "r/main/data"]);
-    let names: Vec<&str> = ls.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["a", "big.bin", "emptydir", "link"]);
     // rm of a directory needs -r.
     s.fails(&["rm", "r/main/data/a"]);
@@ -120,10 +167,18 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
     s.fails(&["cat", "r/abcdef00/f"]);
     s.fails(&["show", "r/main~x"]);
     assert_eq!(s.head("r/main"), before);
-    assert!(s.json(&["status", "r/main"])["changes"].as_array().unwrap().is_empty());
+    assert!(s.json(&["status", "r/main"])["changes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     // A lake that does not exist.
     let out = std::process::Command::new(TARN)
-        .args(["repo", "list", "--lake", &format!("file://{}/none", s.dir.path().display())])
+        .args([
+            "repo",
+            "list",
+            "--lake",
+            &format!("file://{}/none", s.dir.path().display()),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -145,7 +200,8 @@ fn reset_one_path_and_log_path() {
     let b2 = s.write("b2", b"b2");
     s.ok(&["put", b2.to_str().unwrap(), "r/main/b.txt"]);
     s.ok(&["commit", "r/main", "-m", "edit b"]);
-    let msgs: Vec<String> = s.json(&["log", "r/main", "--path", "a.txt"])
+    let msgs: Vec<String> = s
+        .json(&["log", "r/main", "--path", "a.txt"])
         .as_array()
         .unwrap()
         .iter()
@@ -156,10 +212,21 @@ fn reset_one_path_and_log_path() {
     s.ok(&["put", a.to_str().unwrap(), "r/main/new.txt"]);
     s.ok(&["reset", "r/main", "--path", "a.txt"]);
     let st = s.json(&["status", "r/main"]);
-    let paths: Vec<&str> = st["changes"].as_array().unwrap().iter().map(|c| c["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = st["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
     assert_eq!(paths, ["new.txt"]);
     assert_eq!(s.ok(&["cat", "r/main/a.txt"]), "a2");
-    assert_eq!(s.json(&["log", "r/main", "-n", "2"]).as_array().unwrap().len(), 2);
+    assert_eq!(
+        s.json(&["log", "r/main", "-n", "2"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 /// Several processes stage files while others commit, on one local lake:
@@ -203,7 +270,15 @@ fn concurrent_processes_lose_no_staged_file() {
     }
     let _ = s.run(&["commit", "r/main", "-m", "final"]);
     let ls = s.json(&["ls", "-r", "r/main~0"]);
-    let files = ls.as_array().unwrap().iter().filter(|e| e["kind"] == "file").count();
+    let files = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "file")
+        .count();
     assert_eq!(files, 36);
-    assert!(s.json(&["status", "r/main"])["changes"].as_array().unwrap().is_empty());
+    assert!(s.json(&["status", "r/main"])["changes"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }

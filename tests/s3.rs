@@ -9,7 +9,9 @@ use common::*;
 fn s3_lake() -> Option<String> {
     match std::env::var("TARN_TEST_S3") {
         Ok(base) => Some(format!("{base}/t-{}", ulid::Ulid::new())),
-        Err(_) if std::env::var_os("CI").is_some() => panic!("CI must run the S3 tests: use scripts/test.sh"),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("CI must run the S3 tests: use scripts/test.sh")
+        }
         Err(_) => {
             eprintln!("TARN_TEST_S3 not set: run scripts/test.sh for the S3 tests");
             None
@@ -37,8 +39,13 @@ fn s3_lake_workflow() {
     let old = s.run(&["cat", "sales/dev~1/data/big.bin"]);
     assert!(old.status.success());
     assert_eq!(old.stdout, big);
-    let msgs: Vec<String> = s.json(&["log", "sales/dev"]).as_array().unwrap().iter()
-        .map(|c| c["message"].as_str().unwrap().to_string()).collect();
+    let msgs: Vec<String> = s
+        .json(&["log", "sales/dev"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["message"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(msgs, ["rm", "load", "repository created"]);
 }
 
@@ -59,10 +66,24 @@ fn s3_concurrent_processes_lose_nothing() {
             .unwrap()
     };
     let writers: Vec<_> = (0..2)
-        .map(|w| spawn((0..8).map(|i| format!("'{TARN}' put '{}' r/main/w{w}/f{i}", f.display())).collect::<Vec<_>>().join(" && ")))
+        .map(|w| {
+            spawn(
+                (0..8)
+                    .map(|i| format!("'{TARN}' put '{}' r/main/w{w}/f{i}", f.display()))
+                    .collect::<Vec<_>>()
+                    .join(" && "),
+            )
+        })
         .collect();
     let committers: Vec<_> = (0..2)
-        .map(|_| spawn((0..5).map(|_| format!("'{TARN}' commit r/main -m c >/dev/null 2>&1; true")).collect::<Vec<_>>().join("; ")))
+        .map(|_| {
+            spawn(
+                (0..5)
+                    .map(|_| format!("'{TARN}' commit r/main -m c >/dev/null 2>&1; true"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })
         .collect();
     for mut w in writers {
         assert!(w.wait().unwrap().success());
@@ -72,7 +93,12 @@ fn s3_concurrent_processes_lose_nothing() {
     }
     let _ = s.run(&["commit", "r/main", "-m", "final"]);
     let ls = s.json(&["ls", "-r", "r/main~0"]);
-    let files = ls.as_array().unwrap().iter().filter(|e| e["kind"] == "file").count();
+    let files = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "file")
+        .count();
     assert_eq!(files, 16);
     // History is a chain: every commit's parent is the previous one.
     let log = s.json(&["log", "r/main", "-n", "1000"]);

@@ -44,7 +44,9 @@ impl Scratch {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(TARN);
-        c.args(args).env("TARN_LAKE", &self.lake).env("TARN_AUTHOR", "tester");
+        c.args(args)
+            .env("TARN_LAKE", &self.lake)
+            .env("TARN_AUTHOR", "tester");
         c
     }
 
@@ -69,7 +71,11 @@ impl Scratch {
         assert!(!out.status.success(), "tarn {args:?} should fail");
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(err.trim_end().lines().count(), 1, "one-line error, got: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "one-line error, got: {err}"
+        );
         assert!(err.starts_with("tarn: error: "), "{err}");
         err
     }
@@ -81,12 +87,17 @@ impl Scratch {
     }
 
     pub fn head(&self, branch: &str) -> String {
-        self.json(&["log", branch, "-n", "1"])[0]["id"].as_str().unwrap().to_string()
+        self.json(&["log", branch, "-n", "1"])[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 }
 
 pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -100,7 +111,10 @@ pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
 pub fn tree_files(root: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let p = e.path();
@@ -110,7 +124,14 @@ pub fn tree_files(root: &Path) -> Vec<(String, Vec<u8>)> {
                 out.push((format!("{rel}/"), vec![]));
                 walk(base, &p, out);
             } else if ft.is_symlink() {
-                out.push((rel, std::fs::read_link(&p).unwrap().to_string_lossy().as_bytes().to_vec()));
+                out.push((
+                    rel,
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .to_string_lossy()
+                        .as_bytes()
+                        .to_vec(),
+                ));
             } else {
                 out.push((rel, std::fs::read(&p).unwrap()));
             }
