@@ -152,6 +152,42 @@ enum Command {
     CherryPick { commit: String, branch: String },
     /// The best common ancestor(s) of two refs.
     MergeBase { a: String, b: String },
+    /// Mount the lake (all repositories) or one ref at DIR, in the foreground.
+    ///
+    /// `tarn mount DIR` shows /DIR/<repo>/<branch>/...; any other ref (tag,
+    /// commit id or prefix, main~3) is a read-only directory resolved on
+    /// lookup. `tarn mount --ref REPO/REF DIR` (or `tarn mount REPO@REF DIR`)
+    /// shows one ref at DIR. Ctrl-C or SIGTERM unmounts cleanly.
+    Mount {
+        /// [REPO@REF] DIR
+        #[arg(num_args = 1..=2, required = true, value_name = "DIR")]
+        args: Vec<PathBuf>,
+        /// Show one ref (REPO/REF) at the mount root.
+        #[arg(long = "ref", value_name = "REPO/REF")]
+        pinned: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+        /// Local chunk cache (default: ~/.cache/tarn).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Chunk cache size cap, e.g. 10G, 512M.
+        #[arg(long, default_value = "10G")]
+        cache_size: String,
+        /// How long branch views may be stale, e.g. 1s, 500ms.
+        #[arg(long, default_value = "1s")]
+        metadata_ttl: String,
+        /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf).
+        #[arg(long)]
+        allow_other: bool,
+        /// Detach once mounted.
+        #[arg(long)]
+        daemon: bool,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount a tarn mount.
+    Umount { dir: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -528,6 +564,81 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Mount {
+            args,
+            pinned,
+            read_only,
+            cache_dir,
+            cache_size,
+            metadata_ttl,
+            allow_other,
+            daemon,
+            threads,
+        } => {
+            let (source, dir) = match args.as_slice() {
+                [dir] => (pinned, dir.clone()),
+                [src, dir] => {
+                    if pinned.is_some() {
+                        bail!("give the ref either as REPO@REF or with --ref, not both");
+                    }
+                    (Some(src.to_string_lossy().replace('@', "/")), dir.clone())
+                }
+                _ => bail!("usage: tarn mount [REPO@REF] DIR"),
+            };
+            let pinned = match source {
+                Some(s) => {
+                    let a = Address::parse(&s)?;
+                    if !a.path.is_empty() {
+                        bail!("{s}: give REPO/REF, without a path");
+                    }
+                    Some((a.repo.clone(), a.reference()?.to_string()))
+                }
+                None => None,
+            };
+            if !dir.is_dir() {
+                bail!("{}: not a directory", dir.display());
+            }
+            if daemon {
+                return spawn_daemon(&dir);
+            }
+            let signals = crate::mount::block_signals();
+            let lake = open_lake(&g)?;
+            if let Some((repo, r)) = &pinned {
+                lake.resolve(repo, r)?;
+            }
+            let cache_dir = match cache_dir {
+                Some(d) => d,
+                None => {
+                    let base = std::env::var_os("XDG_CACHE_HOME")
+                        .map(PathBuf::from)
+                        .or_else(|| {
+                            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"))
+                        })
+                        .ok_or_else(|| anyhow!("give --cache-dir (no HOME)"))?;
+                    base.join("tarn")
+                }
+            };
+            crate::mount::run(
+                lake,
+                crate::mount::MountOptions {
+                    mountpoint: dir,
+                    pinned,
+                    read_only,
+                    cache_dir,
+                    cache_size: parse_size(&cache_size)?,
+                    metadata_ttl: parse_duration(&metadata_ttl)?,
+                    allow_other,
+                    threads,
+                },
+                signals,
+            )?;
+        }
+        Command::Umount { dir } => {
+            crate::mount::unmount(&dir)?;
+            if g.json {
+                print_json(&json!({"unmounted": dir}));
+            }
+        }
         cmd @ (Command::Diff { .. }
         | Command::Merge { .. }
         | Command::Revert { .. }
@@ -561,6 +672,101 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `10G`, `512M`, `64K` or plain bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => bail!("size {s:?}: use a number with K, M, G or T"),
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("size {s:?}: use a number with K, M, G or T"))?;
+    Ok((n * mult as f64) as u64)
+}
+
+/// `1s`, `500ms`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let t = s.trim();
+    let bad = || anyhow!("duration {s:?}: use e.g. 500ms, 1s, 2m");
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !(0.0..=86400.0 * 365.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Start this same command again without `--daemon`, detached, and return
+/// once the mount is up (or say why it did not come up).
+fn spawn_daemon(dir: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let log_path = std::env::temp_dir().join(format!("tarn-mount-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid in the child before exec only changes its session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if crate::mount::is_mounted(dir) {
+            println!(
+                "mounted {} (daemon pid {}, log {})",
+                dir.display(),
+                child.id(),
+                log_path.display()
+            );
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "mount daemon exited ({status}): {}",
+                log.lines().last().unwrap_or("no output")
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bail!(
+        "{} did not come up within 15 s (log {})",
+        dir.display(),
+        log_path.display()
+    )
 }
 
 fn parse_meta(meta: Vec<String>) -> Result<BTreeMap<String, String>> {

@@ -5,6 +5,7 @@
 pub mod chunk;
 pub mod cli;
 pub mod hash;
+pub mod mount;
 pub mod repo;
 pub mod store;
 pub mod tree;

@@ -1,0 +1,160 @@
+//! The mount daemon: shows a lake (or one pinned ref) as a POSIX tree
+//! through FUSE. `fs` is the filesystem core (testable without a mount),
+//! `fuse` the thin fuser adapter, `cache` the local chunk cache.
+//!
+//! Depends on `repo` and `chunk`-level content; must not depend on `cli`.
+
+pub mod cache;
+pub mod fs;
+pub mod fuse;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::repo::Lake;
+
+/// Writes through the mount land with the write-side work; until then
+/// every view is read-only.
+pub(crate) const WRITES_ENABLED: bool = false;
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub mountpoint: PathBuf,
+    /// `(repo, ref)` to show at the root instead of the whole lake.
+    pub pinned: Option<(String, String)>,
+    pub read_only: bool,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub metadata_ttl: Duration,
+    pub allow_other: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Fs(#[from] fs::FsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MountError {
+    let what = what.into();
+    move |source| MountError::Io { what, source }
+}
+
+/// Block SIGINT/SIGTERM/SIGHUP in this thread and every thread it starts
+/// afterwards (call it before anything starts threads), and return the set
+/// for `run` to wait on: the daemon unmounts cleanly instead of dying with
+/// a busy mountpoint.
+pub fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Mount and serve until unmounted or signalled.
+pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<(), MountError> {
+    let lake = Arc::new(lake);
+    let cache = cache::ChunkCache::open(lake.store().clone(), &opts.cache_dir, opts.cache_size)
+        .map_err(io(format!("chunk cache {}", opts.cache_dir.display())))?;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let core = fs::LakeFs::new(
+        lake,
+        cache,
+        fs::FsConfig {
+            pinned: opts.pinned.clone(),
+            read_only: opts.read_only,
+            metadata_ttl: opts.metadata_ttl,
+            uid,
+            gid,
+        },
+    )?;
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("tarn".into()),
+        fuser::MountOption::Subtype("tarn".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoAtime,
+    ];
+    if opts.read_only {
+        config.mount_options.push(fuser::MountOption::RO);
+    }
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    let mut session =
+        fuser::Session::new(fuse::FuseAdapter { fs: core }, &opts.mountpoint, &config)
+            .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("tarn-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: waits on the signal set blocked above.
+            unsafe { libc::sigwait(&signals, &mut sig) };
+            tracing::info!(signal = sig, "unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::warn!(%e, "unmount failed");
+            }
+        })
+        .map_err(io("signal thread"))?;
+    tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
+    session.run().map_err(io("FUSE session"))?;
+    Ok(())
+}
+
+/// Is `dir` a mountpoint right now?
+pub fn is_mounted(dir: &Path) -> bool {
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(&m.replace("\\040", " ")) == dir)
+}
+
+/// Unmount a tarn mount (as its owner through fusermount3, or as root).
+pub fn unmount(dir: &Path) -> Result<(), MountError> {
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(dir)
+        .status();
+    if matches!(status, Ok(s) if s.success()) {
+        return Ok(());
+    }
+    let c =
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| MountError::Io {
+            what: dir.display().to_string(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })?;
+    // SAFETY: umount2 with a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+        return Err(MountError::Io {
+            what: format!("unmount {}", dir.display()),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}

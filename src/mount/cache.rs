@@ -1,0 +1,271 @@
+//! The local chunk cache: a size-capped LRU of verified chunks on disk
+//! (kept across remounts) in front of the store, a small in-memory LRU in
+//! front of that, single-flight fetches, and a pool of read-ahead workers.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+
+use crate::hash::Hash;
+use crate::store::{Store, StoreError};
+
+/// Chunks kept decoded in memory: enough for every reader's current chunk
+/// plus its read-ahead window, about 64 MiB at the default chunk size.
+const MEMORY_CHUNKS: usize = 64;
+
+/// Threads fetching read-ahead chunks; each keeps one store request in flight.
+const PREFETCH_WORKERS: usize = 8;
+
+type Slot = Arc<(Mutex<Option<Result<Bytes, String>>>, Condvar)>;
+
+pub struct ChunkCache {
+    store: Store,
+    dir: PathBuf,
+    capacity: u64,
+    used: AtomicU64,
+    /// Chunks on disk, least recently used first out, with their sizes.
+    disk: Mutex<lru::LruCache<Hash, u64>>,
+    memory: Mutex<lru::LruCache<Hash, Bytes>>,
+    inflight: Mutex<HashMap<Hash, Slot>>,
+    prefetch: Mutex<Option<mpsc::Sender<Hash>>>,
+}
+
+impl ChunkCache {
+    /// Open (or create) a cache directory, indexing the chunks already there.
+    pub fn open(store: Store, dir: &Path, capacity: u64) -> std::io::Result<Arc<ChunkCache>> {
+        let chunks = dir.join("chunks");
+        fs::create_dir_all(&chunks)?;
+        let mut found = Vec::new();
+        for shard in fs::read_dir(&chunks)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(shard.path())? {
+                let f = f?;
+                let name = f.file_name();
+                let Some(hash) = name.to_str().and_then(Hash::from_hex) else {
+                    let _ = fs::remove_file(f.path()); // a temp file from a crash
+                    continue;
+                };
+                let meta = f.metadata()?;
+                found.push((meta.modified().ok(), hash, meta.len()));
+            }
+        }
+        // Oldest first, so the most recently used end up most recent.
+        found.sort_by_key(|(t, _, _)| *t);
+        let mut disk = lru::LruCache::unbounded();
+        let mut used = 0;
+        for (_, h, len) in found {
+            disk.put(h, len);
+            used += len;
+        }
+        let cache = Arc::new(ChunkCache {
+            store,
+            dir: chunks,
+            capacity,
+            used: AtomicU64::new(used),
+            disk: Mutex::new(disk),
+            memory: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(MEMORY_CHUNKS).expect("non-zero"),
+            )),
+            inflight: Mutex::new(HashMap::new()),
+            prefetch: Mutex::new(None),
+        });
+        cache.evict();
+        let (tx, rx) = mpsc::channel::<Hash>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..PREFETCH_WORKERS {
+            let rx = rx.clone();
+            let weak = Arc::downgrade(&cache);
+            std::thread::Builder::new()
+                .name(format!("tarn-prefetch-{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().expect("prefetch queue").recv();
+                    let Ok(hash) = next else { return };
+                    let Some(cache) = weak.upgrade() else { return };
+                    if let Err(e) = cache.get(&hash) {
+                        tracing::debug!(%e, "read-ahead fetch failed");
+                    }
+                })?;
+        }
+        *cache.prefetch.lock() = Some(tx);
+        Ok(cache)
+    }
+
+    fn path(&self, h: &Hash) -> PathBuf {
+        let hex = h.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// Is this chunk in memory or on disk already (no I/O)?
+    pub fn is_cached(&self, h: &Hash) -> bool {
+        self.memory.lock().contains(h) || self.disk.lock().contains(h)
+    }
+
+    /// A chunk's bytes, verified: from memory, the disk cache, or the store.
+    /// Concurrent requests for the same chunk share one fetch.
+    pub fn get(&self, h: &Hash) -> Result<Bytes, StoreError> {
+        if let Some(b) = self.memory.lock().get(h) {
+            return Ok(b.clone());
+        }
+        let (slot, leader) = {
+            let mut inflight = self.inflight.lock();
+            match inflight.get(h) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s: Slot = Arc::new((Mutex::new(None), Condvar::new()));
+                    inflight.insert(*h, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if !leader {
+            let mut done = slot.0.lock();
+            while done.is_none() {
+                slot.1.wait(&mut done);
+            }
+            return match done.as_ref().expect("set") {
+                Ok(b) => Ok(b.clone()),
+                Err(e) => Err(StoreError::Missing(format!("{} ({e})", h.key("chunks")))),
+            };
+        }
+        let result = self.fetch(h);
+        self.inflight.lock().remove(h);
+        *slot.0.lock() = Some(
+            result
+                .as_ref()
+                .map(|b| b.clone())
+                .map_err(|e| e.to_string()),
+        );
+        slot.1.notify_all();
+        result
+    }
+
+    fn fetch(&self, h: &Hash) -> Result<Bytes, StoreError> {
+        let key = h.key("chunks");
+        let path = self.path(h);
+        if self.disk.lock().get(h).is_some() {
+            match fs::read(&path) {
+                Ok(b) => match crate::store::verify(&key, h, Bytes::from(b)) {
+                    Ok(b) => {
+                        self.memory.lock().put(*h, b.clone());
+                        return Ok(b);
+                    }
+                    Err(_) => {
+                        tracing::warn!(chunk = %h, "cached chunk is corrupt; fetching it again")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(chunk = %h, %e, "cached chunk unreadable; fetching it again")
+                }
+            }
+            self.forget(h);
+        }
+        let bytes = self.store.get_verified(&key, h)?;
+        self.memory.lock().put(*h, bytes.clone());
+        if let Err(e) = self.write_disk(h, &bytes) {
+            tracing::warn!(chunk = %h, %e, "cannot write the chunk cache");
+        }
+        Ok(bytes)
+    }
+
+    fn write_disk(&self, h: &Hash, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.path(h);
+        fs::create_dir_all(path.parent().expect("sharded"))?;
+        let tmp = path.with_extension(format!("tmp{}", ulid::Ulid::new()));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        fs::rename(&tmp, &path)?;
+        if self.disk.lock().put(*h, bytes.len() as u64).is_none() {
+            self.used.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        self.evict();
+        Ok(())
+    }
+
+    fn forget(&self, h: &Hash) {
+        if let Some(len) = self.disk.lock().pop(h) {
+            self.used.fetch_sub(len, Ordering::Relaxed);
+        }
+        let _ = fs::remove_file(self.path(h));
+    }
+
+    fn evict(&self) {
+        while self.used.load(Ordering::Relaxed) > self.capacity {
+            let Some((h, len)) = self.disk.lock().pop_lru() else {
+                return;
+            };
+            self.used.fetch_sub(len, Ordering::Relaxed);
+            let _ = fs::remove_file(self.path(&h));
+        }
+    }
+
+    /// Queue chunks for background fetching (read-ahead).
+    pub fn prefetch(&self, hashes: impl IntoIterator<Item = Hash>) {
+        let tx = self.prefetch.lock().clone();
+        if let Some(tx) = tx {
+            for h in hashes {
+                if !self.is_cached(&h) && !self.inflight.lock().contains_key(&h) {
+                    let _ = tx.send(h);
+                }
+            }
+        }
+    }
+
+    /// Bytes of chunks on disk.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_verifies_evicts_and_survives_reopen() {
+        let store = Store::open(&format!("memory://cache-{}", ulid::Ulid::new())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<(Hash, Bytes)> = (0..5u8)
+            .map(|i| {
+                let b = Bytes::from(vec![i; 1000]);
+                (Hash::of(&b), b)
+            })
+            .collect();
+        for (h, b) in &chunks {
+            store.put(&h.key("chunks"), b.clone()).unwrap();
+        }
+        let cache = ChunkCache::open(store.clone(), dir.path(), 3000).unwrap();
+        for (h, b) in &chunks {
+            assert_eq!(&cache.get(h).unwrap(), b);
+        }
+        assert!(cache.used() <= 3000, "evicted down to capacity");
+        // The store loses a chunk; the cached copy still serves it.
+        let (h4, b4) = &chunks[4];
+        store.delete(&h4.key("chunks")).unwrap();
+        drop(cache);
+        let cache = ChunkCache::open(store.clone(), dir.path(), 3000).unwrap();
+        assert_eq!(&cache.get(h4).unwrap(), b4, "disk cache survives a reopen");
+        // A corrupt cache file is detected and refetched, never served.
+        let (h3, b3) = &chunks[3];
+        fs::write(cache.path(h3), b"junk").unwrap();
+        let cache = ChunkCache::open(store.clone(), dir.path(), 3000).unwrap();
+        assert_eq!(&cache.get(h3).unwrap(), b3);
+        // Corrupt in the store and not cached: an error, not bytes.
+        let (h0, _) = &chunks[0];
+        store
+            .put(&h0.key("chunks"), Bytes::from_static(b"evil"))
+            .unwrap();
+        let cold = ChunkCache::open(store, tempfile::tempdir().unwrap().path(), 3000).unwrap();
+        assert!(cold.get(h0).is_err());
+    }
+}

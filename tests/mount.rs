@@ -1,0 +1,307 @@
+//! The read side of the mount, through a real FUSE mount of the real binary.
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fuse_available() -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the mount tests: /dev/fuse is missing"
+    );
+    eprintln!("no /dev/fuse: skipping mount tests");
+    false
+}
+
+fn mounted(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// Wait for a condition with a deadline instead of sleeping blindly.
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `tarn mount`; unmounted and stopped on drop, even when the test fails.
+struct Mount {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Mount {
+    fn new(s: &Scratch, name: &str, extra: &[&str]) -> Mount {
+        let dir = s.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cache = s.path(&format!("{name}-cache"));
+        let mut args = vec![
+            "mount",
+            dir.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let child = s
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut m = Mount { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !mounted(&m.dir) {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(m.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("tarn mount exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if mounted(&self.dir) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.dir)
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn setup() -> (Scratch, Vec<u8>, String) {
+    let s = Scratch::new();
+    s.ok(&["repo", "create", "sales"]);
+    let big = pseudo_random(3_000_000, 11);
+    let f = s.write("big.bin", &big);
+    s.ok(&["put", f.to_str().unwrap(), "sales/main/data/big.bin"]);
+    let h = s.write("h.txt", b"hello\n");
+    s.ok(&["put", h.to_str().unwrap(), "sales/main/h.txt"]);
+    std::os::unix::fs::symlink("h.txt", s.path("link")).unwrap();
+    s.ok(&["put", s.path("link").to_str().unwrap(), "sales/main/link"]);
+    s.ok(&["commit", "sales/main", "-m", "one"]);
+    let first = s.head("sales/main");
+    s.ok(&["tag", "create", "sales/v1", "main"]);
+    let h2 = s.write("h2.txt", b"changed\n");
+    s.ok(&["put", h2.to_str().unwrap(), "sales/main/h.txt"]);
+    s.ok(&["commit", "sales/main", "-m", "two"]);
+    (s, big, first)
+}
+
+#[test]
+fn whole_lake_mount_reads_repos_branches_and_refs() {
+    if !fuse_available() {
+        return;
+    }
+    let (s, big, first) = setup();
+    let m = Mount::new(&s, "mnt", &[]);
+    let names = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&m.dir), ["sales"]);
+    assert_eq!(
+        names(&m.p("sales")),
+        ["main"],
+        "tags and commits are not listed"
+    );
+    assert_eq!(
+        names(&m.p("sales/main")),
+        ["data", "h.txt", "link"],
+        ".tarn is hidden"
+    );
+    assert_eq!(
+        std::fs::read(m.p("sales/main/h.txt")).unwrap(),
+        b"changed\n"
+    );
+    assert_eq!(std::fs::read(m.p("sales/main/data/big.bin")).unwrap(), big);
+    let meta = std::fs::metadata(m.p("sales/main/data/big.bin")).unwrap();
+    assert_eq!(meta.len(), 3_000_000);
+    assert_eq!(meta.blocks(), 3_000_000u64.div_ceil(512));
+    assert_eq!(meta.nlink(), 1);
+    assert!(std::fs::metadata(m.p("sales/main/data")).unwrap().is_dir());
+    assert_eq!(
+        std::fs::read_link(m.p("sales/main/link")).unwrap(),
+        Path::new("h.txt")
+    );
+    assert_eq!(std::fs::read(m.p("sales/main/link")).unwrap(), b"changed\n");
+    // Inode numbers are stable.
+    let ino = std::fs::metadata(m.p("sales/main/h.txt")).unwrap().ino();
+    assert_eq!(
+        std::fs::metadata(m.p("sales/main/h.txt")).unwrap().ino(),
+        ino
+    );
+
+    // Refs resolve on lookup: commit prefix, tag, ~N. They are read-only.
+    assert_eq!(
+        std::fs::read(m.p(&format!("sales/{}/h.txt", &first[..10]))).unwrap(),
+        b"hello\n"
+    );
+    assert_eq!(std::fs::read(m.p("sales/v1/h.txt")).unwrap(), b"hello\n");
+    assert_eq!(
+        std::fs::read(m.p("sales/main~1/h.txt")).unwrap(),
+        b"hello\n"
+    );
+    let err = std::fs::write(m.p("sales/v1/new.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = std::fs::metadata(m.p("sales/nosuchref")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    let err = std::fs::metadata(m.p("nosuchrepo")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+
+    // The control directory.
+    let head = std::fs::read_to_string(m.p("sales/main/.tarn/head")).unwrap();
+    assert_eq!(head.trim(), s.head("sales/main"));
+    assert_eq!(
+        names(&m.p("sales/main/.tarn")),
+        ["ctl", "head", "result", "status"]
+    );
+    let f = s.write("staged.txt", b"staged");
+    s.ok(&["put", f.to_str().unwrap(), "sales/main/staged.txt"]);
+
+    // find sees exactly the files, never the control directory.
+    let out = Command::new("find")
+        .arg(m.p("sales/v1"))
+        .arg("-type")
+        .arg("f")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+
+    // An open file is a snapshot; the branch picks up new commits within the TTL.
+    let mut open = std::fs::File::open(m.p("sales/main/h.txt")).unwrap();
+    let h3 = s.write("h3.txt", b"third\n");
+    s.ok(&["put", h3.to_str().unwrap(), "sales/main/h.txt"]);
+    s.ok(&["commit", "sales/main", "-m", "three"]);
+    wait_until("the new commit", Duration::from_secs(5), || {
+        std::fs::read(m.p("sales/main/h.txt")).unwrap() == b"third\n"
+    });
+    let mut old = String::new();
+    std::io::Read::read_to_string(&mut open, &mut old).unwrap();
+    assert_eq!(
+        old, "changed\n",
+        "an open file never changes under its reader"
+    );
+    assert!(
+        std::fs::metadata(m.p("sales/main/staged.txt")).is_ok(),
+        "staged changes are visible"
+    );
+    wait_until("status", Duration::from_secs(5), || {
+        std::fs::read_to_string(m.p("sales/main/.tarn/status"))
+            .unwrap()
+            .is_empty()
+    });
+}
+
+#[test]
+fn pinned_mount_large_directory_and_umount() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Scratch::new();
+    s.ok(&["repo", "create", "r"]);
+    let src = s.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..3000 {
+        std::fs::write(src.join(format!("f{i:05}")), format!("{i}\n")).unwrap();
+    }
+    s.ok(&["put", src.to_str().unwrap(), "r/main/many"]);
+    s.ok(&["commit", "r/main", "-m", "many"]);
+    s.ok(&["tag", "create", "r/v1", "main"]);
+    let m = Mount::new(&s, "pin", &["--ref", "r/v1"]);
+    let mut names: Vec<String> = std::fs::read_dir(m.p("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let want: Vec<String> = (0..3000).map(|i| format!("f{i:05}")).collect();
+    assert_eq!(names, want);
+    assert_eq!(
+        std::fs::read_to_string(m.p("many/f02999")).unwrap(),
+        "2999\n"
+    );
+    let err = std::fs::create_dir(m.p("x")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    s.ok(&["umount", m.dir.to_str().unwrap()]);
+    assert!(!mounted(&m.dir));
+}
+
+#[test]
+fn chunk_cache_survives_remount_and_corruption_is_eio() {
+    if !fuse_available() {
+        return;
+    }
+    let (s, big, _) = setup();
+    {
+        let m = Mount::new(&s, "c", &["--ref", "sales/v1"]);
+        assert_eq!(std::fs::read(m.p("data/big.bin")).unwrap(), big);
+    }
+    // Corrupt every chunk in the store: the warm cache still serves verified bytes.
+    let lake = s.path("lake/chunks");
+    let mut chunk_files = Vec::new();
+    for shard in std::fs::read_dir(&lake).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            chunk_files.push(f.unwrap().path());
+        }
+    }
+    assert!(!chunk_files.is_empty());
+    for f in &chunk_files {
+        std::fs::write(f, b"corrupt").unwrap();
+    }
+    {
+        let m = Mount::new(&s, "c", &["--ref", "sales/v1"]);
+        assert_eq!(
+            std::fs::read(m.p("data/big.bin")).unwrap(),
+            big,
+            "served from the chunk cache"
+        );
+    }
+    // A cold cache over corrupt chunks: EIO, never wrong bytes.
+    let m = Mount::new(&s, "cold", &["--ref", "sales/v1"]);
+    let err = std::fs::read(m.p("data/big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Scratch::new();
+    s.ok(&["repo", "create", "r"]);
+    let mut m = Mount::new(&s, "sig", &[]);
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
+    let status = m.child.wait().unwrap();
+    assert!(status.success(), "daemon exits cleanly: {status}");
+    assert!(!mounted(&m.dir));
+}
