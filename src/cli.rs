@@ -277,12 +277,37 @@ fn open_lake(g: &Global) -> Result<Lake> {
     Ok(Lake::open(Store::open(&url)?)?)
 }
 
-/// `REPO/BRANCH`, from the argument.
-fn branch_address(lake: &Lake, arg: Option<&str>) -> Result<(String, String)> {
-    let arg = arg.ok_or_else(|| anyhow!("give REPO/BRANCH"))?;
-    let a = Address::parse(arg)?;
-    let branch = lake.require_branch(&a.repo, a.reference()?)?;
-    Ok((a.repo, branch))
+/// The lake and `REPO/BRANCH` a command works on: from the argument, or,
+/// without one, from the branch of a tarn mount that contains the current
+/// directory (its `.tarn/info`).
+fn branch_target(g: &Global, arg: Option<&str>) -> Result<(Lake, String, String)> {
+    if let Some(arg) = arg {
+        let lake = open_lake(g)?;
+        let a = Address::parse(arg)?;
+        let branch = lake.require_branch(&a.repo, a.reference()?)?;
+        return Ok((lake, a.repo, branch));
+    }
+    let cwd = std::env::current_dir()?;
+    for dir in cwd.ancestors() {
+        let Ok(text) = std::fs::read_to_string(dir.join(".tarn/info")) else {
+            continue;
+        };
+        let info: serde_json::Value = serde_json::from_str(&text).context("reading .tarn/info")?;
+        let field = |k: &str| info[k].as_str().map(str::to_string);
+        let (Some(url), Some(repo)) = (field("lake"), field("repo")) else {
+            bail!("{}: unreadable .tarn/info", dir.display());
+        };
+        let Some(branch) = field("branch") else {
+            bail!(
+                "{} is a read-only ref ({}), not a branch",
+                dir.display(),
+                info["ref"]
+            );
+        };
+        let lake = Lake::open(Store::open(&url)?)?;
+        return Ok((lake, repo, branch));
+    }
+    bail!("give REPO/BRANCH (or run this inside a branch of a tarn mount)")
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -402,8 +427,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Status { branch } => {
-            let lake = open_lake(&g)?;
-            let (repo, branch) = branch_address(&lake, branch.as_deref())?;
+            let (lake, repo, branch) = branch_target(&g, branch.as_deref())?;
             let changes = lake.status(&repo, &branch)?;
             if g.json {
                 print_json(&json!({"repo": repo, "branch": branch, "changes": changes}));
@@ -420,8 +444,7 @@ fn run(cli: Cli) -> Result<()> {
             meta,
             allow_empty,
         } => {
-            let lake = open_lake(&g)?;
-            let (repo, branch) = branch_address(&lake, branch.as_deref())?;
+            let (lake, repo, branch) = branch_target(&g, branch.as_deref())?;
             let opts = CommitOptions {
                 message,
                 author: None,
@@ -436,8 +459,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Reset { branch, path } => {
-            let lake = open_lake(&g)?;
-            let (repo, branch) = branch_address(&lake, branch.as_deref())?;
+            let (lake, repo, branch) = branch_target(&g, branch.as_deref())?;
             match path {
                 Some(p) => {
                     let p = crate::tree::check_path(&p)?;

@@ -5,18 +5,16 @@
 //! Depends on `repo` and `chunk`-level content; must not depend on `cli`.
 
 pub mod cache;
+pub mod control;
 pub mod fs;
 pub mod fuse;
+pub mod write;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::repo::Lake;
-
-/// Writes through the mount land with the write-side work; until then
-/// every view is read-only.
-pub(crate) const WRITES_ENABLED: bool = false;
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -73,6 +71,8 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
         .map_err(io(format!("chunk cache {}", opts.cache_dir.display())))?;
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let spool_dir =
+        spool_dir(&opts.cache_dir).map_err(io(format!("spool in {}", opts.cache_dir.display())))?;
     let core = fs::LakeFs::new(
         lake,
         cache,
@@ -82,6 +82,7 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
             metadata_ttl: opts.metadata_ttl,
             uid,
             gid,
+            spool_dir,
         },
     )?;
     let mut config = fuser::Config::default();
@@ -119,6 +120,28 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
     tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
     session.run().map_err(io("FUSE session"))?;
     Ok(())
+}
+
+/// This daemon's spool directory, `<cache>/spool/<pid>`. Spools of daemons
+/// that are gone held nothing acknowledged (a close returns only once its
+/// data is staged), so they are removed.
+fn spool_dir(cache_dir: &Path) -> std::io::Result<PathBuf> {
+    let base = cache_dir.join("spool");
+    std::fs::create_dir_all(&base)?;
+    for e in std::fs::read_dir(&base)? {
+        let e = e?;
+        let alive = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let mine = base.join(std::process::id().to_string());
+    std::fs::create_dir_all(&mine)?;
+    Ok(mine)
 }
 
 /// Is `dir` a mountpoint right now?

@@ -321,6 +321,17 @@ pub enum ChangeKind {
     Modified,
 }
 
+/// A branch as the mount shows it: see `Lake::working_state`.
+#[derive(Debug, Clone)]
+pub struct WorkingState {
+    pub branch_ref: BranchRef,
+    pub head: Hash,
+    pub commit_time: i64,
+    pub base: Hash,
+    pub root: Hash,
+    pub batches: HashSet<String>,
+}
+
 /// What `put` did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct PutSummary {
@@ -746,9 +757,9 @@ impl Lake {
     /// durable under a token that a future commit will consume: after each
     /// put, re-read the ref; if the token was sealed meanwhile, put the same
     /// batch under the new token (commits skip batches already applied).
-    pub fn stage(&self, repo: &str, branch: &str, ops: Vec<Op>) -> Result<()> {
+    pub fn stage(&self, repo: &str, branch: &str, ops: Vec<Op>) -> Result<String> {
         if ops.is_empty() {
-            return Ok(());
+            return Ok(String::new());
         }
         let (r, _) = self.branch(repo, branch)?;
         let mut batch = StagingBatch {
@@ -764,7 +775,7 @@ impl Lake {
             )?;
             let (now, _) = self.branch(repo, branch)?;
             if now.staging == token {
-                return Ok(());
+                return Ok(batch.id);
             }
             batch.prior.push(std::mem::replace(&mut token, now.staging));
         }
@@ -859,10 +870,53 @@ impl Lake {
 
     /// The tree a branch shows: its head tree with staged ops applied.
     pub fn working_tree(&self, repo: &str, branch: &str) -> Result<(Hash, Hash)> {
-        let head = self.branch_head(repo, branch)?;
-        let base = self.commit(repo, &head)?.tree;
-        let ops = self.staged_ops(repo, branch)?;
-        Ok((base, self.trees.apply(&base, &ops)?))
+        let w = self.working_state(repo, branch, &self.trees)?;
+        Ok((w.base, w.root))
+    }
+
+    /// A branch's ref, head, and working tree (built in `trees`), with the
+    /// ids of the batches applied to it.
+    pub fn working_state(&self, repo: &str, branch: &str, trees: &Trees) -> Result<WorkingState> {
+        let (r, _) = self.branch(repo, branch)?;
+        let head = self.parse_id(repo, &r.commit)?;
+        let commit = self.commit(repo, &head)?;
+        let mut tokens = r.sealed.clone();
+        tokens.push(r.staging.clone());
+        let applied = self.applied_batches(repo, &head, &tokens)?;
+        let batches: Vec<StagingBatch> = self
+            .read_batches(repo, &tokens)?
+            .into_iter()
+            .map(|(_, b)| b)
+            .filter(|b| !applied.contains(&b.id))
+            .collect();
+        let ops: Vec<Op> = batches.iter().flat_map(|b| b.ops.iter().cloned()).collect();
+        let root = trees.apply(&commit.tree, &ops)?;
+        Ok(WorkingState {
+            branch_ref: r,
+            head,
+            commit_time: commit.time,
+            base: commit.tree,
+            root,
+            batches: batches.into_iter().map(|b| b.id).collect(),
+        })
+    }
+
+    /// Ids of the batches under one staging token, in apply order.
+    pub fn batch_ids(&self, repo: &str, token: &str) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .list_files(&Self::repo_key(repo, &format!("staging/{token}")))?)
+    }
+
+    /// One staged batch, if it is (still) there.
+    pub fn read_batch(&self, repo: &str, token: &str, id: &str) -> Result<Option<StagingBatch>> {
+        let key = Self::batch_key(repo, token, id);
+        match self.store.get(&key)? {
+            Some(b) => Ok(Some(
+                StagingBatch::decode(&b).ok_or(RepoError::Decode { key })?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// The tree to read for a ref: a branch's working tree, or a commit's tree.
@@ -914,7 +968,8 @@ impl Lake {
                 path: path.to_string(),
             },
         };
-        self.stage(repo, branch, vec![op])
+        self.stage(repo, branch, vec![op])?;
+        Ok(())
     }
 
     // ---- commit ----
@@ -1109,8 +1164,15 @@ impl Lake {
     /// Paths that differ between two trees. Subtrees and directory nodes
     /// with equal hashes are skipped, so cost grows with the change.
     pub fn diff_trees(&self, a: &Hash, b: &Hash) -> Result<Vec<Change>> {
+        self.diff_trees_in(&self.trees, a, b)
+    }
+
+    /// `diff_trees`, reading nodes through another handle (one that holds
+    /// unwritten nodes, like a mount's working view).
+    pub fn diff_trees_in(&self, trees: &Trees, a: &Hash, b: &Hash) -> Result<Vec<Change>> {
         let mut out = Vec::new();
         self.diff_entries(
+            trees,
             Some(&Entry::Dir(*a)),
             Some(&Entry::Dir(*b)),
             String::new(),
@@ -1124,12 +1186,19 @@ impl Lake {
         let x = self.trees.lookup(a, path)?;
         let y = self.trees.lookup(b, path)?;
         let mut out = Vec::new();
-        self.diff_entries(x.as_ref(), y.as_ref(), path.to_string(), &mut out)?;
+        self.diff_entries(
+            &self.trees,
+            x.as_ref(),
+            y.as_ref(),
+            path.to_string(),
+            &mut out,
+        )?;
         Ok(out)
     }
 
     fn diff_entries(
         &self,
+        trees: &Trees,
         x: Option<&Entry>,
         y: Option<&Entry>,
         path: String,
@@ -1144,8 +1213,8 @@ impl Lake {
         };
         match (x, y) {
             (Some(Entry::Dir(a)), Some(Entry::Dir(b))) => {
-                for (name, l, r) in self.trees.diff_dir(a, b)? {
-                    self.diff_entries(l.as_ref(), r.as_ref(), join(&name), out)?;
+                for (name, l, r) in trees.diff_dir(a, b)? {
+                    self.diff_entries(trees, l.as_ref(), r.as_ref(), join(&name), out)?;
                 }
             }
             (Some(a), Some(b)) if a == b => {}
@@ -1158,10 +1227,10 @@ impl Lake {
                 }),
             (x, y) => {
                 if let Some(a) = x {
-                    self.whole_change(a, path.clone(), ChangeKind::Removed, out)?;
+                    self.whole_change(trees, a, path.clone(), ChangeKind::Removed, out)?;
                 }
                 if let Some(b) = y {
-                    self.whole_change(b, path, ChangeKind::Added, out)?;
+                    self.whole_change(trees, b, path, ChangeKind::Added, out)?;
                 }
             }
         }
@@ -1170,13 +1239,16 @@ impl Lake {
 
     fn whole_change(
         &self,
+        trees: &Trees,
         e: &Entry,
         path: String,
         kind: ChangeKind,
         out: &mut Vec<Change>,
     ) -> Result<()> {
         match e {
-            Entry::Dir(h) if self.trees.count(h)? > 0 => self.subtree_changes(h, &path, kind, out),
+            Entry::Dir(h) if trees.count(h)? > 0 => {
+                self.subtree_changes(trees, h, &path, kind, out)
+            }
             _ => {
                 let size = Some(e.size());
                 out.push(Change {
@@ -1200,13 +1272,14 @@ impl Lake {
 
     fn subtree_changes(
         &self,
+        trees: &Trees,
         dir: &Hash,
         prefix: &str,
         kind: ChangeKind,
         out: &mut Vec<Change>,
     ) -> Result<()> {
-        for (name, e) in self.trees.entries(dir)? {
-            self.whole_change(&e, format!("{prefix}/{name}"), kind, out)?;
+        for (name, e) in trees.entries(dir)? {
+            self.whole_change(trees, &e, format!("{prefix}/{name}"), kind, out)?;
         }
         Ok(())
     }
@@ -1221,6 +1294,20 @@ impl Lake {
         what: &str,
     ) -> Result<(Entry, chunk::StoreStats)> {
         use std::os::unix::fs::MetadataExt;
+        let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+        self.store_file(reader, meta.mode() & 0o7777, mtime, what)
+    }
+
+    /// Store bytes as a file entry with the given mode and mtime (ns).
+    /// Manifest nodes of large files are queued in `trees()`: `flush` before
+    /// staging an op that names them.
+    pub fn store_file(
+        &self,
+        reader: impl std::io::Read,
+        mode: u32,
+        mtime: i64,
+        what: &str,
+    ) -> Result<(Entry, chunk::StoreStats)> {
         let (stored, stats) =
             chunk::store_content(&self.store, self.config.chunking, reader, what)?;
         let content = match stored {
@@ -1230,8 +1317,8 @@ impl Lake {
         Ok((
             Entry::File(File {
                 size: stats.bytes,
-                mode: meta.mode() & 0o7777,
-                mtime: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                mode,
+                mtime,
                 content,
             }),
             stats,

@@ -416,19 +416,36 @@ const MANIFEST_AFTER: usize = 64;
 /// in memory until `flush` writes them (in parallel) to the store.
 pub struct Trees {
     store: Store,
-    cache: Mutex<lru::LruCache<Hash, Arc<Node>>>,
-    pending: Mutex<HashMap<Hash, Bytes>>,
+    cache: Arc<Mutex<lru::LruCache<Hash, Arc<Node>>>>,
+    /// Nodes saved but not yet written: their bytes, and decoded.
+    pending: Mutex<HashMap<Hash, (Bytes, Arc<Node>)>>,
 }
 
 impl Trees {
     pub fn new(store: Store) -> Trees {
         Trees {
             store,
-            cache: Mutex::new(lru::LruCache::new(
+            cache: Arc::new(Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(NODE_CACHE).expect("non-zero"),
-            )),
+            ))),
             pending: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A handle sharing this one's store and node cache but with its own
+    /// unwritten nodes: for trees that are computed, read, and dropped
+    /// (a mount's working view) without ever being written to the store.
+    pub fn scratch(&self) -> Trees {
+        Trees {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many nodes are waiting for `flush`.
+    pub fn pending_nodes(&self) -> usize {
+        self.pending.lock().len()
     }
 
     pub fn store(&self) -> &Store {
@@ -440,11 +457,12 @@ impl Trees {
         if let Some(n) = self.cache.lock().get(hash) {
             return Ok(n.clone());
         }
-        let pending = self.pending.lock().get(hash).cloned();
-        let bytes = match pending {
-            Some(b) => b,
-            None => self.store.get_verified(&hash.key("nodes"), hash)?,
-        };
+        // Unwritten nodes stay out of the shared cache: another handle must
+        // never find a node it could not load again.
+        if let Some((_, n)) = self.pending.lock().get(hash) {
+            return Ok(n.clone());
+        }
+        let bytes = self.store.get_verified(&hash.key("nodes"), hash)?;
         let node = Arc::new(Node::decode(&bytes).map_err(|_| TreeError::Decode(hash.to_hex()))?);
         self.cache.lock().put(*hash, node.clone());
         Ok(node)
@@ -454,23 +472,32 @@ impl Trees {
     pub fn save(&self, node: &Node) -> Hash {
         let bytes = node.encode();
         let hash = Hash::of(&bytes);
-        self.pending.lock().insert(hash, Bytes::from(bytes));
+        self.pending
+            .lock()
+            .entry(hash)
+            .or_insert_with(|| (Bytes::from(bytes), Arc::new(node.clone())));
         hash
     }
 
     /// Write every queued node to the store.
     pub fn flush(&self) -> Result<usize> {
-        let pending: Vec<(String, Bytes)> = self
+        let (hashes, objects): (Vec<Hash>, Vec<(String, Bytes)>) = self
             .pending
             .lock()
             .iter()
-            .map(|(h, b)| (h.key("nodes"), b.clone()))
-            .collect();
-        if pending.is_empty() {
+            .map(|(h, (b, _))| (*h, (h.key("nodes"), b.clone())))
+            .unzip();
+        if objects.is_empty() {
             return Ok(0);
         }
-        let n = self.store.put_content_many(pending)?;
-        self.pending.lock().clear();
+        let n = self.store.put_content_many(objects)?;
+        // Only what was written: nodes saved meanwhile wait for the next flush.
+        let mut pending = self.pending.lock();
+        for h in hashes {
+            if let Some((_, node)) = pending.remove(&h) {
+                self.cache.lock().put(h, node);
+            }
+        }
         Ok(n)
     }
 

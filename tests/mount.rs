@@ -183,7 +183,7 @@ fn whole_lake_mount_reads_repos_branches_and_refs() {
     assert_eq!(head.trim(), s.head("sales/main"));
     assert_eq!(
         names(&m.p("sales/main/.tarn")),
-        ["ctl", "head", "result", "status"]
+        ["ctl", "head", "info", "result", "status"]
     );
     let f = s.write("staged.txt", b"staged");
     s.ok(&["put", f.to_str().unwrap(), "sales/main/staged.txt"]);

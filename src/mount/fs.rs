@@ -1,14 +1,16 @@
 //! The filesystem core behind the mount: inodes, views of refs, handles,
-//! reads through the chunk cache, and the hidden `.tarn` control directory.
-//! It knows nothing of fuser: `fuse.rs` adapts it, and tests drive it
-//! directly.
+//! reads through the chunk cache, writes through local spools into staged
+//! changes, and the hidden `.tarn` control directory. It knows nothing of
+//! fuser: `fuse.rs` adapts it, and tests drive it directly.
 //!
 //! Layout: in a whole-lake mount the root lists repositories, a repository
 //! lists its branches, and `<repo>/<ref>` is the tree of that ref (branches
-//! show their staged changes; other refs are resolved on lookup and never
-//! listed). A pinned mount shows one ref's tree at the root.
+//! show their staged changes and are writable; other refs are resolved on
+//! lookup, never listed, and read-only). A pinned mount shows one ref at the
+//! root.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,9 +19,11 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::cache::ChunkCache;
+use super::control;
+use super::write::{close_ref, now_ns, open_ref, StageQueue, WriteFile};
 use crate::hash::{ChunkRef, Hash};
 use crate::repo::{BranchRef, Lake, RepoError};
-use crate::tree::{Content, Entry, File, TreeError};
+use crate::tree::{Content, Entry, File, Op, TreeError, Trees};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -45,16 +49,30 @@ pub enum FsError {
     NotADirectory,
     #[error("is a directory")]
     IsADirectory,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file exists")]
+    Exists,
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
     #[error("operation not supported")]
     NotSupported,
     #[error("stale file handle")]
     BadHandle,
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]
     Tree(#[from] TreeError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("local spool: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("staging failed: {0}")]
+    Stage(String),
 }
 
 impl FsError {
@@ -65,8 +83,13 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::NotADirectory => libc::ENOTDIR,
             FsError::IsADirectory => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::Invalid(_) => libc::EINVAL,
             FsError::NotSupported => libc::ENOTSUP,
             FsError::BadHandle => libc::EBADF,
+            FsError::Control(e) => e.errno(),
             FsError::Repo(e) => match e {
                 RepoError::NoRepo(_)
                 | RepoError::NoBranch { .. }
@@ -98,7 +121,7 @@ impl FsError {
                 | RepoError::NeedParent(_) => libc::EIO,
             },
             FsError::Tree(TreeError::BadPath { .. }) => libc::EINVAL,
-            FsError::Tree(_) | FsError::Store(_) => libc::EIO,
+            FsError::Tree(_) | FsError::Store(_) | FsError::Io(_) | FsError::Stage(_) => libc::EIO,
         }
     }
 }
@@ -141,31 +164,44 @@ pub struct FsConfig {
     pub metadata_ttl: Duration,
     pub uid: u32,
     pub gid: u32,
+    /// Where files being written are spooled.
+    pub spool_dir: PathBuf,
+}
+
+/// Attribute changes (`chmod`, `truncate`, `touch`).
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
 }
 
 /// The files of `.tarn/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ControlFile {
-    Head,
-    Status,
-    Result,
     Ctl,
+    Head,
+    Info,
+    Result,
+    Status,
 }
 
 impl ControlFile {
-    pub const ALL: [ControlFile; 4] = [
+    pub const ALL: [ControlFile; 5] = [
         ControlFile::Ctl,
         ControlFile::Head,
+        ControlFile::Info,
         ControlFile::Result,
         ControlFile::Status,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
-            ControlFile::Head => "head",
-            ControlFile::Status => "status",
-            ControlFile::Result => "result",
             ControlFile::Ctl => "ctl",
+            ControlFile::Head => "head",
+            ControlFile::Info => "info",
+            ControlFile::Result => "result",
+            ControlFile::Status => "status",
         }
     }
 
@@ -174,8 +210,18 @@ impl ControlFile {
     }
 }
 
+/// How the kernel may cache an open file's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageCache {
+    /// The inode's content can never change: keep pages across opens.
+    Keep,
+    /// Generated content, or a file being written: direct I/O, so the
+    /// daemon sees every write and readers never see half of one.
+    Bypass,
+}
+
 /// One ref as a directory: a branch (refreshed on the metadata TTL, shows
-/// staged changes) or a pinned commit (resolved once, never changes).
+/// staged changes, writable) or a pinned commit (resolved once, read-only).
 pub struct View {
     id: u64,
     pub repo: String,
@@ -183,6 +229,8 @@ pub struct View {
     pub branch: Option<String>,
     state: Mutex<ViewState>,
     refreshing: Mutex<()>,
+    stager: StageQueue,
+    last_result: Mutex<String>,
 }
 
 #[derive(Clone)]
@@ -192,15 +240,13 @@ struct ViewState {
     time: SystemTime,
     branch_ref: Option<BranchRef>,
     checked: Instant,
-}
-
-/// How the kernel may cache an open file's pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageCache {
-    /// The inode's content can never change: keep pages across opens.
-    Keep,
-    /// Generated content with no fixed size (control files): direct I/O.
-    Bypass,
+    /// Holds the nodes of `root` that are not in the store (staged changes
+    /// applied locally); replaced, with its nodes, on every full refresh.
+    trees: Arc<Trees>,
+    /// Staged batches `root` already reflects.
+    batches: HashSet<String>,
+    /// Files created and still open, not yet staged: path → inode.
+    creating: BTreeMap<String, u64>,
 }
 
 /// What an inode is.
@@ -213,9 +259,9 @@ enum Node {
         view: Arc<View>,
         path: String,
     },
-    /// One version of a file: the inode number includes the content's
-    /// identity, so an inode's bytes never change and a reader's pages are
-    /// never replaced by a newer version's.
+    /// One version of a file. The inode number includes the content's
+    /// identity, so a reader's cached pages are never those of another
+    /// version; writes through this inode move it to the written version.
     File {
         view: Arc<View>,
         path: String,
@@ -228,8 +274,16 @@ enum Node {
 /// An open file or directory.
 enum Handle {
     File(Arc<FileHandle>),
+    Write(Arc<WriteFile>, u64),
     Dir(Vec<(String, Kind, u64)>),
     Control(Bytes),
+    Ctl(Arc<View>, Mutex<CtlState>),
+}
+
+#[derive(Default)]
+struct CtlState {
+    pending: Vec<u8>,
+    result: Option<String>,
 }
 
 /// A snapshot of a file at open: its content never changes under a reader.
@@ -258,6 +312,8 @@ pub struct LakeFs {
     negative: Mutex<HashMap<(String, String), Instant>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    /// Files open for writing, by inode.
+    writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
 }
 
 /// Inode numbers are a hash of what the inode is, so they are stable within
@@ -281,12 +337,32 @@ fn join(path: &str, name: &str) -> String {
     }
 }
 
+fn parent_of(path: &str) -> &str {
+    path.rfind('/').map(|i| &path[..i]).unwrap_or("")
+}
+
 fn time_of_ns(ns: i64) -> SystemTime {
     if ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
     } else {
         UNIX_EPOCH
     }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(FsError::Invalid("bad file name"));
+    }
+    if name.len() > 255 {
+        return Err(FsError::Invalid("name longer than 255 bytes"));
+    }
+    Ok(())
 }
 
 impl LakeFs {
@@ -302,6 +378,7 @@ impl LakeFs {
             negative: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            writes: Mutex::new(HashMap::new()),
         };
         let root = match fs.cfg.pinned.clone() {
             Some((repo, reference)) => {
@@ -345,6 +422,14 @@ impl LakeFs {
         ])
     }
 
+    fn tree_ino(view: &View, path: &str) -> u64 {
+        if path.is_empty() {
+            ino_of(&[b"view", &view.id.to_le_bytes()])
+        } else {
+            ino_of(&[b"tree", &view.id.to_le_bytes(), path.as_bytes()])
+        }
+    }
+
     /// The inode for an entry found at `path` in a view.
     fn entry_node(&self, view: &Arc<View>, path: String, entry: &Entry) -> u64 {
         match entry {
@@ -366,13 +451,7 @@ impl LakeFs {
         }
     }
 
-    fn tree_ino(view: &View, path: &str) -> u64 {
-        if path.is_empty() {
-            ino_of(&[b"view", &view.id.to_le_bytes()])
-        } else {
-            ino_of(&[b"tree", &view.id.to_le_bytes(), path.as_bytes()])
-        }
-    }
+    // ---- views ----
 
     /// The view for `repo/name`, resolving `name` as a ref the first time.
     fn view(&self, repo: &str, name: &str) -> Result<Arc<View>> {
@@ -405,6 +484,9 @@ impl LakeFs {
                     time: UNIX_EPOCH + Duration::from_millis(c.time.max(0) as u64),
                     branch_ref: None,
                     checked: Instant::now(),
+                    trees: Arc::new(self.lake.trees().scratch()),
+                    batches: HashSet::new(),
+                    creating: BTreeMap::new(),
                 }
             }
         };
@@ -415,29 +497,33 @@ impl LakeFs {
             branch: resolved.branch,
             state: Mutex::new(state),
             refreshing: Mutex::new(()),
+            stager: StageQueue::default(),
+            last_result: Mutex::new(String::new()),
         });
         Ok(self.views.lock().entry(key).or_insert(view).clone())
     }
 
     /// A branch's working tree as the store has it now.
     fn read_branch(&self, repo: &str, branch: &str) -> Result<ViewState> {
-        let (r, _) = self.lake.branch(repo, branch)?;
-        let (_, root) = self.lake.working_tree(repo, branch)?;
-        let commit = Hash::from_hex(&r.commit).ok_or(FsError::NotFound)?;
-        let c = self.lake.commit(repo, &commit)?;
+        let trees = Arc::new(self.lake.trees().scratch());
+        let w = self.lake.working_state(repo, branch, &trees)?;
         Ok(ViewState {
-            commit,
-            root,
-            time: UNIX_EPOCH + Duration::from_millis(c.time.max(0) as u64),
-            branch_ref: Some(r),
+            commit: w.head,
+            root: w.root,
+            time: UNIX_EPOCH + Duration::from_millis(w.commit_time.max(0) as u64),
+            branch_ref: Some(w.branch_ref),
             checked: Instant::now(),
+            trees,
+            batches: w.batches,
+            creating: BTreeMap::new(),
         })
     }
 
     /// The current state of a view, refreshing a branch once its metadata
-    /// TTL has passed. Only one thread refreshes a view at a time; the
-    /// others keep using the state they have, so no one waits on the store
-    /// while holding a lock others need.
+    /// TTL has passed: a moved ref means a full reload; otherwise only
+    /// batches staged elsewhere since are applied. One thread refreshes a
+    /// view at a time; the others use the state they have, so no one waits
+    /// on the store while holding a lock others need.
     fn state(&self, view: &View) -> Result<ViewState> {
         let current = view.state.lock().clone();
         let Some(branch) = &view.branch else {
@@ -449,14 +535,49 @@ impl LakeFs {
         let Some(_refreshing) = view.refreshing.try_lock() else {
             return Ok(current);
         };
+        self.refresh(view, branch, current)
+    }
+
+    fn refresh(&self, view: &View, branch: &str, current: ViewState) -> Result<ViewState> {
         let (r, _) = self.lake.branch(&view.repo, branch)?;
-        if Some(&r) == current.branch_ref.as_ref() {
+        if Some(&r) != current.branch_ref.as_ref() {
+            let mut fresh = self.read_branch(&view.repo, branch)?;
+            let mut st = view.state.lock();
+            fresh.creating = std::mem::take(&mut st.creating);
+            *st = fresh.clone();
+            return Ok(fresh);
+        }
+        let ids = self.lake.batch_ids(&view.repo, &r.staging)?;
+        let new: Vec<&String> = ids
+            .iter()
+            .filter(|id| !current.batches.contains(*id))
+            .collect();
+        if new.is_empty() {
             view.state.lock().checked = Instant::now();
             return Ok(current);
         }
-        let fresh = self.read_branch(&view.repo, branch)?;
-        *view.state.lock() = fresh.clone();
-        Ok(fresh)
+        let mut ops = Vec::new();
+        for id in &new {
+            if let Some(b) = self.lake.read_batch(&view.repo, &r.staging, id)? {
+                ops.extend(b.ops);
+            }
+        }
+        let root = current.trees.apply(&current.root, &ops)?;
+        let mut st = view.state.lock();
+        if st.root == current.root {
+            st.root = root;
+        } else {
+            // Local writes landed meanwhile: apply on top of them.
+            st.root = st.trees.apply(&st.root, &ops)?;
+        }
+        st.batches.extend(new.into_iter().cloned());
+        st.checked = Instant::now();
+        Ok(st.clone())
+    }
+
+    /// Force the next access to reload a view from the store.
+    fn invalidate(&self, view: &View) {
+        view.state.lock().checked = Instant::now() - self.cfg.metadata_ttl - Duration::from_secs(1);
     }
 
     fn ttl(&self, view: &View) -> Duration {
@@ -466,6 +587,57 @@ impl LakeFs {
             IMMUTABLE_TTL
         }
     }
+
+    fn writable(&self, view: &View) -> bool {
+        !self.cfg.read_only && view.branch.is_some()
+    }
+
+    fn check_writable(&self, view: &View) -> Result<()> {
+        if self.writable(view) {
+            Ok(())
+        } else {
+            Err(FsError::ReadOnly)
+        }
+    }
+
+    // ---- staging ----
+
+    /// Stage ops on a view's branch (group commit with concurrent callers)
+    /// and apply them to the view. Returns once they are durable.
+    fn stage(&self, view: &View, ops: Vec<Op>) -> Result<()> {
+        let branch = view.branch.clone().ok_or(FsError::ReadOnly)?;
+        view.stager
+            .submit(ops, |batch| {
+                let id = self
+                    .lake
+                    .stage(&view.repo, &branch, batch.clone())
+                    .map_err(|e| e.to_string())?;
+                self.apply_local(view, &id, &batch)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(FsError::Stage)
+    }
+
+    fn apply_local(&self, view: &View, id: &str, ops: &[Op]) -> Result<()> {
+        loop {
+            let (root, trees) = {
+                let st = view.state.lock();
+                if st.batches.contains(id) {
+                    return Ok(()); // a refresh already picked it up
+                }
+                (st.root, st.trees.clone())
+            };
+            let new_root = trees.apply(&root, ops)?;
+            let mut st = view.state.lock();
+            if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
+                st.root = new_root;
+                st.batches.insert(id.to_string());
+                return Ok(());
+            }
+        }
+    }
+
+    // ---- attributes ----
 
     fn dir_attr(&self, ino: u64, mtime: SystemTime, ttl: Duration, writable: bool) -> Attr {
         Attr {
@@ -481,29 +653,28 @@ impl LakeFs {
         }
     }
 
-    fn writable(&self, view: &View) -> bool {
-        !self.cfg.read_only && view.branch.is_some() && super::WRITES_ENABLED
+    fn file_attr(&self, ino: u64, view: &View, size: u64, mode: u32, mtime: i64) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::File,
+            size,
+            perm: if self.writable(view) {
+                (mode & 0o7777) as u16
+            } else {
+                (mode & 0o7555) as u16
+            },
+            nlink: 1,
+            mtime: time_of_ns(mtime),
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+            ttl: self.ttl(view),
+        }
     }
 
     fn entry_attr(&self, ino: u64, view: &View, state: &ViewState, entry: &Entry) -> Attr {
-        let ttl = self.ttl(view);
         match entry {
-            Entry::Dir(_) => self.dir_attr(ino, state.time, ttl, self.writable(view)),
-            Entry::File(f) => Attr {
-                ino,
-                kind: Kind::File,
-                size: f.size,
-                perm: if self.writable(view) {
-                    (f.mode & 0o7777) as u16
-                } else {
-                    (f.mode & 0o7555) as u16
-                },
-                nlink: 1,
-                mtime: time_of_ns(f.mtime),
-                uid: self.cfg.uid,
-                gid: self.cfg.gid,
-                ttl,
-            },
+            Entry::Dir(_) => self.dir_attr(ino, state.time, self.ttl(view), self.writable(view)),
+            Entry::File(f) => self.file_attr(ino, view, f.size, f.mode, f.mtime),
             Entry::Symlink(t) => Attr {
                 ino,
                 kind: Kind::Symlink,
@@ -513,22 +684,19 @@ impl LakeFs {
                 mtime: state.time,
                 uid: self.cfg.uid,
                 gid: self.cfg.gid,
-                ttl,
+                ttl: self.ttl(view),
             },
         }
     }
 
-    fn control_attr(&self, ino: u64, file: ControlFile) -> Attr {
+    fn control_attr(&self, ino: u64, view: &View, file: ControlFile) -> Attr {
+        let writable = file == ControlFile::Ctl && self.writable(view);
         Attr {
             ino,
             kind: Kind::File,
             // Contents are made at open and read with direct I/O.
             size: 0,
-            perm: if file == ControlFile::Ctl {
-                0o644
-            } else {
-                0o444
-            },
+            perm: if writable { 0o644 } else { 0o444 },
             nlink: 1,
             mtime: self.started,
             uid: self.cfg.uid,
@@ -538,16 +706,25 @@ impl LakeFs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        if let Some(wf) = self.writes.lock().get(&ino).cloned() {
+            let Node::File { view, .. } = self.node(ino)? else {
+                return Err(FsError::NotFound);
+            };
+            let m = wf.meta.lock().clone();
+            let mut a = self.file_attr(ino, &view, m.size, m.mode, m.mtime);
+            a.ttl = Duration::ZERO;
+            return Ok(a);
+        }
         match self.node(ino)? {
             Node::Root => Ok(self.dir_attr(ino, self.started, self.cfg.metadata_ttl, false)),
             Node::Repo(_) => Ok(self.dir_attr(ino, self.started, self.cfg.metadata_ttl, false)),
             Node::ControlDir(_) => Ok(self.dir_attr(ino, self.started, Duration::ZERO, false)),
-            Node::Control(_, f) => Ok(self.control_attr(ino, f)),
+            Node::Control(view, f) => Ok(self.control_attr(ino, &view, f)),
             Node::File { view, path, file } => {
                 // Metadata (mode, mtime) of the same content follows the
-                // branch; an older version keeps what it had.
+                // branch; another version keeps what it had.
                 let state = self.state(&view)?;
-                let entry = match self.lake.trees().lookup(&state.root, &path)? {
+                let entry = match state.trees.lookup(&state.root, &path)? {
                     Some(Entry::File(f)) if f.content == file.content && f.size == file.size => {
                         Entry::File(f)
                     }
@@ -557,13 +734,39 @@ impl LakeFs {
             }
             Node::Tree { view, path } => {
                 let state = self.state(&view)?;
-                let entry = self
-                    .lake
-                    .trees()
+                let entry = state
+                    .trees
                     .lookup(&state.root, &path)?
                     .ok_or(FsError::NotFound)?;
                 Ok(self.entry_attr(ino, &view, &state, &entry))
             }
+        }
+    }
+
+    // ---- lookup and listing ----
+
+    /// The directory at `path` in a view (its tree hash), or an error.
+    fn dir_at(&self, state: &ViewState, path: &str) -> Result<Hash> {
+        match state.trees.lookup(&state.root, path)? {
+            Some(Entry::Dir(h)) => Ok(h),
+            Some(_) => Err(FsError::NotADirectory),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    /// What is at `path` in a view: a file being created, or a tree entry.
+    fn child(
+        &self,
+        view: &Arc<View>,
+        state: &ViewState,
+        path: &str,
+    ) -> Result<Option<(u64, Option<Entry>)>> {
+        if let Some(ino) = state.creating.get(path) {
+            return Ok(Some((*ino, None)));
+        }
+        match state.trees.lookup(&state.root, path)? {
+            Some(e) => Ok(Some((self.entry_node(view, path.to_string(), &e), Some(e)))),
+            None => Ok(None),
         }
     }
 
@@ -597,15 +800,12 @@ impl LakeFs {
                     return self.getattr(ino);
                 }
                 let state = self.state(&view)?;
-                let child = join(&path, name);
-                let entry = match self.lake.trees().lookup(&state.root, &path)? {
-                    Some(Entry::Dir(h)) => self.lake.trees().get(&h, name)?,
-                    Some(_) => return Err(FsError::NotADirectory),
-                    None => return Err(FsError::NotFound),
+                self.dir_at(&state, &path)?;
+                match self.child(&view, &state, &join(&path, name))? {
+                    Some((ino, Some(entry))) => Ok(self.entry_attr(ino, &view, &state, &entry)),
+                    Some((ino, None)) => self.getattr(ino),
+                    None => Err(FsError::NotFound),
                 }
-                .ok_or(FsError::NotFound)?;
-                let ino = self.entry_node(&view, child, &entry);
-                Ok(self.entry_attr(ino, &view, &state, &entry))
             }
             Node::ControlDir(view) => {
                 let f = ControlFile::from_name(name).ok_or(FsError::NotFound)?;
@@ -621,12 +821,12 @@ impl LakeFs {
 
     pub fn readlink(&self, ino: u64) -> Result<String> {
         let Node::Tree { view, path } = self.node(ino)? else {
-            return Err(FsError::NotSupported);
+            return Err(FsError::Invalid("not a symlink"));
         };
         let state = self.state(&view)?;
-        match self.lake.trees().lookup(&state.root, &path)? {
+        match state.trees.lookup(&state.root, &path)? {
             Some(Entry::Symlink(t)) => Ok(t),
-            Some(_) => Err(FsError::NotSupported),
+            Some(_) => Err(FsError::Invalid("not a symlink")),
             None => Err(FsError::NotFound),
         }
     }
@@ -635,10 +835,6 @@ impl LakeFs {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, h);
         fh
-    }
-
-    pub fn release(&self, fh: u64) {
-        self.handles.lock().remove(&fh);
     }
 
     /// Directory entries (without `.` and `..`), snapshotted for the handle.
@@ -674,23 +870,28 @@ impl LakeFs {
             Node::Control(..) | Node::File { .. } => return Err(FsError::NotADirectory),
             Node::Tree { view, path } => {
                 let state = self.state(&view)?;
-                let Some(Entry::Dir(dir)) = self.lake.trees().lookup(&state.root, &path)? else {
-                    return Err(FsError::NotADirectory);
-                };
-                self.lake
-                    .trees()
+                let dir = self.dir_at(&state, &path)?;
+                let mut out: BTreeMap<String, (Kind, u64)> = state
+                    .trees
                     .entries(&dir)?
                     .into_iter()
                     .map(|(name, e)| {
                         let child = join(&path, &name);
-                        let (kind, ino) = match &e {
+                        let v = match &e {
                             Entry::Dir(_) => (Kind::Dir, Self::tree_ino(&view, &child)),
                             Entry::File(f) => (Kind::File, Self::file_ino(&view, &child, f)),
                             Entry::Symlink(_) => (Kind::Symlink, Self::tree_ino(&view, &child)),
                         };
-                        (name, kind, ino)
+                        (name, v)
                     })
-                    .collect()
+                    .collect();
+                for (p, ino) in &state.creating {
+                    if parent_of(p) == path {
+                        let name = p.rsplit('/').next().unwrap_or(p);
+                        out.insert(name.to_string(), (Kind::File, *ino));
+                    }
+                }
+                out.into_iter().map(|(n, (k, i))| (n, k, i)).collect()
             }
         };
         Ok(self.add_handle(Handle::Dir(entries)))
@@ -716,45 +917,43 @@ impl LakeFs {
         Ok(())
     }
 
-    /// Open a file for reading; returns the handle and how the kernel may
-    /// cache its pages.
-    pub fn open(&self, ino: u64, write: bool) -> Result<(u64, PageCache)> {
+    // ---- open, read, write, close ----
+
+    /// Open a file; returns the handle and how the kernel may cache pages.
+    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> Result<(u64, PageCache)> {
         match self.node(ino)? {
-            Node::File { view, file, .. } => {
-                if write {
-                    return Err(FsError::ReadOnly);
+            Node::File { view, path, file } => {
+                if write || truncate {
+                    self.check_writable(&view)?;
+                    let wf = self.writer(ino, &path, &file)?;
+                    if truncate {
+                        wf.truncate(0)?;
+                    }
+                    open_ref(&wf);
+                    return Ok((self.add_handle(Handle::Write(wf, ino)), PageCache::Bypass));
                 }
-                let chunks = self.lake.trees().chunk_list(&file.content)?;
-                let mut starts = Vec::with_capacity(chunks.len());
-                let mut at = 0;
-                for c in &chunks {
-                    starts.push(at);
-                    at += c.len as u64;
+                if let Some(wf) = self.writes.lock().get(&ino).cloned() {
+                    // Reading a file someone has open for writing: see the spool.
+                    open_ref(&wf);
+                    return Ok((self.add_handle(Handle::Write(wf, ino)), PageCache::Bypass));
                 }
-                let handle = FileHandle {
-                    file,
-                    chunks,
-                    starts,
-                    readahead: Mutex::new(ReadAhead::default()),
-                };
-                let _ = view;
-                // This inode's content never changes: keep its pages.
                 Ok((
-                    self.add_handle(Handle::File(Arc::new(handle))),
+                    self.add_handle(Handle::File(Arc::new(self.snapshot(file)?))),
                     PageCache::Keep,
                 ))
             }
-            Node::Tree { view, path } => {
-                let state = self.state(&view)?;
-                match self.lake.trees().lookup(&state.root, &path)? {
-                    Some(Entry::Dir(_)) => Err(FsError::IsADirectory),
-                    Some(_) => Err(FsError::NotSupported),
-                    None => Err(FsError::NotFound),
+            Node::Control(view, ControlFile::Ctl) => {
+                if write || truncate {
+                    self.check_writable(&view)?;
                 }
+                let state = Mutex::new(CtlState::default());
+                Ok((self.add_handle(Handle::Ctl(view, state)), PageCache::Bypass))
             }
             Node::Control(view, f) => {
                 if write {
-                    return Err(FsError::ReadOnly);
+                    return Err(FsError::NotPermitted(
+                        "control files other than ctl are read-only",
+                    ));
                 }
                 let text = self.control_text(&view, f)?;
                 Ok((
@@ -762,8 +961,605 @@ impl LakeFs {
                     PageCache::Bypass,
                 ))
             }
+            Node::Tree { view, path } => {
+                let state = self.state(&view)?;
+                match state.trees.lookup(&state.root, &path)? {
+                    Some(Entry::Dir(_)) => Err(FsError::IsADirectory),
+                    Some(_) => Err(FsError::NotSupported),
+                    None => Err(FsError::NotFound),
+                }
+            }
             Node::Root | Node::Repo(_) | Node::ControlDir(_) => Err(FsError::IsADirectory),
         }
+    }
+
+    fn snapshot(&self, file: File) -> Result<FileHandle> {
+        let chunks = self.lake.trees().chunk_list(&file.content)?;
+        let mut starts = Vec::with_capacity(chunks.len());
+        let mut at = 0;
+        for c in &chunks {
+            starts.push(at);
+            at += c.len as u64;
+        }
+        Ok(FileHandle {
+            file,
+            chunks,
+            starts,
+            readahead: Mutex::new(ReadAhead::default()),
+        })
+    }
+
+    /// The write spool of an inode, created from its current content.
+    fn writer(&self, ino: u64, path: &str, file: &File) -> Result<Arc<WriteFile>> {
+        if let Some(wf) = self.writes.lock().get(&ino).cloned() {
+            return Ok(wf);
+        }
+        let snapshot = self.snapshot(file.clone())?;
+        let cache = self.cache.clone();
+        let wf = Arc::new(WriteFile::new(
+            &self.cfg.spool_dir,
+            path.to_string(),
+            file.mode,
+            file.mtime,
+            |spool| {
+                use std::os::unix::fs::FileExt;
+                let mut at = 0;
+                while at < snapshot.file.size {
+                    let part =
+                        read_file(&cache, &snapshot, at, 4 << 20).map_err(std::io::Error::other)?;
+                    if part.is_empty() {
+                        break;
+                    }
+                    spool.write_all_at(&part, at)?;
+                    at += part.len() as u64;
+                }
+                spool.set_len(snapshot.file.size)?;
+                Ok(snapshot.file.size)
+            },
+            false,
+        )?);
+        Ok(self.writes.lock().entry(ino).or_insert(wf).clone())
+    }
+
+    /// Read up to `size` bytes at `offset` from an open file.
+    pub fn read(&self, fh: u64, offset: u64, size: usize) -> Result<Bytes> {
+        let handle = match self.handles.lock().get(&fh) {
+            Some(Handle::File(f)) => f.clone(),
+            Some(Handle::Write(wf, _)) => return Ok(Bytes::from(wf.read(offset, size)?)),
+            Some(Handle::Control(b)) => {
+                let start = (offset as usize).min(b.len());
+                let end = (start + size).min(b.len());
+                return Ok(b.slice(start..end));
+            }
+            Some(Handle::Ctl(view, st)) => {
+                let st = st.lock();
+                let text = st
+                    .result
+                    .clone()
+                    .unwrap_or_else(|| view.last_result.lock().clone());
+                let b = text.into_bytes();
+                let start = (offset as usize).min(b.len());
+                let end = (start + size).min(b.len());
+                return Ok(Bytes::copy_from_slice(&b[start..end]));
+            }
+            _ => return Err(FsError::BadHandle),
+        };
+        read_file(&self.cache, &handle, offset, size)
+    }
+
+    /// Write to an open file (or run control commands written to `ctl`).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        let (wf, view_for_ctl) = match self.handles.lock().get(&fh) {
+            Some(Handle::Write(wf, _)) => (Some(wf.clone()), None),
+            Some(Handle::Ctl(view, _)) => (None, Some(view.clone())),
+            Some(_) => return Err(FsError::BadHandle),
+            None => return Err(FsError::BadHandle),
+        };
+        if let Some(wf) = wf {
+            wf.write(offset, data)?;
+            return Ok(data.len());
+        }
+        let view = view_for_ctl.expect("ctl handle");
+        self.check_writable(&view)?;
+        // Run every complete line now, so the write itself reports failure.
+        let lines: Vec<String> = {
+            let handles = self.handles.lock();
+            let Some(Handle::Ctl(_, st)) = handles.get(&fh) else {
+                return Err(FsError::BadHandle);
+            };
+            let mut st = st.lock();
+            st.pending.extend_from_slice(data);
+            let mut lines = Vec::new();
+            while let Some(i) = st.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = st.pending.drain(..=i).collect();
+                lines.push(String::from_utf8_lossy(&line).into_owned());
+            }
+            lines
+        };
+        for line in lines {
+            if !line.trim().is_empty() {
+                self.run_control(fh, &view, &line)?;
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn run_control(&self, fh: u64, view: &Arc<View>, line: &str) -> Result<()> {
+        let branch = view.branch.clone().ok_or(FsError::ReadOnly)?;
+        let outcome = control::parse(line)
+            .and_then(|cmd| control::run(&self.lake, &view.repo, &branch, &cmd));
+        let (text, res) = match outcome {
+            Ok(mut v) => {
+                v["ok"] = serde_json::json!(true);
+                (v.to_string(), Ok(()))
+            }
+            Err(e) => {
+                let v = serde_json::json!({"ok": false, "command": line.trim(), "error": e.to_string()});
+                (v.to_string(), Err(FsError::Control(e)))
+            }
+        };
+        let text = format!("{text}\n");
+        *view.last_result.lock() = text.clone();
+        if let Some(Handle::Ctl(_, st)) = self.handles.lock().get(&fh) {
+            st.lock().result = Some(text);
+        }
+        self.invalidate(view);
+        res
+    }
+
+    /// Make an open file's changes durable: chunk the spool into the store
+    /// and stage a `Put`. Called on every close (flush) and fsync.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        enum Pending {
+            Write(Arc<WriteFile>, u64),
+            Command(Arc<View>, String),
+            Nothing,
+        }
+        let pending = match self.handles.lock().get(&fh) {
+            Some(Handle::Write(wf, ino)) => Pending::Write(wf.clone(), *ino),
+            Some(Handle::Ctl(view, st)) => {
+                // A command without a trailing newline runs at close.
+                let line =
+                    String::from_utf8_lossy(&std::mem::take(&mut st.lock().pending)).into_owned();
+                Pending::Command(view.clone(), line)
+            }
+            Some(_) => Pending::Nothing,
+            None => return Err(FsError::BadHandle),
+        };
+        match pending {
+            Pending::Write(wf, ino) => self.commit_write(ino, &wf),
+            Pending::Command(view, line) if !line.trim().is_empty() => {
+                self.run_control(fh, &view, &line)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn commit_write(&self, ino: u64, wf: &Arc<WriteFile>) -> Result<()> {
+        let meta = wf.meta.lock().clone();
+        if !meta.dirty || meta.unlinked {
+            return Ok(());
+        }
+        let Node::File { view, .. } = self.node(ino)? else {
+            return Err(FsError::BadHandle);
+        };
+        let path = wf.path.lock().clone();
+        let (entry, _) = self.lake.store_file(
+            wf.reader()?,
+            meta.mode,
+            meta.mtime,
+            &format!("spool of {path}"),
+        )?;
+        self.lake.flush()?;
+        {
+            let mut m = wf.meta.lock();
+            // Writes that came in while we were storing keep it dirty.
+            if m.size == meta.size && m.mtime == meta.mtime {
+                m.dirty = false;
+            }
+        }
+        self.stage(
+            &view,
+            vec![Op::Put {
+                path: path.clone(),
+                entry: entry.clone(),
+            }],
+        )?;
+        if let Entry::File(file) = entry {
+            // This inode now is the written version.
+            self.nodes.lock().insert(
+                ino,
+                Node::File {
+                    view: view.clone(),
+                    path: path.clone(),
+                    file,
+                },
+            );
+        }
+        view.state.lock().creating.remove(&path);
+        Ok(())
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        self.flush(fh)
+    }
+
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return Ok(());
+        };
+        if let Handle::Write(wf, ino) = h {
+            let last = close_ref(&wf);
+            // Normally flushed already; writes through mmap may not be.
+            let res = self.commit_write(ino, &wf);
+            if last {
+                self.writes.lock().remove(&ino);
+                if let Ok(Node::File { view, path, .. }) = self.node(ino) {
+                    let mut st = view.state.lock();
+                    if st.creating.get(&path) == Some(&ino) {
+                        st.creating.remove(&path);
+                    }
+                }
+            }
+            return res;
+        }
+        Ok(())
+    }
+
+    // ---- namespace changes ----
+
+    /// The writable view and path of a directory inode.
+    fn dir_node(&self, parent: u64) -> Result<(Arc<View>, String)> {
+        match self.node(parent)? {
+            Node::Tree { view, path } => {
+                self.check_writable(&view)?;
+                Ok((view, path))
+            }
+            Node::Root | Node::Repo(_) => Err(FsError::NotPermitted(
+                "create repositories and branches with tarn",
+            )),
+            Node::ControlDir(_) => Err(FsError::NotPermitted("the control directory is fixed")),
+            Node::File { .. } | Node::Control(..) => Err(FsError::NotADirectory),
+        }
+    }
+
+    /// Refuse names that would shadow the control directory.
+    fn check_new_name(&self, path: &str, name: &str) -> Result<()> {
+        check_name(name)?;
+        if path.is_empty() && name == CONTROL_DIR {
+            return Err(FsError::Exists);
+        }
+        Ok(())
+    }
+
+    /// Create and open a new regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &str,
+        mode: u32,
+        exclusive: bool,
+    ) -> Result<(Attr, u64)> {
+        let (view, path) = self.dir_node(parent)?;
+        self.check_new_name(&path, name)?;
+        let state = self.state(&view)?;
+        self.dir_at(&state, &path)?;
+        let child = join(&path, name);
+        if let Some((ino, entry)) = self.child(&view, &state, &child)? {
+            if exclusive {
+                return Err(FsError::Exists);
+            }
+            if matches!(entry, Some(Entry::Dir(_))) {
+                return Err(FsError::IsADirectory);
+            }
+            let (fh, _) = self.open(ino, true, true)?;
+            return Ok((self.getattr(ino)?, fh));
+        }
+        let now = now_ns();
+        let file = File {
+            size: 0,
+            mode: mode & 0o7777,
+            mtime: now,
+            content: Content::Inline(Vec::new()),
+        };
+        let ino = ino_of(&[
+            b"new",
+            &view.id.to_le_bytes(),
+            child.as_bytes(),
+            ulid::Ulid::new().to_string().as_bytes(),
+        ]);
+        let wf = Arc::new(WriteFile::new(
+            &self.cfg.spool_dir,
+            child.clone(),
+            mode & 0o7777,
+            now,
+            |_| Ok(0),
+            true,
+        )?);
+        open_ref(&wf);
+        self.nodes.lock().insert(
+            ino,
+            Node::File {
+                view: view.clone(),
+                path: child.clone(),
+                file,
+            },
+        );
+        self.writes.lock().insert(ino, wf.clone());
+        view.state.lock().creating.insert(child, ino);
+        let fh = self.add_handle(Handle::Write(wf, ino));
+        Ok((self.getattr(ino)?, fh))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
+        let (view, path) = self.dir_node(parent)?;
+        self.check_new_name(&path, name)?;
+        let state = self.state(&view)?;
+        self.dir_at(&state, &path)?;
+        let child = join(&path, name);
+        if self.child(&view, &state, &child)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let empty = self.lake.trees().empty_dir();
+        self.lake.flush()?;
+        self.stage(
+            &view,
+            vec![Op::Put {
+                path: child.clone(),
+                entry: Entry::Dir(empty),
+            }],
+        )?;
+        self.lookup(parent, name)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<Attr> {
+        let (view, path) = self.dir_node(parent)?;
+        self.check_new_name(&path, name)?;
+        let state = self.state(&view)?;
+        self.dir_at(&state, &path)?;
+        let child = join(&path, name);
+        if self.child(&view, &state, &child)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        self.stage(
+            &view,
+            vec![Op::Put {
+                path: child,
+                entry: Entry::Symlink(target.to_string()),
+            }],
+        )?;
+        self.lookup(parent, name)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &str) -> Result<()> {
+        let (view, path) = self.dir_node(parent)?;
+        let state = self.state(&view)?;
+        let child = join(&path, name);
+        match self.child(&view, &state, &child)? {
+            None => Err(FsError::NotFound),
+            Some((_, Some(Entry::Dir(_)))) => Err(FsError::IsADirectory),
+            Some((ino, entry)) => {
+                self.forget_writer_at(&view, &child, ino);
+                if entry.is_some() {
+                    self.stage(&view, vec![Op::Delete { path: child }])?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A file being written at `path` was removed or replaced: its pending
+    /// content must not be staged there any more.
+    fn forget_writer_at(&self, view: &View, path: &str, ino: u64) {
+        view.state.lock().creating.remove(path);
+        if let Some(wf) = self.writes.lock().get(&ino) {
+            wf.meta.lock().unlinked = true;
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &str) -> Result<()> {
+        let (view, path) = self.dir_node(parent)?;
+        let state = self.state(&view)?;
+        let child = join(&path, name);
+        match state.trees.lookup(&state.root, &child)? {
+            None => Err(FsError::NotFound),
+            Some(Entry::Dir(h)) => {
+                let creating_inside = state
+                    .creating
+                    .keys()
+                    .any(|p| p.starts_with(&format!("{child}/")));
+                if state.trees.count(&h)? > 0 || creating_inside {
+                    return Err(FsError::NotEmpty);
+                }
+                self.stage(&view, vec![Op::Delete { path: child }])
+            }
+            Some(_) => Err(FsError::NotADirectory),
+        }
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        no_replace: bool,
+    ) -> Result<()> {
+        let (view, from_dir) = self.dir_node(parent)?;
+        let (view2, to_dir) = self.dir_node(new_parent)?;
+        if view.id != view2.id {
+            return Err(FsError::NotPermitted("rename across branches"));
+        }
+        self.check_new_name(&to_dir, new_name)?;
+        let from = join(&from_dir, name);
+        let to = join(&to_dir, new_name);
+        if from == to {
+            return Ok(());
+        }
+        if to.starts_with(&format!("{from}/")) {
+            return Err(FsError::Invalid("cannot move a directory into itself"));
+        }
+        let state = self.state(&view)?;
+        let (src_ino, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
+        if let Some((dst_ino, dst)) = self.child(&view, &state, &to)? {
+            if no_replace {
+                return Err(FsError::Exists);
+            }
+            match (&src, &dst) {
+                (Some(Entry::Dir(_)), Some(Entry::Dir(h))) if state.trees.count(h)? > 0 => {
+                    return Err(FsError::NotEmpty)
+                }
+                (Some(Entry::Dir(_)), Some(Entry::Dir(_))) => {}
+                (Some(Entry::Dir(_)), _) => return Err(FsError::NotADirectory),
+                (_, Some(Entry::Dir(_))) => return Err(FsError::IsADirectory),
+                _ => {}
+            }
+            self.forget_writer_at(&view, &to, dst_ino);
+        }
+        let mut ops = Vec::new();
+        if src.is_some() {
+            ops.push(Op::Move {
+                from: from.clone(),
+                to: to.clone(),
+            });
+        } else {
+            // A file still being created: it lands at the new name when
+            // staged; whatever was at the new name goes now.
+            ops.push(Op::Delete { path: to.clone() });
+        }
+        self.stage(&view, ops)?;
+        self.moved(&view, &from, &to, src_ino);
+        Ok(())
+    }
+
+    /// After a rename: inodes, open writers and pending creates under `from`
+    /// now live under `to`.
+    fn moved(&self, view: &View, from: &str, to: &str, src_ino: u64) {
+        let prefix = format!("{from}/");
+        let rebase = |p: &str| -> Option<String> {
+            if p == from {
+                Some(to.to_string())
+            } else {
+                p.strip_prefix(&prefix).map(|rest| format!("{to}/{rest}"))
+            }
+        };
+        {
+            let mut st = view.state.lock();
+            let moved: Vec<(String, u64)> = st
+                .creating
+                .iter()
+                .filter(|(p, _)| rebase(p).is_some())
+                .map(|(p, i)| (p.clone(), *i))
+                .collect();
+            for (p, i) in moved {
+                st.creating.remove(&p);
+                st.creating.insert(rebase(&p).expect("filtered"), i);
+            }
+        }
+        for wf in self.writes.lock().values() {
+            let mut p = wf.path.lock();
+            if let Some(n) = rebase(&p) {
+                *p = n;
+            }
+        }
+        let mut nodes = self.nodes.lock();
+        for node in nodes.values_mut() {
+            match node {
+                Node::Tree { view: v, path } | Node::File { view: v, path, .. }
+                    if v.id == view.id =>
+                {
+                    if let Some(n) = rebase(path) {
+                        *path = n;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let _ = src_ino;
+    }
+
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
+        let node = self.node(ino)?;
+        let (view, path, file) = match node {
+            Node::File { view, path, file } => (view, path, file),
+            Node::Tree { view, .. } => {
+                // Directories and symlinks carry no mode or times of their own.
+                self.check_writable(&view)?;
+                return self.getattr(ino);
+            }
+            Node::Control(_, ControlFile::Ctl) if set.size == Some(0) => return self.getattr(ino),
+            _ => return Err(FsError::NotPermitted("cannot change this file")),
+        };
+        self.check_writable(&view)?;
+        let open = match fh {
+            Some(fh) => match self.handles.lock().get(&fh) {
+                Some(Handle::Write(wf, _)) => Some(wf.clone()),
+                _ => None,
+            },
+            None => None,
+        }
+        .or_else(|| self.writes.lock().get(&ino).cloned());
+        if let Some(wf) = open {
+            if let Some(size) = set.size {
+                wf.truncate(size)?;
+            }
+            let mut m = wf.meta.lock();
+            if let Some(mode) = set.mode {
+                m.mode = mode & 0o7777;
+                m.dirty = true;
+            }
+            if let Some(t) = set.mtime {
+                m.mtime = ns_of(t);
+                m.dirty = true;
+            }
+            drop(m);
+            if fh.is_none() {
+                // chmod/truncate by path: durable now, not at someone's close.
+                self.commit_write(ino, &wf)?;
+            }
+            return self.getattr(ino);
+        }
+        if let Some(size) = set.size {
+            if size != file.size {
+                let wf = self.writer(ino, &path, &file)?;
+                open_ref(&wf);
+                wf.truncate(size)?;
+                let res = self.commit_write(ino, &wf);
+                if close_ref(&wf) {
+                    self.writes.lock().remove(&ino);
+                }
+                res?;
+            }
+        }
+        let current = match self.node(ino)? {
+            Node::File { file, .. } => file,
+            _ => file,
+        };
+        let mut changed = current.clone();
+        if let Some(mode) = set.mode {
+            changed.mode = mode & 0o7777;
+        }
+        if let Some(t) = set.mtime {
+            changed.mtime = ns_of(t);
+        }
+        if changed != current {
+            self.stage(
+                &view,
+                vec![Op::Put {
+                    path: path.clone(),
+                    entry: Entry::File(changed.clone()),
+                }],
+            )?;
+            self.nodes.lock().insert(
+                ino,
+                Node::File {
+                    view: view.clone(),
+                    path,
+                    file: changed,
+                },
+            );
+        }
+        self.getattr(ino)
     }
 
     fn control_text(&self, view: &View, f: ControlFile) -> Result<String> {
@@ -773,7 +1569,8 @@ impl LakeFs {
             ControlFile::Status => {
                 let base = self.lake.commit(&view.repo, &state.commit)?.tree;
                 let mut out = String::new();
-                for c in self.lake.diff_trees(&base, &state.root)? {
+                let diff = self.lake.diff_trees_in(&state.trees, &base, &state.root)?;
+                for c in diff {
                     let mark = match c.kind {
                         crate::repo::ChangeKind::Added => 'A',
                         crate::repo::ChangeKind::Removed => 'D',
@@ -781,24 +1578,24 @@ impl LakeFs {
                     };
                     out.push_str(&format!("{mark} {}\n", c.path));
                 }
+                for p in state.creating.keys() {
+                    out.push_str(&format!("W {p}\n"));
+                }
                 out
             }
-            ControlFile::Result | ControlFile::Ctl => String::new(),
-        })
-    }
-
-    /// Read up to `size` bytes at `offset` from an open file.
-    pub fn read(&self, fh: u64, offset: u64, size: usize) -> Result<Bytes> {
-        let handle = match self.handles.lock().get(&fh) {
-            Some(Handle::File(f)) => f.clone(),
-            Some(Handle::Control(b)) => {
-                let start = (offset as usize).min(b.len());
-                let end = (start + size).min(b.len());
-                return Ok(b.slice(start..end));
+            ControlFile::Info => {
+                let v = serde_json::json!({
+                    "lake": self.lake.store().url(),
+                    "repo": view.repo,
+                    "ref": view.name,
+                    "branch": view.branch,
+                    "commit": state.commit.to_hex(),
+                });
+                format!("{v}\n")
             }
-            _ => return Err(FsError::BadHandle),
-        };
-        read_file(&self.cache, &handle, offset, size)
+            ControlFile::Result => view.last_result.lock().clone(),
+            ControlFile::Ctl => String::new(),
+        })
     }
 
     /// Numbers for `statfs`: the lake has no fixed size, so report plenty.
