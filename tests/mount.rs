@@ -4,95 +4,9 @@ mod common;
 use common::*;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn fuse_available() -> bool {
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must run the mount tests: /dev/fuse is missing"
-    );
-    eprintln!("no /dev/fuse: skipping mount tests");
-    false
-}
-
-fn mounted(dir: &Path) -> bool {
-    let dir = dir.canonicalize().unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| Path::new(m) == dir)
-}
-
-/// Wait for a condition with a deadline instead of sleeping blindly.
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A running `tarn mount`; unmounted and stopped on drop, even when the test fails.
-struct Mount {
-    dir: PathBuf,
-    child: Child,
-}
-
-impl Mount {
-    fn new(s: &Scratch, name: &str, extra: &[&str]) -> Mount {
-        let dir = s.path(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cache = s.path(&format!("{name}-cache"));
-        let mut args = vec![
-            "mount",
-            dir.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let child = s
-            .cmd(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut m = Mount { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !mounted(&m.dir) {
-            if let Some(status) = m.child.try_wait().unwrap() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(m.child.stderr.as_mut().unwrap(), &mut err).unwrap();
-                panic!("tarn mount exited with {status}: {err}");
-            }
-            assert!(Instant::now() < deadline, "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn p(&self, rel: &str) -> PathBuf {
-        self.dir.join(rel)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if mounted(&self.dir) {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(&self.dir)
-                .status();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 fn setup() -> (Scratch, Vec<u8>, String) {
     let s = Scratch::new();

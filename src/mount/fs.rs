@@ -284,6 +284,9 @@ enum Handle {
 struct CtlState {
     pending: Vec<u8>,
     result: Option<String>,
+    /// Reads return the result from its start after each command, whatever
+    /// the file offset the writes moved to.
+    read_pos: usize,
 }
 
 /// A snapshot of a file at open: its content never changes under a reader.
@@ -314,6 +317,8 @@ pub struct LakeFs {
     next_handle: AtomicU64,
     /// Files open for writing, by inode.
     writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
+    /// Rename counts per (view, old path): see `generation`.
+    moved_away: Mutex<HashMap<(u64, String), u64>>,
 }
 
 /// Inode numbers are a hash of what the inode is, so they are stable within
@@ -379,6 +384,7 @@ impl LakeFs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             writes: Mutex::new(HashMap::new()),
+            moved_away: Mutex::new(HashMap::new()),
         };
         let root = match fs.cfg.pinned.clone() {
             Some((repo, reference)) => {
@@ -411,22 +417,38 @@ impl LakeFs {
         ino
     }
 
-    fn file_ino(view: &View, path: &str, file: &File) -> u64 {
+    /// How many times the inodes at a path were moved away by a rename:
+    /// part of the inode number, so what later appears at the old path never
+    /// takes the inode of what moved.
+    fn generation(&self, view: &View, path: &str) -> [u8; 8] {
+        let g = self
+            .moved_away
+            .lock()
+            .get(&(view.id, path.to_string()))
+            .copied()
+            .unwrap_or(0);
+        g.to_le_bytes()
+    }
+
+    fn file_ino(&self, view: &View, path: &str, file: &File) -> u64 {
         let content = postcard::to_allocvec(&file.content).expect("content encodes");
+        let gen = self.generation(view, path);
         ino_of(&[
             b"file",
             &view.id.to_le_bytes(),
             path.as_bytes(),
+            &gen,
             &file.size.to_le_bytes(),
             &content,
         ])
     }
 
-    fn tree_ino(view: &View, path: &str) -> u64 {
+    fn tree_ino(&self, view: &View, path: &str) -> u64 {
         if path.is_empty() {
             ino_of(&[b"view", &view.id.to_le_bytes()])
         } else {
-            ino_of(&[b"tree", &view.id.to_le_bytes(), path.as_bytes()])
+            let gen = self.generation(view, path);
+            ino_of(&[b"tree", &view.id.to_le_bytes(), path.as_bytes(), &gen])
         }
     }
 
@@ -434,7 +456,7 @@ impl LakeFs {
     fn entry_node(&self, view: &Arc<View>, path: String, entry: &Entry) -> u64 {
         match entry {
             Entry::File(f) => self.remember(
-                Self::file_ino(view, &path, f),
+                self.file_ino(view, &path, f),
                 Node::File {
                     view: view.clone(),
                     path,
@@ -442,7 +464,7 @@ impl LakeFs {
                 },
             ),
             _ => self.remember(
-                Self::tree_ino(view, &path),
+                self.tree_ino(view, &path),
                 Node::Tree {
                     view: view.clone(),
                     path,
@@ -783,7 +805,7 @@ impl LakeFs {
             Node::Repo(repo) => {
                 let view = self.view(&repo, name)?;
                 let ino = self.remember(
-                    Self::tree_ino(&view, ""),
+                    self.tree_ino(&view, ""),
                     Node::Tree {
                         view,
                         path: String::new(),
@@ -853,7 +875,7 @@ impl LakeFs {
                 let mut out = Vec::new();
                 for (b, _) in self.lake.list_branches(&repo)? {
                     let ino = match self.views.lock().get(&(repo.clone(), b.clone())) {
-                        Some(v) => Self::tree_ino(v, ""),
+                        Some(v) => self.tree_ino(v, ""),
                         None => ino_of(&[b"unviewed", repo.as_bytes(), b.as_bytes()]),
                     };
                     out.push((b, Kind::Dir, ino));
@@ -878,9 +900,9 @@ impl LakeFs {
                     .map(|(name, e)| {
                         let child = join(&path, &name);
                         let v = match &e {
-                            Entry::Dir(_) => (Kind::Dir, Self::tree_ino(&view, &child)),
-                            Entry::File(f) => (Kind::File, Self::file_ino(&view, &child, f)),
-                            Entry::Symlink(_) => (Kind::Symlink, Self::tree_ino(&view, &child)),
+                            Entry::Dir(_) => (Kind::Dir, self.tree_ino(&view, &child)),
+                            Entry::File(f) => (Kind::File, self.file_ino(&view, &child, f)),
+                            Entry::Symlink(_) => (Kind::Symlink, self.tree_ino(&view, &child)),
                         };
                         (name, v)
                     })
@@ -1032,14 +1054,15 @@ impl LakeFs {
                 return Ok(b.slice(start..end));
             }
             Some(Handle::Ctl(view, st)) => {
-                let st = st.lock();
+                let mut st = st.lock();
                 let text = st
                     .result
                     .clone()
                     .unwrap_or_else(|| view.last_result.lock().clone());
-                let b = text.into_bytes();
-                let start = (offset as usize).min(b.len());
+                let b = text.as_bytes();
+                let start = st.read_pos.min(b.len());
                 let end = (start + size).min(b.len());
+                st.read_pos = end;
                 return Ok(Bytes::copy_from_slice(&b[start..end]));
             }
             _ => return Err(FsError::BadHandle),
@@ -1101,7 +1124,9 @@ impl LakeFs {
         let text = format!("{text}\n");
         *view.last_result.lock() = text.clone();
         if let Some(Handle::Ctl(_, st)) = self.handles.lock().get(&fh) {
-            st.lock().result = Some(text);
+            let mut st = st.lock();
+            st.result = Some(text);
+            st.read_pos = 0;
         }
         self.invalidate(view);
         res
@@ -1400,7 +1425,7 @@ impl LakeFs {
             return Err(FsError::Invalid("cannot move a directory into itself"));
         }
         let state = self.state(&view)?;
-        let (src_ino, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
+        let (_, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
         if let Some((dst_ino, dst)) = self.child(&view, &state, &to)? {
             if no_replace {
                 return Err(FsError::Exists);
@@ -1428,13 +1453,13 @@ impl LakeFs {
             ops.push(Op::Delete { path: to.clone() });
         }
         self.stage(&view, ops)?;
-        self.moved(&view, &from, &to, src_ino);
+        self.moved(&view, &from, &to);
         Ok(())
     }
 
     /// After a rename: inodes, open writers and pending creates under `from`
     /// now live under `to`.
-    fn moved(&self, view: &View, from: &str, to: &str, src_ino: u64) {
+    fn moved(&self, view: &View, from: &str, to: &str) {
         let prefix = format!("{from}/");
         let rebase = |p: &str| -> Option<String> {
             if p == from {
@@ -1463,19 +1488,20 @@ impl LakeFs {
             }
         }
         let mut nodes = self.nodes.lock();
+        let mut moved_away = self.moved_away.lock();
         for node in nodes.values_mut() {
             match node {
                 Node::Tree { view: v, path } | Node::File { view: v, path, .. }
                     if v.id == view.id =>
                 {
                     if let Some(n) = rebase(path) {
+                        *moved_away.entry((view.id, path.clone())).or_default() += 1;
                         *path = n;
                     }
                 }
                 _ => {}
             }
         }
-        let _ = src_ino;
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
@@ -1653,4 +1679,83 @@ fn read_file(cache: &ChunkCache, h: &FileHandle, offset: u64, size: usize) -> Re
         out.extend_from_slice(&p);
     }
     Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The filesystem core, driven directly: no kernel, no mount.
+    use super::*;
+    use crate::store::Store;
+
+    fn setup() -> (tempfile::TempDir, LakeFs, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("memory://fs-{}", ulid::Ulid::new())).unwrap();
+        let lake = Arc::new(Lake::init(store.clone()).unwrap().0);
+        lake.create_repo("r", "main").unwrap();
+        let cache = ChunkCache::open(store, &dir.path().join("cache"), 1 << 30).unwrap();
+        let fs = LakeFs::new(
+            lake,
+            cache,
+            FsConfig {
+                pinned: None,
+                read_only: false,
+                metadata_ttl: Duration::from_millis(50),
+                uid: 0,
+                gid: 0,
+                spool_dir: dir.path().join("spool"),
+            },
+        )
+        .unwrap();
+        let repo = fs.lookup(ROOT_INO, "r").unwrap().ino;
+        let main = fs.lookup(repo, "main").unwrap().ino;
+        (dir, fs, main)
+    }
+
+    fn write(fs: &LakeFs, dir: u64, name: &str, data: &[u8]) -> u64 {
+        let (a, fh) = fs.create(dir, name, 0o644, false).unwrap();
+        fs.write(fh, 0, data).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        a.ino
+    }
+
+    fn names(fs: &LakeFs, dir: u64) -> Vec<String> {
+        let fh = fs.opendir(dir).unwrap();
+        let mut out = Vec::new();
+        fs.readdir(fh, 0, |_, _, _, n| {
+            out.push(n.to_string());
+            false
+        })
+        .unwrap();
+        fs.release(fh).unwrap();
+        out
+    }
+
+    fn read_all(fs: &LakeFs, ino: u64) -> Vec<u8> {
+        let (fh, _) = fs.open(ino, false, false).unwrap();
+        let data = fs.read(fh, 0, 1 << 20).unwrap().to_vec();
+        fs.release(fh).unwrap();
+        data
+    }
+
+    #[test]
+    fn a_new_directory_at_a_renamed_ones_name_is_empty() {
+        let (_d, fs, main) = setup();
+        let d3 = fs.mkdir(main, "d3").unwrap().ino;
+        write(&fs, d3, "c.txt", b"x\n");
+        let d1 = fs.mkdir(main, "d1").unwrap().ino;
+        fs.rename(main, "d3", d1, "b", false).unwrap();
+        let new_d3 = fs.mkdir(main, "d3").unwrap().ino;
+        assert_ne!(new_d3, d3);
+        assert!(names(&fs, new_d3).is_empty());
+        assert_eq!(
+            fs.lookup(new_d3, "c.txt").unwrap_err().errno(),
+            libc::ENOENT
+        );
+        // The moved inode still works, at its new place.
+        assert_eq!(names(&fs, d3), ["c.txt"]);
+        let c = fs.lookup(d3, "c.txt").unwrap().ino;
+        assert_eq!(read_all(&fs, c), b"x\n");
+        assert_eq!(names(&fs, main), ["d1", "d3"]);
+    }
 }

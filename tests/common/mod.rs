@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const TARN: &str = env!("CARGO_BIN_EXE_tarn");
 
@@ -139,4 +140,90 @@ pub fn tree_files(root: &Path) -> Vec<(String, Vec<u8>)> {
     }
     walk(root, root, &mut out);
     out
+}
+
+pub fn fuse_available() -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the mount tests: /dev/fuse is missing"
+    );
+    eprintln!("no /dev/fuse: skipping mount tests");
+    false
+}
+
+pub fn mounted(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// Wait for a condition with a deadline instead of sleeping blindly.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `tarn mount`; unmounted and stopped on drop, even when the test fails.
+pub struct Mount {
+    pub dir: PathBuf,
+    pub child: Child,
+}
+
+impl Mount {
+    pub fn new(s: &Scratch, name: &str, extra: &[&str]) -> Mount {
+        let dir = s.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cache = s.path(&format!("{name}-cache"));
+        let mut args = vec![
+            "mount",
+            dir.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let child = s
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut m = Mount { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !mounted(&m.dir) {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(m.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                panic!("tarn mount exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "mount did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if mounted(&self.dir) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.dir)
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,457 @@
+//! The write side of the mount: POSIX operations, control files,
+//! durability across `kill -9`, concurrency, and a reference-model test
+//! against a plain directory.
+
+mod common;
+use common::*;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn branch_setup() -> Scratch {
+    let s = Scratch::new();
+    s.ok(&["repo", "create", "sales"]);
+    s.ok(&["branch", "create", "sales/dev", "--from", "main"]);
+    s
+}
+
+#[test]
+fn posix_operations_and_their_errors() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let m = Mount::new(&s, "mnt", &[]);
+    let d = m.p("sales/dev");
+    std::fs::write(d.join("a.txt"), "one\n").unwrap();
+    assert_eq!(std::fs::read_to_string(d.join("a.txt")).unwrap(), "one\n");
+    // Append, random write, sparse extension, truncate.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("a.txt"))
+        .unwrap()
+        .write_all(b"two\n")
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.join("a.txt")).unwrap(),
+        "one\ntwo\n"
+    );
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d.join("r.bin"))
+            .unwrap();
+        f.write_all(&[b'0'; 10000]).unwrap();
+        f.seek(SeekFrom::Start(5000)).unwrap();
+        f.write_all(b"XYZ").unwrap();
+        f.seek(SeekFrom::Start(20000)).unwrap();
+        f.write_all(b"end").unwrap();
+    }
+    let r = std::fs::read(d.join("r.bin")).unwrap();
+    assert_eq!(r.len(), 20003);
+    assert_eq!(&r[5000..5003], b"XYZ");
+    assert!(r[10000..20000].iter().all(|b| *b == 0));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("r.bin"))
+        .unwrap()
+        .set_len(2)
+        .unwrap();
+    assert_eq!(std::fs::metadata(d.join("r.bin")).unwrap().len(), 2);
+    // O_EXCL on an existing name.
+    let excl = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(d.join("a.txt"));
+    assert_eq!(errno_of(excl), libc::EEXIST);
+    // Directories, renames (file, directory, over a file), symlinks, chmod.
+    std::fs::create_dir_all(d.join("x/y/z")).unwrap();
+    std::fs::write(d.join("x/y/z/f.txt"), "deep\n").unwrap();
+    std::fs::rename(d.join("x"), d.join("x2")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.join("x2/y/z/f.txt")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(errno_of(std::fs::metadata(d.join("x"))), libc::ENOENT);
+    std::fs::write(d.join("b.txt"), "bee").unwrap();
+    std::fs::rename(d.join("a.txt"), d.join("b.txt")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.join("b.txt")).unwrap(),
+        "one\ntwo\n"
+    );
+    std::os::unix::fs::symlink("b.txt", d.join("link")).unwrap();
+    assert_eq!(
+        std::fs::read_link(d.join("link")).unwrap(),
+        Path::new("b.txt")
+    );
+    std::fs::set_permissions(d.join("b.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        std::fs::metadata(d.join("b.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    std::fs::create_dir(d.join("empty")).unwrap();
+    assert_eq!(errno_of(std::fs::create_dir(d.join("empty"))), libc::EEXIST);
+    assert_eq!(errno_of(std::fs::remove_dir(d.join("x2"))), libc::ENOTEMPTY);
+    std::fs::create_dir(d.join("full")).unwrap();
+    std::fs::write(d.join("full/f"), "f").unwrap();
+    assert_eq!(
+        errno_of(std::fs::rename(d.join("empty"), d.join("full"))),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno_of(std::fs::rename(d.join("x2"), d.join("x2/y/inside"))),
+        libc::EINVAL
+    );
+    // Not supported: hard links, fifos. A user file can't take the .tarn name.
+    assert_eq!(
+        errno_of(std::fs::hard_link(d.join("b.txt"), d.join("hl"))),
+        libc::EPERM
+    );
+    let fifo = std::ffi::CString::new(d.join("fifo").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid path.
+    assert_ne!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert_eq!(errno_of(std::fs::write(d.join(".tarn"), "x")), libc::EISDIR);
+    assert_eq!(errno_of(std::fs::create_dir(d.join(".tarn"))), libc::EEXIST);
+    let listing: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!listing.contains(&".tarn".to_string()));
+    // Unlink.
+    std::fs::write(d.join("gone.txt"), "gone").unwrap();
+    std::fs::remove_file(d.join("gone.txt")).unwrap();
+    assert_eq!(
+        errno_of(std::fs::metadata(d.join("gone.txt"))),
+        libc::ENOENT
+    );
+
+    // The CLI sees what the mount staged; commit through the control file.
+    let status = std::fs::read_to_string(d.join(".tarn/status")).unwrap();
+    assert!(status.contains("b.txt"), "{status}");
+    assert!(s.ok(&["status", "sales/dev"]).contains("x2/y/z/f.txt"));
+    std::fs::write(d.join(".tarn/ctl"), "commit -m \"from ctl\"\n").unwrap();
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join(".tarn/result")).unwrap()).unwrap();
+    assert_eq!(result["ok"], true);
+    assert_eq!(result["commit"].as_str().unwrap(), s.head("sales/dev"));
+    assert_eq!(s.ok(&["cat", "sales/dev/x2/y/z/f.txt"]), "deep\n");
+    let ls = s.ok(&["ls", "sales/dev/"]);
+    assert!(
+        ls.contains("empty"),
+        "empty directories are committed: {ls}"
+    );
+    assert_eq!(
+        s.json(&["log", "sales/dev", "-n", "1"])[0]["message"],
+        "from ctl"
+    );
+    // A bad command fails the write with EINVAL and says why in result.
+    assert_eq!(
+        errno_of(std::fs::write(d.join(".tarn/ctl"), "frobnicate now\n")),
+        libc::EINVAL
+    );
+    let result = std::fs::read_to_string(d.join(".tarn/result")).unwrap();
+    assert!(
+        result.contains("\"ok\":false") && result.contains("frobnicate"),
+        "{result}"
+    );
+    // Reading the control file on the same fd returns the outcome.
+    let mut ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.join(".tarn/ctl"))
+        .unwrap();
+    ctl.write_all(b"branch experiment-1\n").unwrap();
+    let mut out = String::new();
+    ctl.read_to_string(&mut out).unwrap();
+    assert!(out.contains("experiment-1"), "{out}");
+    assert!(s.ok(&["branch", "list", "sales"]).contains("experiment-1"));
+    std::fs::write(d.join("junk"), "junk").unwrap();
+    std::fs::write(d.join(".tarn/ctl"), "reset\n").unwrap();
+    wait_until("reset to show", Duration::from_secs(5), || {
+        !d.join("junk").exists()
+    });
+    // Nothing to commit: the write fails, nothing changes.
+    let head = s.head("sales/dev");
+    assert_ne!(
+        errno_of(std::fs::write(d.join(".tarn/ctl"), "commit -m nothing\n")),
+        0
+    );
+    assert_eq!(s.head("sales/dev"), head);
+    // Merge dev into main through main's control file.
+    std::fs::write(m.p("sales/main/.tarn/ctl"), "merge dev\n").unwrap();
+    assert_eq!(s.ok(&["cat", "sales/main/b.txt"]), "one\ntwo\n");
+    // Pinned refs are read-only.
+    assert_eq!(
+        errno_of(std::fs::write(m.p("sales/main~0/x.txt"), "x")),
+        libc::EROFS
+    );
+    // Inside the mount, the CLI takes the branch from the current directory.
+    let out = s.cmd(&["status"]).current_dir(&d).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn closed_files_survive_kill_9() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let mut m = Mount::new(&s, "mnt", &[]);
+    let big = pseudo_random(5_000_000, 3);
+    std::fs::write(m.p("sales/dev/durable.txt"), "durable\n").unwrap();
+    std::fs::write(m.p("sales/dev/big.bin"), &big).unwrap();
+    {
+        let mut f = std::fs::File::create(m.p("sales/dev/synced.txt")).unwrap();
+        f.write_all(b"synced\n").unwrap();
+        f.sync_all().unwrap();
+        // Still open when the daemon dies: fsync made it durable.
+        m.child.kill().unwrap();
+        m.child.wait().unwrap();
+    }
+    drop(m);
+    s.ok(&["commit", "sales/dev", "-m", "after kill"]);
+    assert_eq!(s.ok(&["cat", "sales/dev/durable.txt"]), "durable\n");
+    assert_eq!(s.ok(&["cat", "sales/dev/synced.txt"]), "synced\n");
+    let out = s.path("big.out");
+    s.ok(&["get", "sales/dev/big.bin", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out).unwrap(), big);
+}
+
+#[test]
+fn concurrent_writers_readers_and_commits_lose_nothing() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let m = Mount::new(&s, "mnt", &[]);
+    let d = m.p("sales/dev");
+    std::fs::write(d.join("shared.txt"), "old version\n").unwrap();
+    // A reader opened before a rewrite keeps seeing the old version.
+    let mut reader = std::fs::File::open(d.join("shared.txt")).unwrap();
+    let mut first = [0u8; 4];
+    reader.read_exact(&mut first).unwrap();
+    std::fs::write(d.join("shared.txt"), "NEW VERSION, LONGER\n").unwrap();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert_eq!(
+        format!("{}{rest}", std::str::from_utf8(&first).unwrap()),
+        "old version\n"
+    );
+    // A file open for writing across a commit made elsewhere is not lost.
+    let mut open = std::fs::File::create(d.join("open-across-commit.txt")).unwrap();
+    open.write_all(b"before ").unwrap();
+    s.ok(&["commit", "sales/dev", "-m", "meanwhile"]);
+    open.write_all(b"after\n").unwrap();
+    drop(open);
+    // Many writers at once.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    std::fs::write(d.join(format!("t{t}-{i}.txt")), format!("{t} {i}\n")).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    s.ok(&["commit", "sales/dev", "-m", "all"]);
+    assert_eq!(
+        s.ok(&["cat", "sales/dev/open-across-commit.txt"]),
+        "before after\n"
+    );
+    assert_eq!(
+        s.ok(&["cat", "sales/dev/shared.txt"]),
+        "NEW VERSION, LONGER\n"
+    );
+    let ls = s.json(&["ls", "sales/dev"]);
+    let n = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"].as_str().unwrap().starts_with('t'))
+        .count();
+    assert_eq!(n, 100);
+}
+
+/// A tiny deterministic generator, so a failing sequence can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Apply one random operation to both roots; the outcome (success or the
+/// errno) must match too.
+fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
+    const DIRS: [&str; 4] = ["", "d1", "d1/d2", "d3"];
+    const NAMES: [&str; 5] = ["a", "b", "c.txt", "d1", "d3"];
+    let dir = DIRS[rng.pick(DIRS.len())];
+    let name = NAMES[rng.pick(NAMES.len())];
+    let rel = if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    };
+    let other = {
+        let d2 = DIRS[rng.pick(DIRS.len())];
+        let n2 = NAMES[rng.pick(NAMES.len())];
+        if d2.is_empty() {
+            n2.to_string()
+        } else {
+            format!("{d2}/{n2}")
+        }
+    };
+    let data: Vec<u8> = (0..rng.pick(6000))
+        .map(|i| (i % 251) as u8 ^ (rng.0 as u8))
+        .collect();
+    let offset = rng.pick(8000) as u64;
+    let len = rng.pick(9000) as u64;
+    let mode = [0o644, 0o600, 0o755][rng.pick(3)];
+    let kind = rng.pick(10);
+    let mut results = Vec::new();
+    for root in roots {
+        let p = root.join(&rel);
+        let q = root.join(&other);
+        let r: std::io::Result<()> = match kind {
+            0 | 1 => std::fs::write(&p, &data),
+            2 => std::fs::OpenOptions::new()
+                .append(true)
+                .open(&p)
+                .and_then(|mut f| f.write_all(&data)),
+            3 => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|mut f| {
+                    f.seek(SeekFrom::Start(offset))?;
+                    f.write_all(&data[..data.len().min(100)])
+                }),
+            4 => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_len(len)),
+            5 => std::fs::create_dir(&p),
+            6 => std::fs::remove_file(&p),
+            7 => std::fs::remove_dir(&p),
+            8 => std::fs::rename(&p, &q),
+            _ => std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)),
+        };
+        results.push(r.map_err(|e| e.raw_os_error()));
+    }
+    log.push(format!("op {kind} {rel} {other} -> {:?}", results));
+    assert_eq!(
+        results[0],
+        results[1],
+        "outcomes differ; ops so far:\n{}",
+        log.join("\n")
+    );
+}
+
+fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    for (p, data) in tree_files(root) {
+        let full = root.join(p.trim_end_matches('/'));
+        let meta = std::fs::symlink_metadata(&full).unwrap();
+        let mode = if meta.is_file() {
+            meta.permissions().mode() & 0o777
+        } else {
+            0
+        };
+        out.push((p, data, mode));
+    }
+    out
+}
+
+#[test]
+fn random_file_operations_match_a_plain_directory() {
+    if !fuse_available() {
+        return;
+    }
+    // TARN_FS_SEEDS=1,2,3 replays or widens the search.
+    let seeds: Vec<u64> = match std::env::var("TARN_FS_SEEDS") {
+        Ok(v) => v
+            .split(',')
+            .map(|x| x.trim().parse().expect("seed"))
+            .collect(),
+        Err(_) => vec![7, 1234, 99_999],
+    };
+    for seed in seeds {
+        let s = branch_setup();
+        let model = s.path("model");
+        std::fs::create_dir_all(&model).unwrap();
+        let mut rng = Rng(seed);
+        let mut log = vec![format!("seed {seed}")];
+        let mut m = Mount::new(&s, "mnt", &[]);
+        for root in [model.clone(), m.p("sales/dev")] {
+            std::fs::create_dir_all(root.join("d1/d2")).unwrap();
+            std::fs::create_dir_all(root.join("d3")).unwrap();
+        }
+        for step in 0..200 {
+            let branch = m.p("sales/dev");
+            random_op(&mut rng, [&model, &branch], &mut log);
+            if step % 40 == 39 {
+                let _ = std::fs::write(branch.join(".tarn/ctl"), format!("commit -m step{step}\n"));
+                log.push("commit".into());
+            }
+            if step % 70 == 69 {
+                drop(m);
+                m = Mount::new(&s, "mnt", &[]);
+                log.push("remount".into());
+            }
+        }
+        let branch = m.p("sales/dev");
+        let succeeded = log
+            .iter()
+            .filter(|l| l.ends_with("[Ok(()), Ok(())]"))
+            .count();
+        assert!(
+            succeeded >= 30,
+            "only {succeeded} ops succeeded: the test would prove little"
+        );
+        assert_eq!(
+            snapshot(&model),
+            snapshot(&branch),
+            "ops:\n{}",
+            log.join("\n")
+        );
+        // And what is committed is exactly what the mount showed.
+        let _ = std::fs::write(branch.join(".tarn/ctl"), "commit -m final\n");
+        drop(m);
+        let out = s.path("out");
+        s.ok(&["get", "sales/dev", out.to_str().unwrap()]);
+        assert_eq!(
+            snapshot(&model),
+            snapshot(&out),
+            "committed tree; ops:\n{}",
+            log.join("\n")
+        );
+    }
+}
