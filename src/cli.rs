@@ -188,6 +188,25 @@ enum Command {
     },
     /// Unmount a tarn mount.
     Umount { dir: PathBuf },
+    /// mount(8) helper: `mount.tarn LAKE_URL DIR -o OPTIONS` (fstab type `tarn`).
+    #[command(hide = true)]
+    MountHelper {
+        spec: String,
+        dir: PathBuf,
+        /// Comma-separated mount options.
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// sloppy (ignore unknown options)
+        #[arg(short = 's')]
+        sloppy: bool,
+        /// fake: check everything, mount nothing
+        #[arg(short = 'f')]
+        fake: bool,
+        #[arg(short = 'n')]
+        no_mtab: bool,
+        #[arg(short = 'v')]
+        verbose: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -655,6 +674,28 @@ fn run(cli: Cli) -> Result<()> {
                 signals,
             )?;
         }
+        Command::MountHelper {
+            spec,
+            dir,
+            options,
+            sloppy,
+            fake,
+            no_mtab: _,
+            verbose,
+        } => {
+            let args = mount_helper_args(&spec, &dir, options.as_deref().unwrap_or(""), sloppy)?;
+            if verbose || fake {
+                eprintln!("tarn {}", args.join(" "));
+            }
+            if !fake {
+                let status = std::process::Command::new(std::env::current_exe()?)
+                    .args(&args)
+                    .status()?;
+                if !status.success() {
+                    bail!("tarn mount failed ({status})");
+                }
+            }
+        }
         Command::Umount { dir } => {
             crate::mount::unmount(&dir)?;
             if g.json {
@@ -694,6 +735,70 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Options mount(8) and fstab pass that mean nothing to tarn.
+const IGNORED_MOUNT_OPTIONS: &[&str] = &[
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "nofail",
+    "_netdev",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "async",
+    "sync",
+    "atime",
+    "noatime",
+    "relatime",
+    "strictatime",
+    "lazytime",
+];
+
+/// The `tarn mount` command line for a mount(8) helper call
+/// (`mount.tarn LAKE_URL DIR -o opt,key=value,...`).
+fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Result<Vec<String>> {
+    let lake = spec.strip_prefix("tarn#").unwrap_or(spec);
+    let mut args = vec![
+        "mount".to_string(),
+        dir.to_string_lossy().into_owned(),
+        "--lake".to_string(),
+        lake.to_string(),
+        "--daemon".to_string(),
+    ];
+    for opt in options.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let flag = |name: &str| -> Result<Vec<String>> {
+            match value {
+                Some(v) if !v.is_empty() => Ok(vec![format!("--{name}"), v.to_string()]),
+                _ => bail!("mount option {key} needs a value ({key}=...)"),
+            }
+        };
+        match key {
+            "ro" => args.push("--read-only".into()),
+            "allow_other" => args.push("--allow-other".into()),
+            "ref" => args.extend(flag("ref")?),
+            "cache_dir" => args.extend(flag("cache-dir")?),
+            "cache_size" => args.extend(flag("cache-size")?),
+            "metadata_ttl" => args.extend(flag("metadata-ttl")?),
+            "threads" => args.extend(flag("threads")?),
+            k if IGNORED_MOUNT_OPTIONS.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
+            _ if sloppy => {}
+            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
+        }
+    }
+    Ok(args)
 }
 
 /// `10G`, `512M`, `64K` or plain bytes.
@@ -1261,5 +1366,68 @@ fn get(lake: &Lake, entry: &Entry, dest: &Path) -> Result<u64> {
             }
             Ok(n)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fstab_options_become_mount_flags() {
+        let a = mount_helper_args(
+            "file:///srv/lake",
+            Path::new("/mnt/lake"),
+            "rw,_netdev,nofail,x-systemd.automount,ref=sales/v1,cache_dir=/var/cache/tarn,cache_size=20G,allow_other,ro",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            [
+                "mount",
+                "/mnt/lake",
+                "--lake",
+                "file:///srv/lake",
+                "--daemon",
+                "--ref",
+                "sales/v1",
+                "--cache-dir",
+                "/var/cache/tarn",
+                "--cache-size",
+                "20G",
+                "--allow-other",
+                "--read-only"
+            ]
+        );
+        // fuse-style spec (tarn#URL) and empty options
+        let a = mount_helper_args("tarn#s3://b/p", Path::new("/m"), "", false).unwrap();
+        assert_eq!(a[3], "s3://b/p");
+        assert!(mount_helper_args("file:///l", Path::new("/m"), "bogus", false).is_err());
+        assert!(mount_helper_args("file:///l", Path::new("/m"), "bogus", true).is_ok());
+        assert!(mount_helper_args("file:///l", Path::new("/m"), "ref=", false).is_err());
+        assert!(mount_helper_args("file:///l", Path::new("/m"), "cache_size", false).is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(
+            parse_duration("500ms").unwrap(),
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_duration("2m").unwrap(),
+            std::time::Duration::from_secs(120)
+        );
+        assert_eq!(
+            parse_duration("1").unwrap(),
+            std::time::Duration::from_secs(1)
+        );
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 }

@@ -219,3 +219,38 @@ fn sigterm_unmounts_cleanly() {
     assert!(status.success(), "daemon exits cleanly: {status}");
     assert!(!mounted(&m.dir));
 }
+
+#[test]
+fn fstab_helper_mounts_in_the_background() {
+    if !fuse_available() {
+        return;
+    }
+    let (s, _, _) = setup();
+    let dir = s.path("fstab");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = s.path("fstab-cache");
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/mount.tarn");
+    let out = Command::new(helper)
+        .arg(&s.lake)
+        .arg(&dir)
+        .arg("-o")
+        .arg(format!(
+            "rw,_netdev,ro,ref=sales/v1,cache_dir={}",
+            cache.display()
+        ))
+        .env("TARN", TARN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(mounted(&dir), "the helper returns once mounted");
+    let content = std::fs::read(dir.join("h.txt"));
+    let _ = s.run(&["umount", dir.to_str().unwrap()]);
+    assert_eq!(content.unwrap(), b"hello\n");
+    wait_until("the daemon to unmount", Duration::from_secs(5), || {
+        !mounted(&dir)
+    });
+}
