@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Write benchmark for the mount, against the same work on local disk, in one run:
+#   1. dd bs=1M of 2 GiB into a new file, close included
+#   2. untar of 20k files of 4 KiB
+#   3. commit of those 20k staged files through the control file
+#   4. dedup: a second copy of the 2 GiB file adds no chunks; appending 1 MiB
+#      uploads only the changed tail
+# Appends a table to docs/BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -q
+T=$PWD/target/release/tarn
+WORK=$(mktemp -d /tmp/tarn-bench-write.XXXXXX)
+MNT=$WORK/mnt
+mkdir -p "$MNT" "$WORK/local"
+PID=
+cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
+trap cleanup EXIT
+export TARN_LAKE=file://$WORK/lake
+
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN {printf "%.2f", x / y}'; }
+mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
+chunks() { find "$WORK/lake/chunks" -type f | wc -l; }
+
+"$T" init >/dev/null; "$T" repo create bench >/dev/null
+"$T" mount "$MNT" --cache-dir "$WORK/cache" >"$WORK/mount.log" 2>&1 &
+PID=$!
+for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+B=$MNT/bench/main
+SRC=$WORK/src.bin
+head -c $((2 << 30)) /dev/urandom >"$SRC"
+SIZE=$(stat -c %s "$SRC")
+
+echo "== 2 GiB dd" >&2
+dd_local=(); dd_tarn=()
+for i in 1 2 3; do
+  sync; t0=$(now); dd if="$SRC" of="$WORK/local/copy$i.bin" bs=1M status=none; t1=$(now)
+  dd_local+=("$(secs "$t0" "$t1")"); rm -f "$WORK/local/copy$i.bin"
+  t0=$(now); dd if="$SRC" of="$B/copy$i.bin" bs=1M status=none; t1=$(now)
+  dd_tarn+=("$(secs "$t0" "$t1")")
+done
+
+echo "== dedup" >&2
+before=$(chunks)
+cp "$SRC" "$B/again.bin"
+after_copy=$(chunks)
+head -c $((1 << 20)) /dev/urandom >>"$B/again.bin"
+after_append=$(chunks)
+
+echo "== untar 20k x 4 KiB" >&2
+TREE=$WORK/tree
+python3 - "$TREE" <<'PY'
+import os, sys
+root = sys.argv[1]
+for i in range(20000):
+    d = f"{root}/d{i // 1000:02d}"
+    if i % 1000 == 0:
+        os.makedirs(d, exist_ok=True)
+    with open(f"{d}/f{i:05d}", "wb") as f:
+        f.write(os.urandom(4096))
+PY
+tar -C "$TREE" -cf "$WORK/tree.tar" .
+tar_local=(); tar_tarn=()
+for i in 1 2 3; do
+  mkdir -p "$WORK/local/t$i"
+  sync; t0=$(now); tar -C "$WORK/local/t$i" -xf "$WORK/tree.tar"; sync; t1=$(now)
+  tar_local+=("$(secs "$t0" "$t1")"); rm -rf "$WORK/local/t$i"
+  mkdir "$B/t$i"
+  t0=$(now); tar -C "$B/t$i" -xf "$WORK/tree.tar"; t1=$(now)
+  tar_tarn+=("$(secs "$t0" "$t1")")
+done
+t0=$(now); echo 'commit -m "20k files"' >"$B/.tarn/ctl"; t1=$(now)
+ctl_commit=$(secs "$t0" "$t1")
+staged_files=$("$T" ls -r bench/main --json | python3 -c 'import json,sys; print(sum(1 for e in json.load(sys.stdin) if e["kind"] == "file"))')
+
+m_dd=$(median "${dd_tarn[@]}"); m_ddl=$(median "${dd_local[@]}")
+m_tar=$(median "${tar_tarn[@]}"); m_tarl=$(median "${tar_local[@]}")
+{
+  echo
+  echo "## write.sh — $(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"
+  echo
+  echo "Medians of 3, synchronous mode (close returns once the file is staged in the lake). Ratio = local time / tarn time."
+  echo
+  echo "| write | tarn | local disk | ratio | target |"
+  echo "|---|---|---|---|---|"
+  echo "| dd bs=1M, 2 GiB new file, close included | $(mbps "$m_dd" "$SIZE") MB/s | $(mbps "$m_ddl" "$SIZE") MB/s | $(ratio "$m_ddl" "$m_dd") | ≥ 0.4 |"
+  echo "| untar 20k × 4 KiB (local: with sync) | ${m_tar} s | ${m_tarl} s | $(ratio "$m_tarl" "$m_tar") | ≥ 0.2 |"
+  echo "| commit of the staged files through .tarn/ctl | ${ctl_commit} s | — | — | < 2 s |"
+  echo
+  echo "Dedup: chunks in the lake before a second copy of the 2 GiB file: $before, after: $after_copy (new: $((after_copy - before))); after appending 1 MiB to it: $after_append (new: $((after_append - after_copy))). Files in the commit: $staged_files."
+} | tee -a docs/BENCHMARKS.md
