@@ -1197,16 +1197,32 @@ fn collect_sources(src: &Path, dest: &str, out: &mut Vec<(PathBuf, String)>) -> 
     let meta = std::fs::symlink_metadata(src).with_context(|| format!("{}", src.display()))?;
     out.push((src.to_path_buf(), dest.to_string()));
     if meta.is_dir() {
-        let mut names: Vec<_> = std::fs::read_dir(src)
-            .with_context(|| format!("{}", src.display()))?
-            .collect::<std::io::Result<Vec<_>>>()?;
-        names.sort_by_key(|e| e.file_name());
-        for e in names {
-            let name = e
-                .file_name()
-                .into_string()
-                .map_err(|n| anyhow!("{}: file name is not UTF-8", Path::new(&n).display()))?;
-            collect_sources(&e.path(), &join(dest, &name), out)?;
+        collect_dir(src, dest, out)?;
+    }
+    Ok(())
+}
+
+/// The entries under a directory, depth first; file types come from the
+/// directory listing itself, so a million files cost no extra `stat`s here.
+fn collect_dir(dir: &Path, dest: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e
+            .file_name()
+            .into_string()
+            .map_err(|n| anyhow!("{}: file name is not UTF-8", Path::new(&n).display()))?;
+        let path = e.path();
+        let child = join(dest, &name);
+        let is_dir = e
+            .file_type()
+            .with_context(|| format!("{}", path.display()))?
+            .is_dir();
+        out.push((path.clone(), child.clone()));
+        if is_dir {
+            collect_dir(&path, &child, out)?;
         }
     }
     Ok(())

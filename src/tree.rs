@@ -36,6 +36,9 @@ const MIN_ITEMS: usize = 4;
 /// Always end a node at this many items, so adversarial names cannot make a
 /// single huge node.
 const MAX_ITEMS: usize = 1024;
+/// Always end a node once its items weigh this many bytes (roughly their
+/// encoded size), so directories of inline files keep small nodes too.
+const MAX_NODE_BYTES: usize = 64 << 10;
 
 /// Decoded nodes kept in memory per `Trees` handle.
 const NODE_CACHE: usize = 16 * 1024;
@@ -224,8 +227,8 @@ fn components(path: &str) -> impl Iterator<Item = &str> {
 
 /// Should a node at `level` end after an item with `key`, given it would then
 /// hold `len` items?
-fn is_boundary(level: u8, key: &str, len: usize) -> bool {
-    if len >= MAX_ITEMS {
+fn is_boundary(level: u8, key: &str, len: usize, bytes: usize) -> bool {
+    if len >= MAX_ITEMS || bytes >= MAX_NODE_BYTES {
         return true;
     }
     if len < MIN_ITEMS {
@@ -242,6 +245,8 @@ fn is_boundary(level: u8, key: &str, len: usize) -> bool {
 /// Items stored at one level of a prolly tree.
 trait Item: Clone {
     fn key(&self) -> &str;
+    /// About how many bytes the item takes in an encoded node.
+    fn weight(&self) -> usize;
     fn items(node: &Node) -> &[Self];
     fn node(level: u8, items: Vec<Self>) -> Node;
 }
@@ -249,6 +254,25 @@ trait Item: Clone {
 impl Item for (String, Entry) {
     fn key(&self) -> &str {
         &self.0
+    }
+    fn weight(&self) -> usize {
+        let content = match &self.1 {
+            Entry::File(File {
+                content: Content::Inline(b),
+                ..
+            }) => b.len(),
+            Entry::File(File {
+                content: Content::Chunks(c),
+                ..
+            }) => c.len() * 36,
+            Entry::File(File {
+                content: Content::External(e),
+                ..
+            }) => e.url.len() + 64,
+            Entry::Symlink(t) => t.len(),
+            _ => 0,
+        };
+        self.0.len() + content + 48
     }
     fn items(node: &Node) -> &[Self] {
         match node {
@@ -264,6 +288,9 @@ impl Item for (String, Entry) {
 impl Item for Child {
     fn key(&self) -> &str {
         &self.first
+    }
+    fn weight(&self) -> usize {
+        self.first.len() + 44
     }
     fn items(node: &Node) -> &[Self] {
         match node {
@@ -281,6 +308,7 @@ struct Chunker<'a, I: Item> {
     trees: &'a Trees,
     level: u8,
     buf: Vec<I>,
+    bytes: usize,
     out: Vec<Child>,
 }
 
@@ -290,12 +318,14 @@ impl<'a, I: Item> Chunker<'a, I> {
             trees,
             level,
             buf: Vec::new(),
+            bytes: 0,
             out: Vec::new(),
         }
     }
 
     fn push(&mut self, item: I) {
-        let end = is_boundary(self.level, item.key(), self.buf.len() + 1);
+        self.bytes += item.weight();
+        let end = is_boundary(self.level, item.key(), self.buf.len() + 1, self.bytes);
         self.buf.push(item);
         if end {
             self.emit();
@@ -307,10 +337,11 @@ impl<'a, I: Item> Chunker<'a, I> {
             return;
         }
         let items = std::mem::take(&mut self.buf);
+        self.bytes = 0;
         let node = I::node(self.level, items);
         let first = node.first_key().expect("non-empty").to_string();
         let count = node.count();
-        let hash = self.trees.save(&node);
+        let hash = self.trees.save(node);
         self.out.push(Child { first, hash, count });
     }
 }
@@ -448,6 +479,43 @@ impl Trees {
         self.pending.lock().len()
     }
 
+    /// A handle like `scratch`, keeping only the unwritten nodes reachable
+    /// from `roots`: a long-lived working view drops the intermediate nodes
+    /// of every edit it applied. Nodes in the store never point at unwritten
+    /// ones, so the walk stops at the first stored node on each path.
+    pub fn retain_reachable(&self, roots: &[Hash]) -> Trees {
+        let kept = self.scratch();
+        let pending = self.pending.lock();
+        let mut keep = kept.pending.lock();
+        let mut stack: Vec<Hash> = roots.to_vec();
+        while let Some(h) = stack.pop() {
+            let Some((bytes, node)) = pending.get(&h) else {
+                continue;
+            };
+            if keep.insert(h, (bytes.clone(), node.clone())).is_some() {
+                continue;
+            }
+            match &**node {
+                Node::Internal { children, .. } => stack.extend(children.iter().map(|c| c.hash)),
+                Node::Leaf(items) => {
+                    for (_, e) in items {
+                        match e {
+                            Entry::Dir(d) => stack.push(*d),
+                            Entry::File(File {
+                                content: Content::Manifest(m),
+                                ..
+                            }) => stack.push(*m),
+                            _ => {}
+                        }
+                    }
+                }
+                Node::Manifest(_) => {}
+            }
+        }
+        drop(keep);
+        kept
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -469,13 +537,13 @@ impl Trees {
     }
 
     /// Encode a node and queue it for writing; returns its hash.
-    pub fn save(&self, node: &Node) -> Hash {
+    pub fn save(&self, node: Node) -> Hash {
         let bytes = node.encode();
         let hash = Hash::of(&bytes);
         self.pending
             .lock()
             .entry(hash)
-            .or_insert_with(|| (Bytes::from(bytes), Arc::new(node.clone())));
+            .or_insert_with(|| (Bytes::from(bytes), Arc::new(node)));
         hash
     }
 
@@ -504,7 +572,7 @@ impl Trees {
     /// Content for a chunk list: in the entry when short, else a manifest node.
     pub fn pack_chunks(&self, refs: Vec<ChunkRef>) -> Content {
         if refs.len() > MANIFEST_AFTER {
-            Content::Manifest(self.save(&Node::Manifest(refs)))
+            Content::Manifest(self.save(Node::Manifest(refs)))
         } else {
             Content::Chunks(refs)
         }
@@ -525,7 +593,7 @@ impl Trees {
 
     /// The hash of the empty directory.
     pub fn empty_dir(&self) -> Hash {
-        self.save(&Node::Leaf(Vec::new()))
+        self.save(Node::Leaf(Vec::new()))
     }
 
     /// Look up one name in a directory.

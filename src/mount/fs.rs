@@ -36,6 +36,13 @@ const IMMUTABLE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Read-ahead grows to this many chunks past the current one (≈16 MiB).
 const MAX_READAHEAD_CHUNKS: usize = 16;
 
+/// A working view compacts its unwritten nodes once there are this many
+/// more than after its last compaction (4x growth or this, whichever is more).
+const COMPACT_AFTER_NODES: u64 = 4096;
+
+/// Reads this close to where the previous one ended count as sequential.
+const SEQUENTIAL_SLACK: u64 = 8 << 20;
+
 /// How long an unknown name under a repository stays known-unknown.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 
@@ -231,6 +238,11 @@ pub struct View {
     refreshing: Mutex<()>,
     stager: StageQueue,
     last_result: Mutex<String>,
+    /// Staged batches the view's root already reflects (kept out of
+    /// `ViewState`, which is cloned on every operation).
+    seen: Mutex<HashSet<String>>,
+    /// Unwritten nodes after the last compaction (see `apply_local`).
+    compacted_at: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -243,8 +255,6 @@ struct ViewState {
     /// Holds the nodes of `root` that are not in the store (staged changes
     /// applied locally); replaced, with its nodes, on every full refresh.
     trees: Arc<Trees>,
-    /// Staged batches `root` already reflects.
-    batches: HashSet<String>,
     /// Files created and still open, not yet staged: path → inode.
     creating: BTreeMap<String, u64>,
 }
@@ -455,7 +465,10 @@ impl LakeFs {
     /// The inode for an entry found at `path` in a view.
     fn entry_node(&self, view: &Arc<View>, path: String, entry: &Entry) -> u64 {
         match entry {
-            Entry::File(f) => self.remember(
+            // A pinned view never changes: its files need no version in the
+            // inode, and a path is all the node has to hold (1M looked-up
+            // files stay small).
+            Entry::File(f) if view.branch.is_some() => self.remember(
                 self.file_ino(view, &path, f),
                 Node::File {
                     view: view.clone(),
@@ -496,8 +509,13 @@ impl LakeFs {
                 return Err(fs_err);
             }
         };
+        let mut seen = HashSet::new();
         let state = match &resolved.branch {
-            Some(b) => self.read_branch(repo, b)?,
+            Some(b) => {
+                let (state, batches) = self.read_branch(repo, b)?;
+                seen = batches;
+                state
+            }
             None => {
                 let c = self.lake.commit(repo, &resolved.commit)?;
                 ViewState {
@@ -507,7 +525,6 @@ impl LakeFs {
                     branch_ref: None,
                     checked: Instant::now(),
                     trees: Arc::new(self.lake.trees().scratch()),
-                    batches: HashSet::new(),
                     creating: BTreeMap::new(),
                 }
             }
@@ -521,24 +538,27 @@ impl LakeFs {
             refreshing: Mutex::new(()),
             stager: StageQueue::default(),
             last_result: Mutex::new(String::new()),
+            seen: Mutex::new(seen),
+            compacted_at: AtomicU64::new(0),
         });
         Ok(self.views.lock().entry(key).or_insert(view).clone())
     }
 
-    /// A branch's working tree as the store has it now.
-    fn read_branch(&self, repo: &str, branch: &str) -> Result<ViewState> {
+    /// A branch's working tree as the store has it now, and the staged
+    /// batches it reflects.
+    fn read_branch(&self, repo: &str, branch: &str) -> Result<(ViewState, HashSet<String>)> {
         let trees = Arc::new(self.lake.trees().scratch());
         let w = self.lake.working_state(repo, branch, &trees)?;
-        Ok(ViewState {
+        let state = ViewState {
             commit: w.head,
             root: w.root,
             time: UNIX_EPOCH + Duration::from_millis(w.commit_time.max(0) as u64),
             branch_ref: Some(w.branch_ref),
             checked: Instant::now(),
             trees,
-            batches: w.batches,
             creating: BTreeMap::new(),
-        })
+        };
+        Ok((state, w.batches))
     }
 
     /// The current state of a view, refreshing a branch once its metadata
@@ -563,17 +583,19 @@ impl LakeFs {
     fn refresh(&self, view: &View, branch: &str, current: ViewState) -> Result<ViewState> {
         let (r, _) = self.lake.branch(&view.repo, branch)?;
         if Some(&r) != current.branch_ref.as_ref() {
-            let mut fresh = self.read_branch(&view.repo, branch)?;
+            let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
             let mut st = view.state.lock();
             fresh.creating = std::mem::take(&mut st.creating);
             *st = fresh.clone();
+            *view.seen.lock() = batches;
+            view.compacted_at.store(0, Ordering::Relaxed);
             return Ok(fresh);
         }
         let ids = self.lake.batch_ids(&view.repo, &r.staging)?;
-        let new: Vec<&String> = ids
-            .iter()
-            .filter(|id| !current.batches.contains(*id))
-            .collect();
+        let new: Vec<String> = {
+            let seen = view.seen.lock();
+            ids.into_iter().filter(|id| !seen.contains(id)).collect()
+        };
         if new.is_empty() {
             view.state.lock().checked = Instant::now();
             return Ok(current);
@@ -586,13 +608,13 @@ impl LakeFs {
         }
         let root = current.trees.apply(&current.root, &ops)?;
         let mut st = view.state.lock();
-        if st.root == current.root {
+        if st.root == current.root && Arc::ptr_eq(&st.trees, &current.trees) {
             st.root = root;
         } else {
             // Local writes landed meanwhile: apply on top of them.
             st.root = st.trees.apply(&st.root, &ops)?;
         }
-        st.batches.extend(new.into_iter().cloned());
+        view.seen.lock().extend(new);
         st.checked = Instant::now();
         Ok(st.clone())
     }
@@ -642,18 +664,28 @@ impl LakeFs {
 
     fn apply_local(&self, view: &View, id: &str, ops: &[Op]) -> Result<()> {
         loop {
+            if view.seen.lock().contains(id) {
+                return Ok(()); // a refresh already picked it up
+            }
             let (root, trees) = {
                 let st = view.state.lock();
-                if st.batches.contains(id) {
-                    return Ok(()); // a refresh already picked it up
-                }
                 (st.root, st.trees.clone())
             };
             let new_root = trees.apply(&root, ops)?;
             let mut st = view.state.lock();
             if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
                 st.root = new_root;
-                st.batches.insert(id.to_string());
+                view.seen.lock().insert(id.to_string());
+                // Every edit leaves the nodes it replaced behind; once they
+                // outnumber the live ones, keep only what the root reaches.
+                let pending = st.trees.pending_nodes() as u64;
+                let live = view.compacted_at.load(Ordering::Relaxed);
+                if pending > 4 * live + COMPACT_AFTER_NODES {
+                    let kept = st.trees.retain_reachable(&[st.root]);
+                    view.compacted_at
+                        .store(kept.pending_nodes() as u64, Ordering::Relaxed);
+                    st.trees = Arc::new(kept);
+                }
                 return Ok(());
             }
         }
@@ -901,7 +933,10 @@ impl LakeFs {
                         let child = join(&path, &name);
                         let v = match &e {
                             Entry::Dir(_) => (Kind::Dir, self.tree_ino(&view, &child)),
-                            Entry::File(f) => (Kind::File, self.file_ino(&view, &child, f)),
+                            Entry::File(f) if view.branch.is_some() => {
+                                (Kind::File, self.file_ino(&view, &child, f))
+                            }
+                            Entry::File(_) => (Kind::File, self.tree_ino(&view, &child)),
                             Entry::Symlink(_) => (Kind::Symlink, self.tree_ino(&view, &child)),
                         };
                         (name, v)
@@ -987,7 +1022,15 @@ impl LakeFs {
                 let state = self.state(&view)?;
                 match state.trees.lookup(&state.root, &path)? {
                     Some(Entry::Dir(_)) => Err(FsError::IsADirectory),
-                    Some(_) => Err(FsError::NotSupported),
+                    Some(Entry::File(file)) => {
+                        // A file of a pinned view.
+                        if write || truncate {
+                            return Err(FsError::ReadOnly);
+                        }
+                        let handle = Arc::new(self.snapshot(file)?);
+                        Ok((self.add_handle(Handle::File(handle)), PageCache::Keep))
+                    }
+                    Some(Entry::Symlink(_)) => Err(FsError::NotSupported),
                     None => Err(FsError::NotFound),
                 }
             }
@@ -1646,14 +1689,20 @@ fn read_file(cache: &ChunkCache, h: &FileHandle, offset: u64, size: usize) -> Re
     // Sequential reads grow the read-ahead window; a jump resets it.
     let window = {
         let mut ra = h.readahead.lock();
-        ra.window = if offset == ra.next && offset > 0 {
-            (ra.window * 2).clamp(2, MAX_READAHEAD_CHUNKS)
-        } else if offset == 0 {
+        // The kernel keeps several reads in flight and they arrive out of
+        // order: anything near where the last one ended is sequential.
+        let near = offset.abs_diff(ra.next) <= SEQUENTIAL_SLACK;
+        ra.window = if offset == 0 {
             2
+        } else if near {
+            (ra.window * 2).clamp(2, MAX_READAHEAD_CHUNKS)
         } else {
             0
         };
-        ra.next = end;
+        ra.next = ra.next.max(end);
+        if !near && offset != 0 {
+            ra.next = end;
+        }
         ra.window
     };
     if window > 0 {
@@ -1736,6 +1785,46 @@ mod tests {
         let data = fs.read(fh, 0, 1 << 20).unwrap().to_vec();
         fs.release(fh).unwrap();
         data
+    }
+
+    #[test]
+    fn many_writes_keep_the_working_view_small() {
+        let (_d, fs, main) = setup();
+        let dir = fs.mkdir(main, "many").unwrap().ino;
+        for i in 0..6000 {
+            write(
+                &fs,
+                dir,
+                &format!("f{i:05}"),
+                format!("{i}\n").repeat(300).as_bytes(),
+            );
+        }
+        assert_eq!(names(&fs, dir).len(), 6000);
+        let f = fs.lookup(dir, "f04321").unwrap().ino;
+        assert_eq!(read_all(&fs, f), "4321\n".repeat(300).as_bytes());
+        let view = fs.views.lock().values().next().unwrap().clone();
+        let pending = view.state.lock().trees.pending_nodes();
+        assert!(
+            pending < 40_000,
+            "{pending} unwritten nodes kept for 6000 files"
+        );
+        // What the view shows is what a commit makes.
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        let tree = fs.lake.tree_of("r", "main").unwrap();
+        assert_eq!(
+            fs.lake
+                .trees()
+                .lookup(&tree, "many")
+                .unwrap()
+                .map(|e| e.kind()),
+            Some("dir")
+        );
+        let Some(Entry::Dir(h)) = fs.lake.trees().lookup(&tree, "many").unwrap() else {
+            panic!()
+        };
+        assert_eq!(fs.lake.trees().count(&h).unwrap(), 6000);
     }
 
     #[test]
