@@ -815,27 +815,29 @@ impl Lake {
         let (r, _) = self.branch(repo, branch)?;
         let mut tokens = r.sealed.clone();
         tokens.push(r.staging.clone());
-        let applied = self.applied_batches(repo, &self.parse_id(repo, &r.commit)?, &tokens)?;
+        let head = self.parse_id(repo, &r.commit)?;
         Ok(self
-            .read_batches(repo, &tokens)?
+            .pending_batches(repo, &head, &tokens)?
             .into_iter()
-            .filter(|(_, b)| !applied.contains(&b.id))
             .flat_map(|(_, b)| b.ops)
             .collect())
     }
 
-    /// Ids of batches already applied by recent commits, for the batches
-    /// under `tokens` that were re-put from earlier tokens.
-    fn applied_batches(
+    /// The staged batches under `tokens` that still need applying on top
+    /// of `head`, in apply order: each read once, minus those that recent
+    /// first-parent commits already applied (batches re-put from an earlier
+    /// token name it in `prior`; see the commit protocol).
+    fn pending_batches(
         &self,
         repo: &str,
         head: &Hash,
         tokens: &[String],
-    ) -> Result<HashSet<String>> {
-        let mut wanted: HashSet<String> = HashSet::new();
-        for (_, b) in self.read_batch_headers(repo, tokens)? {
-            wanted.extend(b.prior);
-        }
+    ) -> Result<Vec<(String, StagingBatch)>> {
+        let batches = self.read_batches(repo, tokens)?;
+        let mut wanted: HashSet<String> = batches
+            .iter()
+            .flat_map(|(_, b)| b.prior.iter().cloned())
+            .collect();
         let mut applied = HashSet::new();
         let mut at = Some(*head);
         let mut steps = 0;
@@ -852,19 +854,9 @@ impl Lake {
             at = c.parents.first().copied();
             steps += 1;
         }
-        Ok(applied)
-    }
-
-    fn read_batch_headers(
-        &self,
-        repo: &str,
-        tokens: &[String],
-    ) -> Result<Vec<(String, StagingBatch)>> {
-        // Batches are small; reading them whole is the header read.
-        let all = self.read_batches(repo, tokens)?;
-        Ok(all
+        Ok(batches
             .into_iter()
-            .filter(|(_, b)| !b.prior.is_empty())
+            .filter(|(_, b)| !applied.contains(&b.id))
             .collect())
     }
 
@@ -882,12 +874,10 @@ impl Lake {
         let commit = self.commit(repo, &head)?;
         let mut tokens = r.sealed.clone();
         tokens.push(r.staging.clone());
-        let applied = self.applied_batches(repo, &head, &tokens)?;
         let batches: Vec<StagingBatch> = self
-            .read_batches(repo, &tokens)?
+            .pending_batches(repo, &head, &tokens)?
             .into_iter()
             .map(|(_, b)| b)
-            .filter(|b| !applied.contains(&b.id))
             .collect();
         let ops: Vec<Op> = batches.iter().flat_map(|b| b.ops.iter().cloned()).collect();
         let root = trees.apply(&commit.tree, &ops)?;
@@ -1007,12 +997,7 @@ impl Lake {
         }
         let head = self.parse_id(repo, &r.commit)?;
         let head_commit = self.commit(repo, &head)?;
-        let applied = self.applied_batches(repo, &head, &sealed)?;
-        let batches: Vec<(String, StagingBatch)> = self
-            .read_batches(repo, &sealed)?
-            .into_iter()
-            .filter(|(_, b)| !applied.contains(&b.id))
-            .collect();
+        let batches = self.pending_batches(repo, &head, &sealed)?;
         let ops: Vec<Op> = batches
             .iter()
             .flat_map(|(_, b)| b.ops.iter().cloned())

@@ -492,12 +492,21 @@ impl Store {
         }
     }
 
-    /// Delete every object under `prefix`.
+    /// Delete every object under `prefix`, many requests at once.
     pub fn delete_prefix(&self, prefix: &str) -> Result<()> {
-        for key in self.list(prefix)? {
-            self.delete(&key)?;
-        }
-        Ok(())
+        let keys = self.list(prefix)?;
+        let results: Vec<Result<()>> = block_on(
+            futures::stream::iter(keys.iter().map(|key| async move {
+                let path = self.path(key);
+                match retry(|| self.inner.delete(&path)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(Self::backend(key, e)),
+                }
+            }))
+            .buffer_unordered(CONCURRENCY)
+            .collect(),
+        );
+        results.into_iter().collect()
     }
 }
 
