@@ -22,8 +22,15 @@ now() { date +%s.%N; }
 # median of the given numbers
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }
-# time_cmd CMD...: seconds the command took
-time_cmd() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); awk -v a="$t0" -v b="$t1" 'BEGIN {print b-a}'; }
+# time_cmd CMD...: seconds the command took (timed in-process, so the
+# timer's own fork/exec is not counted; the command's is)
+time_cmd() {
+  python3 -c 'import subprocess, sys, time
+t = time.perf_counter()
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+d = time.perf_counter() - t
+print(d if r.returncode == 0 else "nan")' "$@"
+}
 
 make_tree() { # DIR N: N tiny files in directories of 1000
   python3 - "$1" "$2" <<'PY'
@@ -72,8 +79,8 @@ for N in "${SIZES[@]}"; do
   c100=()
   for i in 1 2 3; do
     CH=$WORK/ch-$N-$i; make_changes "$CH" "$N" 100 "$i"
-    t0=$(now); "$T" put "$CH" m/main/data >/dev/null; "$T" commit m/main -m "100 changes $i" >/dev/null; t1=$(now)
-    c100+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b-a}')"); rm -rf "$CH"
+    a=$(time_cmd "$T" put "$CH" m/main/data); b=$(time_cmd "$T" commit m/main -m "100 changes $i")
+    c100+=("$(awk -v a="$a" -v b="$b" 'BEGIN {print a+b}')"); rm -rf "$CH"
   done
 
   one=$WORK/one.txt
@@ -81,14 +88,14 @@ for N in "${SIZES[@]}"; do
   lg=(); for i in 1 2 3; do lg+=("$(time_cmd "$T" log m/main -n 100)"); done
 
   # diff of two commits 100 files apart; merge of a branch with 100 changed files
-  df=(); for i in 1 2 3; do df+=("$(time_cmd "$T" diff m/main~100 m/main~101 2>/dev/null || echo nan)"); done
+  df=(); for i in 1 2 3; do df+=("$(time_cmd "$T" diff m/main~100 m/main~101)"); done
   mg=()
   for i in 1 2 3; do
     "$T" branch create "m/feature$i" --from main >/dev/null
     CH=$WORK/mg-$N-$i; make_changes "$CH" "$N" 100 "$((i + 10))"
     "$T" put "$CH" "m/feature$i/data" >/dev/null; "$T" commit "m/feature$i" -m "feature $i" >/dev/null; rm -rf "$CH"
     echo "$i" >"$one"; "$T" put "$one" m/main/main-side.txt >/dev/null; "$T" commit m/main -m "main side $i" >/dev/null
-    mg+=("$(time_cmd "$T" merge "m/feature$i" m/main -m "merge $i" 2>/dev/null || echo nan)")
+    mg+=("$(time_cmd "$T" merge "m/feature$i" m/main -m "merge $i")")
   done
 
   ROWS+=("| $N | $(awk -v s="$full" 'BEGIN {printf "%.2f", s}') s | $(awk -v s="$base" 'BEGIN {printf "%.2f", s}') s | $(ms "$(median "${bc[@]}")") ms | $(ms "$(median "${c100[@]}")") ms | $(ms "$(median "${lg[@]}")") ms | $(ms "$(median "${df[@]}")") ms | $(ms "$(median "${mg[@]}")") ms |")
@@ -100,7 +107,7 @@ done
   echo
   echo "## metadata.sh — $(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"
   echo
-  echo "Medians (stage+commit of all N: one run). Baseline: \`cp -r\` of the same N-file tree on the same disk."
+  echo "Medians (stage+commit of all N: one run), each command timed as a whole process (startup included; \`tarn --version\` takes about 2.6 ms here). Baseline: \`cp -r\` of the same N-file tree on the same disk."
   echo
   echo "| N files | put + commit all | cp -r baseline | branch create | put + commit 100 changed | log -n 100 | diff (100 files) | merge (100 files) |"
   echo "|---|---|---|---|---|---|---|---|"
