@@ -101,9 +101,8 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));
-    let mut session =
-        fuser::Session::new(fuse::FuseAdapter { fs: core }, &opts.mountpoint, &config)
-            .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
+    let mut session = fuser::Session::new(fuse::FuseAdapter::new(core), &opts.mountpoint, &config)
+        .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("tarn-signals".into())

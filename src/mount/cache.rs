@@ -209,6 +209,26 @@ impl ChunkCache {
         }
     }
 
+    /// The chunk as a verified local file, for the kernel to read directly
+    /// (FUSE passthrough). Fetches it into the disk cache first if needed;
+    /// `None` when the cache could not keep it on disk.
+    pub fn local_file(&self, h: &Hash) -> Result<Option<fs::File>, StoreError> {
+        if !self.disk.lock().contains(h) {
+            self.get(h)?;
+        }
+        let path = self.path(h);
+        let Ok(bytes) = fs::read(&path) else {
+            return Ok(None);
+        };
+        if &Hash::of(&bytes) != h {
+            tracing::warn!(chunk = %h, "cached chunk is corrupt; dropping it");
+            self.forget(h);
+            return Ok(None);
+        }
+        self.disk.lock().promote(h);
+        Ok(fs::File::open(&path).ok())
+    }
+
     /// Queue chunks for background fetching (read-ahead).
     pub fn prefetch(&self, hashes: impl IntoIterator<Item = Hash>) {
         let tx = self.prefetch.lock().clone();

@@ -978,6 +978,42 @@ impl LakeFs {
 
     /// Open a file; returns the handle and how the kernel may cache pages.
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> Result<(u64, PageCache)> {
+        self.open_with_backing(ino, write, truncate)
+            .map(|(fh, cache, _)| (fh, cache))
+    }
+
+    /// Like `open`, plus, for a file that is exactly one verified chunk in
+    /// the local cache, that chunk's file: the kernel may read it directly
+    /// (FUSE passthrough) instead of asking the daemon.
+    pub fn open_with_backing(
+        &self,
+        ino: u64,
+        write: bool,
+        truncate: bool,
+    ) -> Result<(u64, PageCache, Option<std::fs::File>)> {
+        let (fh, cache) = self.open_handle(ino, write, truncate)?;
+        // Only pinned views: their inodes can never change content, so one
+        // backing file per inode is always right.
+        let pinned = matches!(self.node(ino)?, Node::Tree { view, .. } if view.branch.is_none());
+        if cache != PageCache::Keep || !pinned {
+            return Ok((fh, cache, None));
+        }
+        let single = match self.handles.lock().get(&fh) {
+            Some(Handle::File(h))
+                if h.chunks.len() == 1 && h.file.size == h.chunks[0].len as u64 =>
+            {
+                Some(h.chunks[0].hash)
+            }
+            _ => None,
+        };
+        let backing = match single {
+            Some(hash) => self.cache.local_file(&hash)?,
+            None => None,
+        };
+        Ok((fh, cache, backing))
+    }
+
+    fn open_handle(&self, ino: u64, write: bool, truncate: bool) -> Result<(u64, PageCache)> {
         match self.node(ino)? {
             Node::File { view, path, file } => {
                 if write || truncate {
@@ -1359,7 +1395,9 @@ impl LakeFs {
         Ok((self.getattr(ino)?, fh))
     }
 
-    pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
+    /// The writable view and path for a new entry `name` under `parent`,
+    /// which must not exist yet.
+    fn free_child(&self, parent: u64, name: &str) -> Result<(Arc<View>, String)> {
         let (view, path) = self.dir_node(parent)?;
         self.check_new_name(&path, name)?;
         let state = self.state(&view)?;
@@ -1368,6 +1406,11 @@ impl LakeFs {
         if self.child(&view, &state, &child)?.is_some() {
             return Err(FsError::Exists);
         }
+        Ok((view, child))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
+        let (view, child) = self.free_child(parent, name)?;
         let empty = self.lake.trees().empty_dir();
         self.lake.flush()?;
         self.stage(
@@ -1381,14 +1424,7 @@ impl LakeFs {
     }
 
     pub fn symlink(&self, parent: u64, name: &str, target: &str) -> Result<Attr> {
-        let (view, path) = self.dir_node(parent)?;
-        self.check_new_name(&path, name)?;
-        let state = self.state(&view)?;
-        self.dir_at(&state, &path)?;
-        let child = join(&path, name);
-        if self.child(&view, &state, &child)?.is_some() {
-            return Err(FsError::Exists);
-        }
+        let (view, child) = self.free_child(parent, name)?;
         self.stage(
             &view,
             vec![Op::Put {

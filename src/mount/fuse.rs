@@ -9,6 +9,13 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use fuser::BackingId;
+use parking_lot::Mutex;
+
 use super::fs::{Attr, FsError, Kind, LakeFs, PageCache, SetAttr};
 
 /// Largest read the kernel sends at once: fewer, bigger requests for the
@@ -17,6 +24,67 @@ const MAX_READAHEAD: u32 = 1 << 20;
 
 pub struct FuseAdapter {
     pub fs: LakeFs,
+    /// Did the kernel accept FUSE passthrough (root, recent kernel)?
+    pub passthrough: AtomicBool,
+    /// Backing files registered with the kernel, per inode (the kernel wants
+    /// one id per inode while any handle on it is open), with open counts.
+    pub backing: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
+    /// Which inode each passthrough handle belongs to.
+    pub backed_handles: Mutex<HashMap<u64, u64>>,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: LakeFs) -> FuseAdapter {
+        FuseAdapter {
+            fs,
+            passthrough: AtomicBool::new(false),
+            backing: Mutex::new(HashMap::new()),
+            backed_handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Register (or reuse) the backing file of an inode for passthrough.
+    fn backing_id(
+        &self,
+        ino: u64,
+        fh: u64,
+        file: std::fs::File,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        let mut backing = self.backing.lock();
+        let id = match backing.get_mut(&ino) {
+            Some((id, n)) => {
+                *n += 1;
+                id.clone()
+            }
+            None => match reply.open_backing(file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    backing.insert(ino, (id.clone(), 1));
+                    id
+                }
+                Err(e) => {
+                    tracing::debug!(%e, "passthrough unavailable; the daemon serves reads");
+                    return None;
+                }
+            },
+        };
+        self.backed_handles.lock().insert(fh, ino);
+        Some(id)
+    }
+
+    fn release_backing(&self, fh: u64) {
+        let Some(ino) = self.backed_handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut backing = self.backing.lock();
+        if let Some((_, n)) = backing.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                backing.remove(&ino);
+            }
+        }
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -58,6 +126,12 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Passthrough lets the kernel read verified cache files directly.
+        let passthrough = std::env::var_os("TARN_NO_PASSTHROUGH").is_none()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(2).is_ok();
+        self.passthrough.store(passthrough, Ordering::Relaxed);
+        tracing::info!(passthrough, "FUSE session initialised");
         Ok(())
     }
 
@@ -92,12 +166,17 @@ impl Filesystem for FuseAdapter {
         let _span = tracing::debug_span!("open", ino = ino.0).entered();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        match self.fs.open(ino.0, write, truncate) {
-            Ok((fh, cache)) => {
+        match self.fs.open_with_backing(ino.0, write, truncate) {
+            Ok((fh, cache, backing)) => {
                 let flags = match cache {
                     PageCache::Keep => FopenFlags::FOPEN_KEEP_CACHE,
                     PageCache::Bypass => FopenFlags::FOPEN_DIRECT_IO,
                 };
+                if let (Some(file), true) = (backing, self.passthrough.load(Ordering::Relaxed)) {
+                    if let Some(id) = self.backing_id(ino.0, fh, file, &reply) {
+                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    }
+                }
                 reply.opened(FileHandle(fh), flags)
             }
             Err(e) => reply.error(errno(&e)),
@@ -132,6 +211,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_backing(fh.0);
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),

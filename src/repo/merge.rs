@@ -373,35 +373,17 @@ impl Lake {
             }
         };
         let parent_tree = self.commit(repo, &c.parents[n - 1])?.tree;
-        let id = self.commit_on_branch(repo, &branch, |head, head_commit| {
-            let (tree, conflicts) =
-                self.merge_trees(&c.tree, &head_commit.tree, &parent_tree, None)?;
-            if !conflicts.is_empty() {
-                return Err(RepoError::Conflict {
-                    what: format!("revert of {}", commit.short()),
-                    paths: conflicts,
-                });
-            }
-            if tree == head_commit.tree {
-                return Ok(None);
-            }
-            let mut meta = BTreeMap::new();
-            meta.insert("reverts".to_string(), commit.to_hex());
-            Ok(Some(Commit {
-                tree,
-                parents: vec![*head],
-                author: author.clone().unwrap_or_else(super::default_author),
-                time: now_ms(),
-                message: format!("Revert \"{}\"", c.message),
-                meta,
-                generation: head_commit.generation + 1,
-                consumed: vec![],
-            }))
-        })?;
-        id.ok_or(RepoError::NothingToCommit {
-            repo: repo.to_string(),
-            branch,
-        })
+        let mut meta = BTreeMap::new();
+        meta.insert("reverts".to_string(), commit.to_hex());
+        let change = Change {
+            what: format!("revert of {}", commit.short()),
+            from: c.tree,
+            to: parent_tree,
+            message: format!("Revert \"{}\"", c.message),
+            meta,
+            author,
+        };
+        self.apply_change(repo, &branch, &change)
     }
 
     /// Apply the change `commit` made (against its first parent) to `branch`
@@ -419,35 +401,61 @@ impl Lake {
             Some(p) => self.commit(repo, p)?.tree,
             None => self.trees.empty_dir(),
         };
-        let id = self.commit_on_branch(repo, &branch, |head, head_commit| {
-            let (tree, conflicts) = self.merge_trees(&base, &head_commit.tree, &c.tree, None)?;
+        let mut meta = c.meta.clone();
+        meta.insert("cherry-picked-from".to_string(), commit.to_hex());
+        let change = Change {
+            what: format!("cherry-pick of {}", commit.short()),
+            from: base,
+            to: c.tree,
+            message: c.message.clone(),
+            meta,
+            author,
+        };
+        self.apply_change(repo, &branch, &change)
+    }
+
+    /// Commit onto `branch` the difference between two trees (a three-way
+    /// merge with `from` as the base); conflicts fail it, and a change that
+    /// is already there makes no commit.
+    fn apply_change(&self, repo: &str, branch: &str, change: &Change) -> Result<Hash> {
+        let id = self.commit_on_branch(repo, branch, |head, head_commit| {
+            let (tree, conflicts) =
+                self.merge_trees(&change.from, &head_commit.tree, &change.to, None)?;
             if !conflicts.is_empty() {
                 return Err(RepoError::Conflict {
-                    what: format!("cherry-pick of {}", commit.short()),
+                    what: change.what.clone(),
                     paths: conflicts,
                 });
             }
             if tree == head_commit.tree {
                 return Ok(None);
             }
-            let mut meta = c.meta.clone();
-            meta.insert("cherry-picked-from".to_string(), commit.to_hex());
             Ok(Some(Commit {
                 tree,
                 parents: vec![*head],
-                author: author.clone().unwrap_or_else(super::default_author),
+                author: change.author.clone().unwrap_or_else(super::default_author),
                 time: now_ms(),
-                message: c.message.clone(),
-                meta,
+                message: change.message.clone(),
+                meta: change.meta.clone(),
                 generation: head_commit.generation + 1,
                 consumed: vec![],
             }))
         })?;
         id.ok_or(RepoError::NothingToCommit {
             repo: repo.to_string(),
-            branch,
+            branch: branch.to_string(),
         })
     }
+}
+
+/// A change to carry onto a branch: what `from` → `to` did.
+struct Change {
+    what: String,
+    from: Hash,
+    to: Hash,
+    message: String,
+    meta: BTreeMap<String, String>,
+    author: Option<String>,
 }
 
 #[cfg(test)]
