@@ -118,8 +118,23 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn name_str(name: &OsStr) -> Result<&str, Errno> {
-    name.to_str().ok_or(Errno::from_i32(libc::EINVAL))
+fn name_str(name: &OsStr) -> Result<&str, FsError> {
+    name.to_str()
+        .ok_or(FsError::Invalid("file name is not UTF-8"))
+}
+
+fn reply_entry(reply: ReplyEntry, res: Result<Attr, FsError>) {
+    match res {
+        Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, res: Result<(), FsError>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
 }
 
 impl Filesystem for FuseAdapter {
@@ -137,14 +152,10 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _span = tracing::debug_span!("lookup", parent = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        match self.fs.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_entry(
+            reply,
+            name_str(name).and_then(|name| self.fs.lookup(parent.0, name)),
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -377,7 +388,7 @@ impl Filesystem for FuseAdapter {
         let _span = tracing::debug_span!("create", parent = parent.0, ?name).entered();
         let name = match name_str(name) {
             Ok(n) => n,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(errno(&e)),
         };
         match self
             .fs
@@ -410,7 +421,7 @@ impl Filesystem for FuseAdapter {
         }
         let name = match name_str(name) {
             Ok(n) => n,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(errno(&e)),
         };
         let res = self
             .fs
@@ -420,10 +431,7 @@ impl Filesystem for FuseAdapter {
                 self.fs.release(fh)?;
                 Ok(a)
             });
-        match res {
-            Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_entry(reply, res);
     }
 
     fn mkdir(
@@ -436,14 +444,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let _span = tracing::debug_span!("mkdir", parent = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        match self.fs.mkdir(parent.0, name) {
-            Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_entry(
+            reply,
+            name_str(name).and_then(|name| self.fs.mkdir(parent.0, name)),
+        );
     }
 
     fn symlink(
@@ -456,38 +460,27 @@ impl Filesystem for FuseAdapter {
     ) {
         let name = match name_str(link_name) {
             Ok(n) => n,
-            Err(e) => return reply.error(e),
+            Err(e) => return reply.error(errno(&e)),
         };
         let Some(target) = target.to_str() else {
             return reply.error(Errno::from_i32(libc::EINVAL));
         };
-        match self.fs.symlink(parent.0, name, target) {
-            Ok(a) => reply.entry(&a.ttl, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_entry(reply, self.fs.symlink(parent.0, name, target));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _span = tracing::debug_span!("unlink", parent = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        match self.fs.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_empty(
+            reply,
+            name_str(name).and_then(|name| self.fs.unlink(parent.0, name)),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        match self.fs.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_empty(
+            reply,
+            name_str(name).and_then(|name| self.fs.rmdir(parent.0, name)),
+        );
     }
 
     fn rename(
@@ -517,16 +510,12 @@ impl Filesystem for FuseAdapter {
             // RENAME_EXCHANGE and RENAME_WHITEOUT have no staged-op form.
             return reply.error(Errno::from_i32(libc::EINVAL));
         }
-        match self.fs.rename(
-            parent.0,
-            name,
-            newparent.0,
-            newname,
-            bits & libc::RENAME_NOREPLACE != 0,
-        ) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let no_replace = bits & libc::RENAME_NOREPLACE != 0;
+        reply_empty(
+            reply,
+            self.fs
+                .rename(parent.0, name, newparent.0, newname, no_replace),
+        );
     }
 
     fn link(
