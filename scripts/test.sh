@@ -15,10 +15,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+LOG=$(mktemp)
 URL=$(scripts/s3-server.sh start | tail -1)
-trap 'scripts/s3-server.sh stop' EXIT
+trap 'scripts/s3-server.sh stop; rm -f "$LOG"' EXIT
 scripts/s3-server.sh bucket tarn-test
 export AWS_ENDPOINT_URL=$URL AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_ALLOW_HTTP=true
 export AWS_REGION=us-east-1 TARN_TEST_S3=s3://tarn-test
 
-cargo test --release "$@"
+set +e
+cargo test --release "$@" 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite.
+awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$LOG"
+exit "$rc"
