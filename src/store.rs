@@ -214,26 +214,8 @@ impl Store {
         })
     }
 
-    /// Wrap an arbitrary `object_store` backend (tests use this to inject faults).
-    pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
-        Store {
-            inner,
-            prefix: String::new(),
-            refs: RefCas::Conditional,
-            url: url.to_string(),
-        }
-    }
-
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    /// The local directory of a `file://` lake, if it is one.
-    pub fn local_root(&self) -> Option<&FsPath> {
-        match &self.refs {
-            RefCas::LocalLock { root } => Some(root),
-            RefCas::Conditional => None,
-        }
     }
 
     fn path(&self, key: &str) -> Path {

@@ -181,16 +181,6 @@ pub enum Op {
     Move { from: String, to: String },
 }
 
-impl Op {
-    /// The path this op changes (for a move: its destination).
-    pub fn path(&self) -> &str {
-        match self {
-            Op::Put { path, .. } | Op::Delete { path } => path,
-            Op::Move { to, .. } => to,
-        }
-    }
-}
-
 /// Validate and normalise a path inside a tree: no empty, `.` or `..`
 /// components, no NUL, each component at most 255 bytes. `""` is the root.
 pub fn check_path(path: &str) -> Result<String> {

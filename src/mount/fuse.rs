@@ -94,6 +94,14 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
 fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
@@ -103,11 +111,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         mtime: a.mtime,
         ctime: a.mtime,
         crtime: a.mtime,
-        kind: match a.kind {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-            Kind::Symlink => FileType::Symlink,
-        },
+        kind: file_type(a.kind),
         perm: a.perm,
         nlink: a.nlink,
         uid: a.uid,
@@ -223,10 +227,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.release_backing(fh.0);
-        match self.fs.release(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_empty(reply, self.fs.release(fh.0));
     }
 
     fn write(
@@ -258,10 +259,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _span = tracing::debug_span!("flush", ino = ino.0, fh = fh.0).entered();
-        match self.fs.flush(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_empty(reply, self.fs.flush(fh.0));
     }
 
     fn fsync(
@@ -273,10 +271,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let _span = tracing::debug_span!("fsync", ino = ino.0, fh = fh.0).entered();
-        match self.fs.fsync(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_empty(reply, self.fs.fsync(fh.0));
     }
 
     fn setattr(
@@ -345,12 +340,7 @@ impl Filesystem for FuseAdapter {
         let res = self
             .fs
             .readdir(fh.0, (off - 2) as usize, |ino, next, kind, name| {
-                let kind = match kind {
-                    Kind::Dir => FileType::Directory,
-                    Kind::File => FileType::RegularFile,
-                    Kind::Symlink => FileType::Symlink,
-                };
-                reply.add(INodeNo(ino), next as u64 + 2, kind, name)
+                reply.add(INodeNo(ino), next as u64 + 2, file_type(kind), name)
             });
         match res {
             Ok(()) => reply.ok(),
