@@ -26,10 +26,7 @@ fn quickstart_workflow() {
     assert_eq!(log[0]["meta"]["source"], "crm");
     assert_eq!(log[0]["author"], "tester");
     assert_eq!(log.as_array().unwrap().len(), 2, "plus the initial commit");
-    assert!(s.json(&["status", "sales/main"])["changes"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(s.staged("sales/main").is_empty());
     assert_eq!(
         s.ok(&["cat", "sales/main/raw/daily.csv"]),
         "day,amount\nmon,10\n"
@@ -167,10 +164,7 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
     s.fails(&["cat", "r/abcdef00/f"]);
     s.fails(&["show", "r/main~x"]);
     assert_eq!(s.head("r/main"), before);
-    assert!(s.json(&["status", "r/main"])["changes"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(s.staged("r/main").is_empty());
     // A lake that does not exist.
     let out = std::process::Command::new(TARN)
         .args([
@@ -200,13 +194,7 @@ fn reset_one_path_and_log_path() {
     let b2 = s.write("b2", b"b2");
     s.ok(&["put", b2.to_str().unwrap(), "r/main/b.txt"]);
     s.ok(&["commit", "r/main", "-m", "edit b"]);
-    let msgs: Vec<String> = s
-        .json(&["log", "r/main", "--path", "a.txt"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["message"].as_str().unwrap().to_string())
-        .collect();
+    let msgs = s.messages(&["log", "r/main", "--path", "a.txt"]);
     assert_eq!(msgs, ["edit a", "both"]);
     s.ok(&["put", a.to_str().unwrap(), "r/main/a.txt"]);
     s.ok(&["put", a.to_str().unwrap(), "r/main/new.txt"]);
@@ -241,12 +229,7 @@ fn concurrent_processes_lose_no_staged_file() {
             let args: Vec<String> = (0..12)
                 .map(|i| format!("'{}' put '{}' r/main/w{w}/f{i}", TARN, f.display()))
                 .collect();
-            std::process::Command::new("sh")
-                .arg("-c")
-                .arg(args.join(" && "))
-                .env("TARN_LAKE", &s.lake)
-                .spawn()
-                .unwrap()
+            s.spawn_sh(&args.join(" && "))
         })
         .collect();
     let committers: Vec<_> = (0..2)
@@ -254,12 +237,7 @@ fn concurrent_processes_lose_no_staged_file() {
             let cmds: Vec<String> = (0..8)
                 .map(|_| format!("'{}' commit r/main -m c >/dev/null 2>&1; true", TARN))
                 .collect();
-            std::process::Command::new("sh")
-                .arg("-c")
-                .arg(cmds.join("; "))
-                .env("TARN_LAKE", &s.lake)
-                .spawn()
-                .unwrap()
+            s.spawn_sh(&cmds.join("; "))
         })
         .collect();
     for mut c in writers {
@@ -269,16 +247,7 @@ fn concurrent_processes_lose_no_staged_file() {
         c.wait().unwrap();
     }
     let _ = s.run(&["commit", "r/main", "-m", "final"]);
-    let ls = s.json(&["ls", "-r", "r/main~0"]);
-    let files = ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "file")
-        .count();
+    let files = s.count_files("r/main~0");
     assert_eq!(files, 36);
-    assert!(s.json(&["status", "r/main"])["changes"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(s.staged("r/main").is_empty());
 }

@@ -85,13 +85,7 @@ fn diff_merge_conflicts_revert_cherry_pick() {
     s.fails(&["revert", "r/main", &merge_commit]);
 
     // log --path follows the path through the merge
-    let msgs: Vec<String> = s
-        .json(&["log", "r/main", "--path", "a.txt"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["message"].as_str().unwrap().to_string())
-        .collect();
+    let msgs = s.messages(&["log", "r/main", "--path", "a.txt"]);
     assert_eq!(msgs, ["dev edits a", "base"]);
 
     // fast-forward

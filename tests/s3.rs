@@ -39,13 +39,7 @@ fn s3_lake_workflow() {
     let old = s.run(&["cat", "sales/dev~1/data/big.bin"]);
     assert!(old.status.success());
     assert_eq!(old.stdout, big);
-    let msgs: Vec<String> = s
-        .json(&["log", "sales/dev"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["message"].as_str().unwrap().to_string())
-        .collect();
+    let msgs = s.messages(&["log", "sales/dev"]);
     assert_eq!(msgs, ["rm", "load", "repository created"]);
 }
 
@@ -57,14 +51,7 @@ fn s3_concurrent_processes_lose_nothing() {
     let s = Scratch::with_lake(lake);
     s.ok(&["repo", "create", "r"]);
     let f = s.write("f", b"payload");
-    let spawn = |script: String| {
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .env("TARN_LAKE", &s.lake)
-            .spawn()
-            .unwrap()
-    };
+    let spawn = |script: String| s.spawn_sh(&script);
     let writers: Vec<_> = (0..2)
         .map(|w| {
             spawn(
@@ -92,13 +79,7 @@ fn s3_concurrent_processes_lose_nothing() {
         c.wait().unwrap();
     }
     let _ = s.run(&["commit", "r/main", "-m", "final"]);
-    let ls = s.json(&["ls", "-r", "r/main~0"]);
-    let files = ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "file")
-        .count();
+    let files = s.count_files("r/main~0");
     assert_eq!(files, 16);
     // History is a chain: every commit's parent is the previous one.
     let log = s.json(&["log", "r/main", "-n", "1000"]);

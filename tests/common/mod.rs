@@ -87,6 +87,47 @@ impl Scratch {
         serde_json::from_str(&self.ok(&a)).unwrap()
     }
 
+    /// Commit messages of `tarn log ARGS --json`, newest first.
+    pub fn messages(&self, args: &[&str]) -> Vec<String> {
+        self.json(args)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["message"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// How many regular files `tarn ls -r REF` shows.
+    pub fn count_files(&self, reference: &str) -> usize {
+        let ls = self.json(&["ls", "-r", reference]);
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "file")
+            .count()
+    }
+
+    /// Paths with staged changes on a branch.
+    pub fn staged(&self, branch: &str) -> Vec<String> {
+        let st = self.json(&["status", branch]);
+        st["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["path"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Run a shell script with this lake in the environment, in the background.
+    pub fn spawn_sh(&self, script: &str) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("TARN_LAKE", &self.lake)
+            .spawn()
+            .unwrap()
+    }
+
     pub fn head(&self, branch: &str) -> String {
         self.json(&["log", branch, "-n", "1"])[0]["id"]
             .as_str()
