@@ -14,14 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release -q
 T=$PWD/target/release/tarn
+. scripts/bench/lib.sh
 SIZES=("$@"); [ ${#SIZES[@]} -gt 0 ] || SIZES=(10000 100000 1000000)
 WORK=$(mktemp -d /tmp/tarn-bench-meta.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
-now() { date +%s.%N; }
-# median of the given numbers
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }
 # time_cmd CMD...: seconds the command took (timed in-process, so the
 # timer's own fork/exec is not counted; the command's is)
 time_cmd() {
@@ -105,7 +102,7 @@ done
 
 {
   echo
-  echo "## metadata.sh — $(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"
+  echo "## metadata.sh — $(machine)"
   echo
   echo "Medians (stage+commit of all N: one run), each command timed as a whole process (startup included; \`tarn --version\` takes about 2.6 ms here). Baseline: \`cp -r\` of the same N-file tree on the same disk."
   echo

@@ -14,6 +14,7 @@ FILES=1000000
 command -v fio >/dev/null || { apt-get install -y -qq fio >/dev/null; }
 cargo build --release -q
 T=$PWD/target/release/tarn
+. scripts/bench/lib.sh
 WORK=$(mktemp -d /tmp/tarn-bench-read.XXXXXX)
 MNT=$WORK/mnt
 mkdir -p "$MNT"
@@ -23,13 +24,8 @@ trap cleanup EXIT
 export TARN_LAKE=file://$WORK/lake
 
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 # dd_time FILE: seconds to read FILE with dd bs=1M
 dd_time() { local t0 t1; t0=$(now); dd if="$1" of=/dev/null bs=1M status=none; t1=$(now); secs "$t0" "$t1"; }
-mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN {printf "%.2f", x / y}'; }
 
 mount_pinned() { # REF [extra args]
   local ref=$1; shift
@@ -125,7 +121,7 @@ m_warm=$(median "${warm[@]}"); m_hot=$(median "${hot[@]}"); m_bhot=$(median "${b
 m_small=$(median "${small_t[@]}"); m_bsmall=$(median "${small_b[@]}")
 {
   echo
-  echo "## read.sh — $(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"
+  echo "## read.sh — $(machine)"
   echo
   echo "Medians of 3. Ratio = local-disk time / tarn time (higher is better; 1.0 = native)."
   echo

@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release -q
 T=$PWD/target/release/tarn
+. scripts/bench/lib.sh
 WORK=$(mktemp -d /tmp/tarn-bench-write.XXXXXX)
 MNT=$WORK/mnt
 mkdir -p "$MNT" "$WORK/local"
@@ -18,11 +19,6 @@ cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; [ -n "$PID" ] && kill "$
 trap cleanup EXIT
 export TARN_LAKE=file://$WORK/lake
 
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN {printf "%.2f", x / y}'; }
-mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
 chunks() { find "$WORK/lake/chunks" -type f | wc -l; }
 
 "$T" init >/dev/null; "$T" repo create bench >/dev/null
@@ -80,7 +76,7 @@ m_dd=$(median "${dd_tarn[@]}"); m_ddl=$(median "${dd_local[@]}")
 m_tar=$(median "${tar_tarn[@]}"); m_tarl=$(median "${tar_local[@]}")
 {
   echo
-  echo "## write.sh — $(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"
+  echo "## write.sh — $(machine)"
   echo
   echo "Medians of 3, synchronous mode (close returns once the file is staged in the lake). Ratio = local time / tarn time."
   echo

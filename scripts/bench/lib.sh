@@ -1,0 +1,12 @@
+# Helpers shared by the benchmark scripts (sourced, not run).
+
+now() { date +%s.%N; }
+# secs T0 T1: seconds between two `now` readings
+secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN {printf "%.2f", x / y}'; }
+# mbps SECONDS BYTES
+mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
+ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }
+# machine: the description every recorded table starts with
+machine() { echo "$(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"; }
