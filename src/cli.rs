@@ -12,13 +12,17 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+mod snapshot;
+
 use crate::hash::Hash;
+use crate::hooks::{HookRunner, RunRecord, Status};
 use crate::repo::{
-    Address, Change, ChangeKind, Commit, CommitOptions, Lake, MergeOptions, MergeOutcome,
-    PutSummary, RepoError,
+    Address, Change, ChangeKind, Commit, CommitOptions, EventKind, HookEvent, Hooks, Lake,
+    MergeOptions, MergeOutcome, PutSummary, RepoError,
 };
 use crate::store::Store;
 use crate::tree::{Entry, Op};
+use crate::units::{parse_duration, parse_size};
 
 /// Ops per staging batch when putting a directory: big enough to amortise
 /// the store round trips, small enough to keep a batch object a few MiB.
@@ -60,6 +64,9 @@ enum Command {
     /// Tags: create, list, delete.
     #[command(subcommand)]
     Tag(TagCmd),
+    /// Data-quality checks (`_tarn/hooks/*.toml` in the repository): rehearse them, read past runs.
+    #[command(subcommand)]
+    Hooks(HooksCmd),
     /// Stage a local file or directory (recursively) at REPO/BRANCH/PATH.
     Put { source: PathBuf, dest: String },
     /// Stage the removal of REPO/BRANCH/PATH.
@@ -220,6 +227,14 @@ enum RepoCmd {
     Delete {
         name: String,
     },
+    /// Make a repository read-only: no staging, commits, merges, branches or tags.
+    ReadOnly {
+        name: String,
+    },
+    /// Make a read-only repository writable again.
+    ReadWrite {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,6 +250,42 @@ enum BranchCmd {
     },
     Delete {
         branch: String,
+    },
+    /// Protect REPO/BRANCH: no direct writes, commits, resets or reverts; only
+    /// merges that pass its pre-merge checks change it.
+    Protect {
+        branch: String,
+    },
+    /// Lift the protection of REPO/BRANCH.
+    Unprotect {
+        branch: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HooksCmd {
+    /// Rehearse the checks an operation on REPO/BRANCH would run, on the
+    /// commit it would make, without publishing anything.
+    ///
+    /// pre-commit/post-commit: the branch's staged changes; pre-merge/post-merge:
+    /// merging REPO/BRANCH into --target; pre-create-branch/tag: creating
+    /// --target (a name) at REPO/BRANCH.
+    Run {
+        branch: String,
+        #[arg(long, default_value = "pre-commit")]
+        event: String,
+        /// Merge destination, or the name of the branch or tag to create.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Past runs of checks in REPO, newest first.
+    Log {
+        repo: String,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: usize,
+        /// Show one run in full (all output).
+        #[arg(long)]
+        run: Option<String>,
     },
 }
 
@@ -262,19 +313,77 @@ pub fn main() -> i32 {
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("bad arguments");
             eprintln!("tarn: {first} (see tarn --help)");
-            return 1;
+            return exit::USAGE;
         }
     };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("TARN_LOG"))
         .with_writer(std::io::stderr)
         .init();
+    let json = cli.global.json;
     match run(cli) {
-        Ok(()) => 0,
+        Ok(()) => exit::OK,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
+            if let Some(r) = e.downcast_ref::<Reported>() {
+                eprintln!("tarn: error: {msg}");
+                return r.code;
+            }
+            let repo_error = e.downcast_ref::<RepoError>();
+            let code = repo_error.map(exit::code).unwrap_or(exit::ERROR);
+            if json {
+                let mut doc = json!({"ok": false, "error": msg, "exit": code});
+                match repo_error {
+                    Some(RepoError::Conflict { paths, .. }) => doc["conflicts"] = json!(paths),
+                    Some(RepoError::CheckFailed(f)) => {
+                        doc["check"] = json!(f.check);
+                        doc["candidate"] = json!(f.candidate);
+                        doc["run"] = json!(f.run);
+                    }
+                    _ => {}
+                }
+                print_json(&doc);
+            }
             eprintln!("tarn: error: {msg}");
-            1
+            code
+        }
+    }
+}
+
+/// A failure whose details the command already printed (with `--json`,
+/// as its one document): `main` adds only the one-line message.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+struct Reported {
+    code: i32,
+    msg: String,
+}
+
+/// Exit codes, for orchestrators (docs/ORCHESTRATION.md).
+pub mod exit {
+    use crate::repo::RepoError;
+
+    pub const OK: i32 = 0;
+    /// Anything not listed below; the message says what.
+    pub const ERROR: i32 = 1;
+    /// Bad arguments.
+    pub const USAGE: i32 = 2;
+    /// A merge, revert or cherry-pick has conflicts; nothing changed.
+    pub const CONFLICT: i32 = 3;
+    /// A check refused the operation; nothing changed.
+    pub const CHECK_FAILED: i32 = 4;
+    /// The branch is protected or the repository read-only.
+    pub const PROTECTED: i32 = 5;
+    /// Another writer kept winning the race for the ref; try again.
+    pub const CONCURRENT: i32 = 6;
+
+    pub fn code(e: &RepoError) -> i32 {
+        match e {
+            RepoError::Conflict { .. } => CONFLICT,
+            RepoError::CheckFailed(_) => CHECK_FAILED,
+            RepoError::Protected { .. } | RepoError::ReadOnlyRepo(_) => PROTECTED,
+            RepoError::Concurrent(_) => CONCURRENT,
+            _ => ERROR,
         }
     }
 }
@@ -292,8 +401,35 @@ fn lake_url(g: &Global) -> Result<String> {
 }
 
 fn open_lake(g: &Global) -> Result<Lake> {
-    let url = lake_url(g)?;
-    Ok(Lake::open(Store::open(&url)?)?)
+    open_lake_at(&lake_url(g)?)
+}
+
+/// Open a lake with the repository's checks wired in: every commit, merge
+/// and branch or tag creation runs them.
+fn open_lake_at(url: &str) -> Result<Lake> {
+    let mut lake = Lake::open(Store::open(url)?)?;
+    lake.set_hooks(std::sync::Arc::new(WarningHooks(hook_runner())));
+    Ok(lake)
+}
+
+fn hook_runner() -> HookRunner {
+    HookRunner::new(std::sync::Arc::new(snapshot::AutoSnapshots::new()))
+}
+
+/// The CLI reports failed post-event checks on stderr as it goes.
+struct WarningHooks(HookRunner);
+
+impl Hooks for WarningHooks {
+    fn pre(&self, lake: &Lake, event: &HookEvent) -> crate::repo::Result<()> {
+        self.0.pre(lake, event)
+    }
+
+    fn post(&self, lake: &Lake, event: &HookEvent) -> Vec<String> {
+        for w in self.0.post(lake, event) {
+            eprintln!("tarn: warning: {w}");
+        }
+        vec![]
+    }
 }
 
 /// The lake and `REPO/BRANCH` a command works on: from the argument, or,
@@ -323,7 +459,7 @@ fn branch_target(g: &Global, arg: Option<&str>) -> Result<(Lake, String, String)
                 info["ref"]
             );
         };
-        let lake = Lake::open(Store::open(&url)?)?;
+        let lake = open_lake_at(&url)?;
         return Ok((lake, repo, branch));
     }
     bail!("give REPO/BRANCH (or run this inside a branch of a tarn mount)")
@@ -403,12 +539,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Repo(cmd) => repo_cmd(&g, cmd)?,
+        Command::Hooks(cmd) => hooks_cmd(&g, cmd)?,
         Command::Branch(cmd) => branch_cmd(&g, cmd)?,
         Command::Tag(cmd) => tag_cmd(&g, cmd)?,
         Command::Put { source, dest } => {
             let lake = open_lake(&g)?;
             let a = Address::parse(&dest)?;
             let branch = lake.require_branch(&a.repo, a.reference()?)?;
+            lake.check_direct_write(&a.repo, &branch)?;
             let summary = put(&lake, &a.repo, &branch, &source, &a.path, !g.json)?;
             if g.json {
                 print_json(&serde_json::to_value(&summary)?);
@@ -561,7 +699,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 dest
             };
-            let n = get(&lake, &entry, &dest)?;
+            let n = lake.materialize(&entry, &dest)?;
             if g.json {
                 print_json(&json!({"files": n, "dest": dest}));
             } else {
@@ -643,7 +781,9 @@ fn run(cli: Cli) -> Result<()> {
                 return spawn_daemon(&dir);
             }
             let signals = crate::mount::block_signals();
-            let lake = open_lake(&g)?;
+            let mut lake = open_lake(&g)?;
+            // Failed post-event checks go into `.tarn/result`, not the log.
+            lake.set_hooks(std::sync::Arc::new(hook_runner()));
             if let Some((repo, r)) = &pinned {
                 lake.resolve(repo, r)?;
             }
@@ -666,8 +806,8 @@ fn run(cli: Cli) -> Result<()> {
                     pinned,
                     read_only,
                     cache_dir,
-                    cache_size: parse_size(&cache_size)?,
-                    metadata_ttl: parse_duration(&metadata_ttl)?,
+                    cache_size: parse_size(&cache_size).map_err(anyhow::Error::msg)?,
+                    metadata_ttl: parse_duration(&metadata_ttl).map_err(anyhow::Error::msg)?,
                     allow_other,
                     threads,
                 },
@@ -801,50 +941,6 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
     Ok(args)
 }
 
-/// `10G`, `512M`, `64K` or plain bytes.
-fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => bail!("size {s:?}: use a number with K, M, G or T"),
-            };
-            (&t[..i], mult)
-        }
-        _ => (t, 1),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| anyhow!("size {s:?}: use a number with K, M, G or T"))?;
-    Ok((n * mult as f64) as u64)
-}
-
-/// `1s`, `500ms`, `2m`, or plain seconds.
-fn parse_duration(s: &str) -> Result<std::time::Duration> {
-    let t = s.trim();
-    let bad = || anyhow!("duration {s:?}: use e.g. 500ms, 1s, 2m");
-    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&t[..i], &t[i..]),
-        None => (t, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(bad()),
-    };
-    if !(0.0..=86400.0 * 365.0).contains(&secs) {
-        return Err(bad());
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
-}
-
 /// Start this same command again without `--daemon`, detached, and return
 /// once the mount is up (or say why it did not come up).
 fn spawn_daemon(dir: &Path) -> Result<()> {
@@ -973,15 +1069,7 @@ fn history_cmd(g: &Global, cmd: Command) -> Result<()> {
                 strategy: strategy.map(|s| s.parse()).transpose()?,
                 ff,
             };
-            let outcome = match lake.merge(&d.repo, &src, d.reference()?, &opts) {
-                Err(RepoError::Conflict { what, paths }) => {
-                    if g.json {
-                        print_json(&json!({"merged": false, "conflicts": paths}));
-                    }
-                    return Err(RepoError::Conflict { what, paths }.into());
-                }
-                r => r?,
-            };
+            let outcome = lake.merge(&d.repo, &src, d.reference()?, &opts)?;
             let (kind, id) = match &outcome {
                 MergeOutcome::UpToDate => ("up-to-date", None),
                 MergeOutcome::FastForward(h) => ("fast-forward", Some(h.to_hex())),
@@ -1051,12 +1139,12 @@ fn history_cmd(g: &Global, cmd: Command) -> Result<()> {
 
 fn repo_cmd(g: &Global, cmd: RepoCmd) -> Result<()> {
     let lake = open_lake(g)?;
-    match cmd {
+    match &cmd {
         RepoCmd::Create {
             name,
             default_branch,
         } => {
-            let id = lake.create_repo(&name, &default_branch)?;
+            let id = lake.create_repo(name, default_branch)?;
             if g.json {
                 print_json(
                     &json!({"repo": name, "default_branch": default_branch, "commit": id.to_hex()}),
@@ -1075,8 +1163,18 @@ fn repo_cmd(g: &Global, cmd: RepoCmd) -> Result<()> {
                 }
             }
         }
+        RepoCmd::ReadOnly { name } | RepoCmd::ReadWrite { name } => {
+            let on = matches!(cmd, RepoCmd::ReadOnly { .. });
+            lake.set_read_only(name, on)?;
+            let state = if on { "read-only" } else { "writable" };
+            if g.json {
+                print_json(&json!({"repo": name, "read_only": on}));
+            } else {
+                println!("repository {name} is {state}");
+            }
+        }
         RepoCmd::Delete { name } => {
-            lake.delete_repo(&name)?;
+            lake.delete_repo(name)?;
             if g.json {
                 print_json(&json!({"deleted": name}));
             } else {
@@ -1098,11 +1196,11 @@ fn split_repo_name(s: &str, what: &str) -> Result<(String, String)> {
 
 fn branch_cmd(g: &Global, cmd: BranchCmd) -> Result<()> {
     let lake = open_lake(g)?;
-    match cmd {
+    match &cmd {
         BranchCmd::Create { branch, from } => {
-            let (repo, name) = split_repo_name(&branch, "BRANCH")?;
+            let (repo, name) = split_repo_name(branch, "BRANCH")?;
             let from = match from {
-                Some(f) => f,
+                Some(f) => f.clone(),
                 None => lake.repo_config(&repo)?.default_branch,
             };
             let at = lake.create_branch(&repo, &name, &from)?;
@@ -1113,8 +1211,8 @@ fn branch_cmd(g: &Global, cmd: BranchCmd) -> Result<()> {
             }
         }
         BranchCmd::List { repo } => {
-            let default = lake.repo_config(&repo)?.default_branch;
-            let branches = lake.list_branches(&repo)?;
+            let default = lake.repo_config(repo)?.default_branch;
+            let branches = lake.list_branches(repo)?;
             if g.json {
                 let v: Vec<_> = branches
                     .iter()
@@ -1128,8 +1226,20 @@ fn branch_cmd(g: &Global, cmd: BranchCmd) -> Result<()> {
                 }
             }
         }
+        BranchCmd::Protect { branch } | BranchCmd::Unprotect { branch } => {
+            let on = matches!(cmd, BranchCmd::Protect { .. });
+            let (repo, name) = split_repo_name(branch, "BRANCH")?;
+            lake.set_protected(&repo, &name, on)?;
+            if g.json {
+                print_json(&json!({"repo": repo, "branch": name, "protected": on}));
+            } else if on {
+                println!("{branch} is protected: only merges that pass its checks change it");
+            } else {
+                println!("{branch} is no longer protected");
+            }
+        }
         BranchCmd::Delete { branch } => {
-            let (repo, name) = split_repo_name(&branch, "BRANCH")?;
+            let (repo, name) = split_repo_name(branch, "BRANCH")?;
             lake.delete_branch(&repo, &name)?;
             if g.json {
                 print_json(&json!({"deleted": branch}));
@@ -1139,6 +1249,177 @@ fn branch_cmd(g: &Global, cmd: BranchCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn hooks_cmd(g: &Global, cmd: HooksCmd) -> Result<()> {
+    let lake = open_lake(g)?;
+    match cmd {
+        HooksCmd::Run {
+            branch,
+            event,
+            target,
+        } => {
+            let a = Address::parse(&branch)?;
+            let repo = a.repo.clone();
+            let name = lake.require_branch(&repo, a.reference()?)?;
+            let kind = EventKind::parse(&event).ok_or_else(|| {
+                anyhow!(
+                    "unknown event {event:?}: use one of {}",
+                    EventKind::ALL.map(|k| k.name()).join(", ")
+                )
+            })?;
+            let need_target = || {
+                target
+                    .as_deref()
+                    .map(|t| ref_in(&repo, t))
+                    .transpose()?
+                    .ok_or_else(|| anyhow!("--event {kind} needs --target"))
+            };
+            let (target, source, commit, config_tree) = match kind {
+                EventKind::PreCommit | EventKind::PostCommit => {
+                    if target.is_some() {
+                        bail!("--target is for merges and branch or tag creation, not {kind}");
+                    }
+                    let (c, tree) =
+                        lake.commit_candidate(&repo, &name, "candidate (tarn hooks run)")?;
+                    (name.clone(), None, c, tree)
+                }
+                EventKind::PreMerge | EventKind::PostMerge => {
+                    let dest = need_target()?;
+                    let (c, tree) =
+                        lake.merge_candidate(&repo, &name, &dest, &MergeOptions::default())?;
+                    (dest, Some(name.clone()), c, tree)
+                }
+                EventKind::PreCreateBranch
+                | EventKind::PostCreateBranch
+                | EventKind::PreCreateTag
+                | EventKind::PostCreateTag => {
+                    let new = need_target()?;
+                    crate::repo::check_name("ref", &new)?;
+                    let at = lake.resolve(&repo, &name)?.commit;
+                    let default = lake.repo_config(&repo)?.default_branch;
+                    let policy = lake.resolve(&repo, &default)?.commit;
+                    (
+                        new,
+                        Some(name.clone()),
+                        at,
+                        lake.commit(&repo, &policy)?.tree,
+                    )
+                }
+            };
+            let event = HookEvent {
+                kind,
+                repo: repo.clone(),
+                target,
+                source,
+                commit,
+                config_tree,
+                dry_run: true,
+            };
+            let Some(record) = hook_runner().run(&lake, &event)? else {
+                if g.json {
+                    print_json(&json!({"run": null, "status": "none"}));
+                } else {
+                    println!("no checks react to {kind} on {repo}/{}", event.target);
+                }
+                return Ok(());
+            };
+            if g.json {
+                print_json(&serde_json::to_value(&record)?);
+            } else {
+                print_run(&record, Some(5));
+            }
+            if let Some((check, detail)) = record.failure_summary() {
+                let e = RepoError::CheckFailed(Box::new(crate::repo::CheckFailure {
+                    event: record.event.clone(),
+                    repo,
+                    what: "the rehearsal".into(),
+                    check,
+                    detail,
+                    candidate: commit.short(),
+                    run: record.id,
+                }));
+                return Err(Reported {
+                    code: exit::code(&e),
+                    msg: e.to_string(),
+                }
+                .into());
+            }
+        }
+        HooksCmd::Log { repo, limit, run } => {
+            let ids = match &run {
+                Some(id) => vec![id.clone()],
+                None => {
+                    let mut ids = lake.list_runs(&repo)?;
+                    ids.reverse();
+                    ids.truncate(limit);
+                    ids
+                }
+            };
+            let mut records = Vec::new();
+            for id in ids {
+                let bytes = lake.read_run(&repo, &id)?;
+                let r: RunRecord = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("hook run {id} is unreadable"))?;
+                records.push(r);
+            }
+            if g.json {
+                print_json(&serde_json::to_value(&records)?);
+            } else if records.is_empty() {
+                println!("{repo}: no hook runs yet");
+            } else {
+                let lines = if run.is_some() { None } else { Some(5) };
+                for r in &records {
+                    print_run(r, lines);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A hook run for people: a header line, a line per check, and the last
+/// `lines` lines of each check's output (all of it with `None`).
+fn print_run(r: &RunRecord, lines: Option<usize>) {
+    let status = match r.status {
+        Status::Passed => "passed",
+        Status::Failed => "FAILED",
+        Status::Skipped => "skipped",
+    };
+    let what = match &r.source {
+        Some(src) => format!("{} <- {src}", r.target),
+        None => r.target.clone(),
+    };
+    let dry = if r.dry_run { " (rehearsal)" } else { "" };
+    println!(
+        "run {}  {}  {} {what}  {status}  {} ms  candidate {}{dry}",
+        r.id,
+        fmt_time(r.time),
+        r.event,
+        r.duration_ms,
+        &r.commit[..12.min(r.commit.len())]
+    );
+    for c in &r.checks {
+        let code = match (c.kind.as_str(), c.code) {
+            ("webhook", Some(code)) => format!("HTTP {code}"),
+            (_, Some(code)) => format!("exit {code}"),
+            _ => String::new(),
+        };
+        let status = match c.status {
+            Status::Passed => "passed",
+            Status::Failed => "FAILED",
+            Status::Skipped => "skipped",
+        };
+        println!(
+            "  {status:<8} {}/{}  {code}  {} ms",
+            c.hook, c.check, c.duration_ms
+        );
+        let out: Vec<&str> = c.output.lines().collect();
+        let from = lines.map(|n| out.len().saturating_sub(n)).unwrap_or(0);
+        for l in &out[from..] {
+            println!("      {l}");
+        }
+    }
 }
 
 fn tag_cmd(g: &Global, cmd: TagCmd) -> Result<()> {
@@ -1358,33 +1639,6 @@ fn stage_one(
 }
 
 /// Write an entry to a local path (recursively for directories).
-fn get(lake: &Lake, entry: &Entry, dest: &Path) -> Result<u64> {
-    match entry {
-        Entry::File(f) => {
-            let mut out =
-                std::fs::File::create(dest).with_context(|| format!("{}", dest.display()))?;
-            lake.read_file(f, &mut std::io::BufWriter::new(&mut out))?;
-            use std::os::unix::fs::PermissionsExt;
-            out.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(f.mtime.max(0) as u64);
-            out.set_modified(t)?;
-            Ok(1)
-        }
-        Entry::Symlink(t) => {
-            std::os::unix::fs::symlink(t, dest).with_context(|| format!("{}", dest.display()))?;
-            Ok(0)
-        }
-        Entry::Dir(h) => {
-            std::fs::create_dir_all(dest).with_context(|| format!("{}", dest.display()))?;
-            let mut n = 0;
-            for (name, e) in lake.trees().entries(h)? {
-                n += get(lake, &e, &dest.join(name))?;
-            }
-            Ok(n)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1423,27 +1677,5 @@ mod tests {
         assert!(mount_helper_args("file:///l", Path::new("/m"), "bogus", true).is_ok());
         assert!(mount_helper_args("file:///l", Path::new("/m"), "ref=", false).is_err());
         assert!(mount_helper_args("file:///l", Path::new("/m"), "cache_size", false).is_err());
-    }
-
-    #[test]
-    fn sizes_and_durations_parse() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").is_err());
-        assert_eq!(
-            parse_duration("500ms").unwrap(),
-            std::time::Duration::from_millis(500)
-        );
-        assert_eq!(
-            parse_duration("2m").unwrap(),
-            std::time::Duration::from_secs(120)
-        );
-        assert_eq!(
-            parse_duration("1").unwrap(),
-            std::time::Duration::from_secs(1)
-        );
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! the CLI, the mount or hooks.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -16,7 +17,9 @@ use crate::hash::Hash;
 use crate::store::{Cas, Store, StoreError, Version};
 use crate::tree::{self, Content, Entry, File, Op, TreeError, Trees};
 
+mod checks;
 mod merge;
+pub use checks::{CheckFailure, EventKind, HookEvent, Hooks};
 pub use merge::{MergeOptions, MergeOutcome, Strategy};
 
 pub const LAKE_FORMAT: u32 = 1;
@@ -93,6 +96,20 @@ pub enum RepoError {
     NeedParent(String),
     #[error("{path}: {why}")]
     BadPath { path: String, why: String },
+    #[error("branch {repo}/{branch} is protected: only merges that pass its checks change it (tarn branch unprotect to lift)")]
+    Protected { repo: String, branch: String },
+    #[error("repository {0} is read-only (tarn repo read-write to lift)")]
+    ReadOnlyRepo(String),
+    #[error("{0}")]
+    CheckFailed(Box<CheckFailure>),
+    #[error("hook run {0} not found")]
+    NoRun(String),
+    #[error("{path}: {source}")]
+    Local {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, RepoError>;
@@ -111,8 +128,13 @@ pub struct LakeConfig {
 pub struct RepoConfig {
     pub default_branch: String,
     pub created: String,
+    /// Branches that change only by merges that pass their checks.
     #[serde(default)]
     pub protected: Vec<String>,
+    /// Nothing in the repository changes: no staging, commits, merges,
+    /// branches or tags.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// A branch ref: its head commit, the staging token writers append to now,
@@ -346,6 +368,9 @@ pub struct Lake {
     store: Store,
     trees: Trees,
     config: LakeConfig,
+    hooks: Option<Arc<dyn Hooks>>,
+    /// Post-event check failures not yet reported (see `take_warnings`).
+    warnings: parking_lot::Mutex<Vec<String>>,
 }
 
 impl Lake {
@@ -380,7 +405,43 @@ impl Lake {
             trees: Trees::new(store.clone()),
             store,
             config,
+            hooks: None,
+            warnings: Default::default(),
         })
+    }
+
+    /// Run these hooks for every commit, merge and branch or tag creation.
+    pub fn set_hooks(&mut self, hooks: Arc<dyn Hooks>) {
+        self.hooks = Some(hooks);
+    }
+
+    pub fn hooks(&self) -> Option<&Arc<dyn Hooks>> {
+        self.hooks.as_ref()
+    }
+
+    /// Post-event check failures since the last call, one line each.
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock())
+    }
+
+    fn pre_event(&self, event: &HookEvent) -> Result<()> {
+        match &self.hooks {
+            Some(h) => h.pre(self, event),
+            None => Ok(()),
+        }
+    }
+
+    /// The post-event of `event` for the published `commit`.
+    fn post_event(&self, event: &HookEvent, commit: Hash) {
+        if let Some(h) = &self.hooks {
+            let post = HookEvent {
+                kind: event.kind.post(),
+                commit,
+                ..event.clone()
+            };
+            let failed = h.post(self, &post);
+            self.warnings.lock().extend(failed);
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -412,6 +473,105 @@ impl Lake {
         })
     }
 
+    /// Change `repo.json` by compare-and-swap (protection and read-only
+    /// flags change rarely, but two admins must not undo each other).
+    fn update_repo_config(
+        &self,
+        repo: &str,
+        change: impl Fn(&mut RepoConfig),
+    ) -> Result<RepoConfig> {
+        check_name("repository", repo)?;
+        let key = Self::repo_key(repo, "repo.json");
+        for _ in 0..CAS_ROUNDS {
+            let (bytes, v) = self
+                .store
+                .get_versioned(&key)?
+                .ok_or_else(|| RepoError::NoRepo(repo.to_string()))?;
+            let mut cfg: RepoConfig = serde_json::from_slice(&bytes)
+                .map_err(|_| RepoError::Decode { key: key.clone() })?;
+            change(&mut cfg);
+            let bytes = serde_json::to_vec_pretty(&cfg).expect("json");
+            if let Cas::Done(_) = self.store.cas(&key, Some(&v), Bytes::from(bytes))? {
+                return Ok(cfg);
+            }
+        }
+        Err(RepoError::Concurrent(format!("{repo}/repo.json")))
+    }
+
+    /// Protect a branch (only merges that pass its checks change it) or
+    /// lift the protection.
+    pub fn set_protected(&self, repo: &str, branch: &str, on: bool) -> Result<()> {
+        self.branch(repo, branch)?;
+        self.update_repo_config(repo, |cfg| {
+            cfg.protected.retain(|b| b != branch);
+            if on {
+                cfg.protected.push(branch.to_string());
+                cfg.protected.sort();
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Make a whole repository read-only, or writable again.
+    pub fn set_read_only(&self, repo: &str, on: bool) -> Result<()> {
+        self.update_repo_config(repo, |cfg| cfg.read_only = on)?;
+        Ok(())
+    }
+
+    /// Refuse any change to a read-only repository.
+    pub fn check_repo_writable(&self, repo: &str) -> Result<RepoConfig> {
+        let cfg = self.repo_config(repo)?;
+        if cfg.read_only {
+            return Err(RepoError::ReadOnlyRepo(repo.to_string()));
+        }
+        Ok(cfg)
+    }
+
+    /// Refuse direct changes (staging, commits, resets, reverts) to a
+    /// protected branch or a read-only repository.
+    pub fn check_direct_write(&self, repo: &str, branch: &str) -> Result<()> {
+        let cfg = self.check_repo_writable(repo)?;
+        if cfg.protected.iter().any(|b| b == branch) {
+            return Err(RepoError::Protected {
+                repo: repo.to_string(),
+                branch: branch.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    // ---- hook runs ----
+
+    fn run_key(repo: &str, id: &str) -> String {
+        Self::repo_key(repo, &format!("runs/{id}"))
+    }
+
+    /// Store the record of one hook run (an opaque JSON document, written
+    /// once under a ULID so runs list in time order).
+    pub fn record_run(&self, repo: &str, id: &str, record: &[u8]) -> Result<()> {
+        check_name("run id", id)?;
+        self.store
+            .put_if_absent(&Self::run_key(repo, id), Bytes::copy_from_slice(record))?;
+        Ok(())
+    }
+
+    /// Ids of the recorded hook runs of a repository, oldest first.
+    pub fn list_runs(&self, repo: &str) -> Result<Vec<String>> {
+        self.repo_config(repo)?;
+        let mut ids = self.store.list_files(&Self::repo_key(repo, "runs"))?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub fn read_run(&self, repo: &str, id: &str) -> Result<Vec<u8>> {
+        check_name("run id", id).map_err(|_| RepoError::NoRun(id.to_string()))?;
+        let bytes = self
+            .store
+            .get(&Self::run_key(repo, id))?
+            .ok_or_else(|| RepoError::NoRun(id.to_string()))?;
+        Ok(bytes.to_vec())
+    }
+
     /// Create a repository with an empty initial commit on its default branch.
     pub fn create_repo(&self, repo: &str, default_branch: &str) -> Result<Hash> {
         check_name("repository", repo)?;
@@ -432,6 +592,7 @@ impl Lake {
             default_branch: default_branch.to_string(),
             created: now_rfc3339ish(),
             protected: vec![],
+            read_only: false,
         };
         let bytes = serde_json::to_vec_pretty(&cfg).expect("json");
         if !self
@@ -558,12 +719,44 @@ impl Lake {
         }
     }
 
-    /// Create a branch at a ref (O(1): one ref object).
+    /// Create a branch at a ref (O(1): one ref object), after the
+    /// pre-create-branch checks pass.
     pub fn create_branch(&self, repo: &str, branch: &str, from: &str) -> Result<Hash> {
         check_name("branch", branch)?;
+        let cfg = self.check_repo_writable(repo)?;
         let at = self.resolve(repo, from)?.commit;
+        let event =
+            self.creation_event(&cfg, repo, EventKind::PreCreateBranch, branch, from, at)?;
+        if let Some(e) = &event {
+            self.pre_event(e)?;
+        }
         self.create_branch_at(repo, branch, at)?;
+        if let Some(e) = &event {
+            self.post_event(e, at);
+        }
         Ok(at)
+    }
+
+    /// The event for creating a branch or tag. Its checks come from the
+    /// default branch's head: creating refs is repository policy, which a
+    /// feature branch must not be able to rewrite.
+    fn creation_event(
+        &self,
+        cfg: &RepoConfig,
+        repo: &str,
+        kind: EventKind,
+        name: &str,
+        from: &str,
+        at: Hash,
+    ) -> Result<Option<HookEvent>> {
+        if self.hooks.is_none() {
+            return Ok(None);
+        }
+        let head = self.branch_head(repo, &cfg.default_branch)?;
+        let config_tree = self.commit(repo, &head)?.tree;
+        Ok(Some(
+            HookEvent::new(kind, repo, name, at, config_tree).with_source(from),
+        ))
     }
 
     pub fn list_branches(&self, repo: &str) -> Result<Vec<(String, BranchRef)>> {
@@ -584,6 +777,7 @@ impl Lake {
     }
 
     pub fn delete_branch(&self, repo: &str, branch: &str) -> Result<()> {
+        self.check_direct_write(repo, branch)?;
         let cfg = self.repo_config(repo)?;
         if cfg.default_branch == branch {
             return Err(RepoError::DefaultBranch {
@@ -602,7 +796,12 @@ impl Lake {
 
     pub fn create_tag(&self, repo: &str, tag: &str, at: &str) -> Result<Hash> {
         check_name("tag", tag)?;
+        let cfg = self.check_repo_writable(repo)?;
         let commit = self.resolve(repo, at)?.commit;
+        let event = self.creation_event(&cfg, repo, EventKind::PreCreateTag, tag, at, commit)?;
+        if let Some(e) = &event {
+            self.pre_event(e)?;
+        }
         let bytes = serde_json::to_vec(&TagRef {
             commit: commit.to_hex(),
         })
@@ -615,6 +814,9 @@ impl Lake {
                 repo: repo.to_string(),
                 tag: tag.to_string(),
             });
+        }
+        if let Some(e) = &event {
+            self.post_event(e, commit);
         }
         Ok(commit)
     }
@@ -644,6 +846,7 @@ impl Lake {
 
     pub fn delete_tag(&self, repo: &str, tag: &str) -> Result<()> {
         check_name("tag", tag)?;
+        self.check_repo_writable(repo)?;
         if self.tag(repo, tag)?.is_none() {
             return Err(RepoError::NoTag {
                 repo: repo.to_string(),
@@ -761,6 +964,7 @@ impl Lake {
         if ops.is_empty() {
             return Ok(String::new());
         }
+        self.check_direct_write(repo, branch)?;
         let (r, _) = self.branch(repo, branch)?;
         let mut batch = StagingBatch {
             id: next_batch_id(),
@@ -926,6 +1130,7 @@ impl Lake {
 
     /// Discard every staged change of a branch.
     pub fn reset(&self, repo: &str, branch: &str) -> Result<()> {
+        self.check_direct_write(repo, branch)?;
         for _ in 0..CAS_ROUNDS {
             let (r, v) = self.branch(repo, branch)?;
             let new = BranchRef {
@@ -969,6 +1174,7 @@ impl Lake {
     /// head tree, write nodes and the commit, then CAS the ref to the new
     /// commit. Losing a CAS to another committer restarts from the ref.
     pub fn commit_branch(&self, repo: &str, branch: &str, opts: &CommitOptions) -> Result<Hash> {
+        self.check_direct_write(repo, branch)?;
         let mut backoff = Duration::from_millis(2);
         for _ in 0..CAS_ROUNDS {
             match self.try_commit(repo, branch, opts)? {
@@ -980,6 +1186,34 @@ impl Lake {
             }
         }
         Err(RepoError::Concurrent(format!("{repo}/{branch}")))
+    }
+
+    /// The commit `commit_branch` would make of a branch's staged changes
+    /// now, written but not published (for rehearsing pre-commit checks),
+    /// and the tree of the branch's head.
+    pub fn commit_candidate(
+        &self,
+        repo: &str,
+        branch: &str,
+        message: &str,
+    ) -> Result<(Hash, Hash)> {
+        let w = self.working_state(repo, branch, &self.trees)?;
+        let head_commit = self.commit(repo, &w.head)?;
+        self.trees.flush()?;
+        let id = self.write_commit(
+            repo,
+            &Commit {
+                tree: w.root,
+                parents: vec![w.head],
+                author: default_author(),
+                time: now_ms(),
+                message: message.to_string(),
+                meta: BTreeMap::new(),
+                generation: head_commit.generation + 1,
+                consumed: vec![],
+            },
+        )?;
+        Ok((id, head_commit.tree))
     }
 
     /// One round of the commit protocol; `None` means "lost a race, retry".
@@ -1026,7 +1260,15 @@ impl Lake {
                     .map(|(token, batches)| Consumed { token, batches })
                     .collect(),
             };
-            Some(self.write_commit(repo, &commit)?)
+            let id = self.write_commit(repo, &commit)?;
+            self.pre_event(&HookEvent::new(
+                EventKind::PreCommit,
+                repo,
+                branch,
+                id,
+                head_commit.tree,
+            ))?;
+            Some(id)
         };
         // Publish: move the ref to the new commit and drop the tokens we
         // consumed, keeping whatever others sealed or started meanwhile.
@@ -1070,7 +1312,12 @@ impl Lake {
                 .delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")));
         }
         match new_head {
-            Some(id) => Ok(Some(id)),
+            Some(id) => {
+                let event =
+                    HookEvent::new(EventKind::PreCommit, repo, branch, id, head_commit.tree);
+                self.post_event(&event, id);
+                Ok(Some(id))
+            }
             None => Err(RepoError::NothingToCommit {
                 repo: repo.to_string(),
                 branch: branch.to_string(),
@@ -1323,6 +1570,42 @@ impl Lake {
         Ok(chunk::write_chunks(&self.store, &refs, out)?)
     }
 
+    /// Write an entry out as a local file, symlink or directory tree at
+    /// `dest` (modes and mtimes kept); returns the number of files written.
+    pub fn materialize(&self, entry: &Entry, dest: &std::path::Path) -> Result<u64> {
+        use std::os::unix::fs::PermissionsExt;
+        let local = |e: std::io::Error| RepoError::Local {
+            path: dest.display().to_string(),
+            source: e,
+        };
+        match entry {
+            Entry::File(f) => {
+                let mut out = std::fs::File::create(dest).map_err(local)?;
+                let mut w = std::io::BufWriter::new(&mut out);
+                self.read_file(f, &mut w)?;
+                std::io::Write::flush(&mut w).map_err(local)?;
+                drop(w);
+                out.set_permissions(std::fs::Permissions::from_mode(f.mode))
+                    .map_err(local)?;
+                let t = UNIX_EPOCH + Duration::from_nanos(f.mtime.max(0) as u64);
+                out.set_modified(t).map_err(local)?;
+                Ok(1)
+            }
+            Entry::Symlink(t) => {
+                std::os::unix::fs::symlink(t, dest).map_err(local)?;
+                Ok(0)
+            }
+            Entry::Dir(h) => {
+                std::fs::create_dir_all(dest).map_err(local)?;
+                let mut n = 0;
+                for (name, e) in self.trees.entries(h)? {
+                    n += self.materialize(&e, &dest.join(name))?;
+                }
+                Ok(n)
+            }
+        }
+    }
+
     /// Write staged content nodes (manifests) so staged ops can refer to them.
     pub fn flush(&self) -> Result<()> {
         self.trees.flush()?;
@@ -1559,5 +1842,146 @@ mod tests {
             .count();
         assert_eq!(files, 120);
         assert!(l.staged_ops("r", "main").unwrap().is_empty());
+    }
+
+    /// Refuses the pre-events in `refuse`, fails every post-event, and
+    /// records what it saw.
+    struct Gate {
+        refuse: Vec<EventKind>,
+        seen: parking_lot::Mutex<Vec<(EventKind, String, Hash)>>,
+    }
+
+    impl Hooks for Gate {
+        fn pre(&self, lake: &Lake, e: &HookEvent) -> Result<()> {
+            lake.commit(&e.repo, &e.commit)
+                .expect("candidate written before pre-event");
+            self.seen.lock().push((e.kind, e.target.clone(), e.commit));
+            if self.refuse.contains(&e.kind) {
+                return Err(RepoError::CheckFailed(Box::new(CheckFailure {
+                    event: e.kind.to_string(),
+                    repo: e.repo.clone(),
+                    what: "test".into(),
+                    check: "gate/x".into(),
+                    detail: "no".into(),
+                    candidate: e.commit.short(),
+                    run: "r".into(),
+                })));
+            }
+            Ok(())
+        }
+
+        fn post(&self, _: &Lake, e: &HookEvent) -> Vec<String> {
+            self.seen.lock().push((e.kind, e.target.clone(), e.commit));
+            vec![format!("{} failed", e.kind)]
+        }
+    }
+
+    #[test]
+    fn hooks_gate_every_ref_update() {
+        let mut l = lake();
+        l.create_repo("r", "main").unwrap();
+        let gate = Arc::new(Gate {
+            refuse: vec![
+                EventKind::PreCommit,
+                EventKind::PreMerge,
+                EventKind::PreCreateTag,
+            ],
+            seen: Default::default(),
+        });
+        l.set_hooks(gate.clone());
+        l.create_branch("r", "dev", "main").unwrap();
+        assert_eq!(l.take_warnings(), ["post-create-branch failed"]);
+        put(&l, "r", "dev", "a", b"1");
+        let head = l.branch_head("r", "dev").unwrap();
+        let err = l.commit_branch("r", "dev", &opts("x")).unwrap_err();
+        assert!(matches!(err, RepoError::CheckFailed(_)), "{err}");
+        assert_eq!(l.branch_head("r", "dev").unwrap(), head);
+        assert_eq!(read(&l, "r", "dev", "a").unwrap(), b"1", "still staged");
+        // The refused candidate stays readable by its id.
+        let candidate = gate.seen.lock().last().unwrap().2;
+        assert_eq!(read(&l, "r", &candidate.to_hex(), "a").unwrap(), b"1");
+        assert!(l.create_tag("r", "v1", "main").is_err());
+        assert!(l.list_tags("r").unwrap().is_empty());
+
+        // Let commits through: the post-event reports, the commit stands.
+        let gate = Arc::new(Gate {
+            refuse: vec![EventKind::PreMerge],
+            seen: Default::default(),
+        });
+        l.set_hooks(gate.clone());
+        let c = l.commit_branch("r", "dev", &opts("x")).unwrap();
+        assert_eq!(l.take_warnings(), ["post-commit failed"]);
+        assert_eq!(l.branch_head("r", "dev").unwrap(), c);
+        let main = l.branch_head("r", "main").unwrap();
+        for ff in [false, true] {
+            let o = MergeOptions {
+                ff,
+                ..Default::default()
+            };
+            assert!(matches!(
+                l.merge("r", "dev", "main", &o),
+                Err(RepoError::CheckFailed(_))
+            ));
+            assert_eq!(l.branch_head("r", "main").unwrap(), main);
+        }
+        let kinds: Vec<EventKind> = gate.seen.lock().iter().map(|s| s.0).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::PreCommit,
+                EventKind::PostCommit,
+                EventKind::PreMerge,
+                EventKind::PreMerge
+            ]
+        );
+        // The fast-forward candidate is the source itself.
+        assert_eq!(gate.seen.lock()[3].2, c);
+    }
+
+    #[test]
+    fn protection_refuses_direct_writes_but_not_merges() {
+        let l = lake();
+        l.create_repo("r", "main").unwrap();
+        l.create_branch("r", "dev", "main").unwrap();
+        put(&l, "r", "dev", "a", b"1");
+        l.commit_branch("r", "dev", &opts("a")).unwrap();
+        l.set_protected("r", "main", true).unwrap();
+        assert_eq!(l.repo_config("r").unwrap().protected, ["main"]);
+        fn protected<T>(r: Result<T>) -> bool {
+            matches!(r, Err(RepoError::Protected { .. }))
+        }
+        assert!(protected(l.stage(
+            "r",
+            "main",
+            vec![Op::Delete { path: "a".into() }]
+        )));
+        assert!(protected(l.commit_branch(
+            "r",
+            "main",
+            &CommitOptions {
+                allow_empty: true,
+                ..opts("x")
+            }
+        )));
+        assert!(protected(l.reset("r", "main")));
+        assert!(protected(l.delete_branch("r", "main")));
+        l.merge("r", "dev", "main", &MergeOptions::default())
+            .unwrap();
+        l.set_protected("r", "main", false).unwrap();
+        l.reset("r", "main").unwrap();
+        l.set_read_only("r", true).unwrap();
+        fn ro<T>(r: Result<T>) -> bool {
+            matches!(r, Err(RepoError::ReadOnlyRepo(_)))
+        }
+        assert!(ro(l.stage(
+            "r",
+            "dev",
+            vec![Op::Delete { path: "a".into() }]
+        )));
+        assert!(ro(l.merge("r", "main", "dev", &MergeOptions::default())));
+        assert!(ro(l.create_branch("r", "x", "main")));
+        assert!(ro(l.create_tag("r", "x", "main")));
+        l.set_read_only("r", false).unwrap();
+        l.create_tag("r", "x", "main").unwrap();
     }
 }

@@ -62,7 +62,7 @@ fn diff_merge_conflicts_revert_cherry_pick() {
     put(&s, "c2", "c-main", "r/main/d/c.txt");
     s.ok(&["commit", "r/main", "-m", "main c"]);
     let head = s.head("r/main");
-    let err = s.fails(&["merge", "r/dev", "r/main"]);
+    let err = s.fails_with(3, &["merge", "r/dev", "r/main"]);
     assert!(err.contains("d/c.txt"), "{err}");
     let out = s.run(&["merge", "r/dev", "r/main", "--json"]);
     assert!(!out.status.success());

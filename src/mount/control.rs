@@ -48,6 +48,8 @@ impl ControlError {
                 RepoError::NothingToCommit { .. } => libc::ENODATA,
                 RepoError::Conflict { .. } => libc::EBUSY,
                 RepoError::Concurrent(_) => libc::EAGAIN,
+                RepoError::Protected { .. } | RepoError::ReadOnlyRepo(_) => libc::EROFS,
+                RepoError::CheckFailed(_) => libc::EPERM,
                 RepoError::BranchExists { .. } | RepoError::TagExists { .. } => libc::EEXIST,
                 RepoError::UnknownRef { .. }
                 | RepoError::AmbiguousRef { .. }

@@ -22,7 +22,7 @@ use super::cache::ChunkCache;
 use super::control;
 use super::write::{close_ref, now_ns, open_ref, StageQueue, WriteFile};
 use crate::hash::{ChunkRef, Hash};
-use crate::repo::{BranchRef, Lake, RepoError};
+use crate::repo::{BranchRef, Lake, RepoConfig, RepoError};
 use crate::tree::{Content, Entry, File, Op, TreeError, Trees};
 
 pub const ROOT_INO: u64 = 1;
@@ -107,7 +107,11 @@ impl FsError {
                 | RepoError::BadName { .. }
                 | RepoError::BadRefExpr(_)
                 | RepoError::AmbiguousRef { .. } => libc::ENOENT,
-                RepoError::NotABranch(_) => libc::EROFS,
+                RepoError::NotABranch(_)
+                | RepoError::Protected { .. }
+                | RepoError::ReadOnlyRepo(_) => libc::EROFS,
+                RepoError::CheckFailed(_) => libc::EPERM,
+                RepoError::NoRun(_) => libc::ENOENT,
                 RepoError::Concurrent(_) => libc::EAGAIN,
                 RepoError::BadPath { .. } => libc::EINVAL,
                 RepoError::Store(_)
@@ -125,7 +129,8 @@ impl FsError {
                 | RepoError::BadStrategy(_)
                 | RepoError::Conflict { .. }
                 | RepoError::Unrevertable(_)
-                | RepoError::NeedParent(_) => libc::EIO,
+                | RepoError::NeedParent(_)
+                | RepoError::Local { .. } => libc::EIO,
             },
             FsError::Tree(TreeError::BadPath { .. }) => libc::EINVAL,
             FsError::Tree(_) | FsError::Store(_) | FsError::Io(_) | FsError::Stage(_) => libc::EIO,
@@ -329,6 +334,9 @@ pub struct LakeFs {
     writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
     /// Rename counts per (view, old path): see `generation`.
     moved_away: Mutex<HashMap<(u64, String), u64>>,
+    /// Each repository's configuration (protected branches, read-only),
+    /// re-read once its metadata TTL has passed.
+    policies: Mutex<HashMap<String, (RepoConfig, Instant)>>,
 }
 
 /// Inode numbers are a hash of what the inode is, so they are stable within
@@ -395,6 +403,7 @@ impl LakeFs {
             next_handle: AtomicU64::new(1),
             writes: Mutex::new(HashMap::new()),
             moved_away: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
         };
         let root = match fs.cfg.pinned.clone() {
             Some((repo, reference)) => {
@@ -632,8 +641,25 @@ impl LakeFs {
         }
     }
 
-    fn writable(&self, view: &View) -> bool {
+    /// Can control commands be written for this view? Any branch of a
+    /// writable mount: a protected branch still takes merges (which `repo`
+    /// checks), and refuses the rest with EROFS.
+    fn commandable(&self, view: &View) -> bool {
         !self.cfg.read_only && view.branch.is_some()
+    }
+
+    fn check_commandable(&self, view: &View) -> Result<()> {
+        if self.commandable(view) {
+            Ok(())
+        } else {
+            Err(FsError::ReadOnly)
+        }
+    }
+
+    /// Can files of this view be written? Not on protected branches or in
+    /// read-only repositories (as of the last metadata TTL).
+    fn writable(&self, view: &View) -> bool {
+        self.commandable(view) && !self.protected(view)
     }
 
     fn check_writable(&self, view: &View) -> Result<()> {
@@ -642,6 +668,30 @@ impl LakeFs {
         } else {
             Err(FsError::ReadOnly)
         }
+    }
+
+    fn protected(&self, view: &View) -> bool {
+        let Some(branch) = &view.branch else {
+            return false;
+        };
+        let cached = self.policies.lock().get(&view.repo).cloned();
+        let cfg = match cached {
+            Some((cfg, at)) if at.elapsed() < self.cfg.metadata_ttl => cfg,
+            stale => match self.lake.repo_config(&view.repo) {
+                Ok(cfg) => {
+                    self.policies
+                        .lock()
+                        .insert(view.repo.clone(), (cfg.clone(), Instant::now()));
+                    cfg
+                }
+                // The store is unreachable: keep the last word we had.
+                Err(_) => match stale {
+                    Some((cfg, _)) => cfg,
+                    None => return false,
+                },
+            },
+        };
+        cfg.read_only || cfg.protected.iter().any(|b| b == branch)
     }
 
     // ---- staging ----
@@ -744,7 +794,7 @@ impl LakeFs {
     }
 
     fn control_attr(&self, ino: u64, view: &View, file: ControlFile) -> Attr {
-        let writable = file == ControlFile::Ctl && self.writable(view);
+        let writable = file == ControlFile::Ctl && self.commandable(view);
         Attr {
             ino,
             kind: Kind::File,
@@ -1037,7 +1087,7 @@ impl LakeFs {
             }
             Node::Control(view, ControlFile::Ctl) => {
                 if write || truncate {
-                    self.check_writable(&view)?;
+                    self.check_commandable(&view)?;
                 }
                 let state = Mutex::new(CtlState::default());
                 Ok((self.add_handle(Handle::Ctl(view, state)), PageCache::Bypass))
@@ -1162,7 +1212,7 @@ impl LakeFs {
             return Ok(data.len());
         }
         let view = view_for_ctl.expect("ctl handle");
-        self.check_writable(&view)?;
+        self.check_commandable(&view)?;
         // Run every complete line now, so the write itself reports failure.
         let lines: Vec<String> = {
             let handles = self.handles.lock();
@@ -1193,10 +1243,19 @@ impl LakeFs {
         let (text, res) = match outcome {
             Ok(mut v) => {
                 v["ok"] = serde_json::json!(true);
+                let warnings = self.lake.take_warnings();
+                if !warnings.is_empty() {
+                    v["warnings"] = serde_json::json!(warnings);
+                }
                 (v.to_string(), Ok(()))
             }
             Err(e) => {
-                let v = serde_json::json!({"ok": false, "command": line.trim(), "error": e.to_string()});
+                let mut v = serde_json::json!({"ok": false, "command": line.trim(), "error": e.to_string()});
+                if let control::ControlError::Repo(RepoError::CheckFailed(f)) = &e {
+                    v["check"] = serde_json::json!(f.check);
+                    v["candidate"] = serde_json::json!(f.candidate);
+                    v["run"] = serde_json::json!(f.run);
+                }
                 (v.to_string(), Err(FsError::Control(e)))
             }
         };

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use super::{now_ms, Cas, Commit, Lake, RepoError, Result, CAS_ROUNDS};
+use super::{now_ms, Cas, Commit, EventKind, HookEvent, Lake, RepoError, Result, CAS_ROUNDS};
 use crate::hash::Hash;
 use crate::tree::Entry;
 
@@ -247,13 +247,14 @@ impl Lake {
         Err(RepoError::Concurrent(format!("{repo}/{branch}")))
     }
 
-    /// Build a commit on top of a branch's head and publish it; rebuilds
-    /// when the head moves underneath. `build` returns `None` for "nothing
-    /// to do".
+    /// Build a commit on top of a branch's head, run the pre-event checks
+    /// (`kind`, from the head's tree) on it and publish it; rebuilds when
+    /// the head moves underneath. `build` returns `None` for "nothing to do".
     fn commit_on_branch(
         &self,
         repo: &str,
         branch: &str,
+        (kind, source): (EventKind, Option<&str>),
         mut build: impl FnMut(&Hash, &Commit) -> Result<Option<Commit>>,
     ) -> Result<Option<Hash>> {
         for _ in 0..CAS_ROUNDS {
@@ -265,14 +266,19 @@ impl Lake {
             };
             self.trees.flush()?;
             let id = self.write_commit(repo, &commit)?;
+            let mut event = HookEvent::new(kind, repo, branch, id, head_commit.tree);
+            event.source = source.map(str::to_string);
+            self.pre_event(&event)?;
             if self.move_branch(repo, branch, &head, &id)? {
+                self.post_event(&event, id);
                 return Ok(Some(id));
             }
         }
         Err(RepoError::Concurrent(format!("{repo}/{branch}")))
     }
 
-    /// Merge the ref `source` into the branch `dest`.
+    /// Merge the ref `source` into the branch `dest`, after the pre-merge
+    /// checks of `dest` pass on the result.
     pub fn merge(
         &self,
         repo: &str,
@@ -280,43 +286,36 @@ impl Lake {
         dest: &str,
         opts: &MergeOptions,
     ) -> Result<MergeOutcome> {
+        self.check_repo_writable(repo)?;
         let dest = self.require_branch(repo, dest)?;
         let src = self.resolve(repo, source)?.commit;
         let src_commit = self.commit(repo, &src)?;
         // What to report when no merge commit is made.
         let mut outcome = MergeOutcome::UpToDate;
-        let published = self.commit_on_branch(repo, &dest, |head, head_commit| {
-            if self.is_ancestor(repo, &src, head)? {
-                outcome = MergeOutcome::UpToDate;
-                return Ok(None);
-            }
-            if opts.ff && self.is_ancestor(repo, head, &src)? {
-                outcome = MergeOutcome::FastForward(src);
-                return Ok(None);
-            }
-            let base = self.base_tree(repo, head, &src, 0)?;
-            let (tree, conflicts) =
-                self.merge_trees(&base, &head_commit.tree, &src_commit.tree, opts.strategy)?;
-            if !conflicts.is_empty() {
-                return Err(RepoError::Conflict {
-                    what: format!("merge of {source} into {dest}"),
-                    paths: conflicts,
-                });
-            }
-            Ok(Some(Commit {
-                tree,
-                parents: vec![*head, src],
-                author: opts.author.clone().unwrap_or_else(super::default_author),
-                time: now_ms(),
-                message: opts
-                    .message
-                    .clone()
-                    .unwrap_or_else(|| format!("Merge {source} into {dest}")),
-                meta: opts.meta.clone(),
-                generation: head_commit.generation.max(src_commit.generation) + 1,
-                consumed: vec![],
-            }))
-        })?;
+        let event = (EventKind::PreMerge, Some(source));
+        let published =
+            self.commit_on_branch(repo, &dest, event, |head, head_commit| {
+                match self.build_merge(
+                    repo,
+                    source,
+                    &src,
+                    &src_commit,
+                    &dest,
+                    head,
+                    head_commit,
+                    opts,
+                )? {
+                    MergeBuild::Commit(c) => Ok(Some(c)),
+                    MergeBuild::UpToDate => {
+                        outcome = MergeOutcome::UpToDate;
+                        Ok(None)
+                    }
+                    MergeBuild::FastForward => {
+                        outcome = MergeOutcome::FastForward(src);
+                        Ok(None)
+                    }
+                }
+            })?;
         if let Some(id) = published {
             return Ok(MergeOutcome::Merged(id));
         }
@@ -337,7 +336,12 @@ impl Lake {
                             },
                         );
                     }
+                    let config_tree = self.commit(repo, &head)?.tree;
+                    let event = HookEvent::new(EventKind::PreMerge, repo, &dest, to, config_tree)
+                        .with_source(source);
+                    self.pre_event(&event)?;
                     if self.move_branch(repo, &dest, &head, &to)? {
+                        self.post_event(&event, to);
                         return Ok(MergeOutcome::FastForward(to));
                     }
                 }
@@ -345,6 +349,84 @@ impl Lake {
             }
             other => Ok(other),
         }
+    }
+
+    /// What merging `src` into a destination at `head` makes.
+    #[allow(clippy::too_many_arguments)]
+    fn build_merge(
+        &self,
+        repo: &str,
+        source: &str,
+        src: &Hash,
+        src_commit: &Commit,
+        dest: &str,
+        head: &Hash,
+        head_commit: &Commit,
+        opts: &MergeOptions,
+    ) -> Result<MergeBuild> {
+        if self.is_ancestor(repo, src, head)? {
+            return Ok(MergeBuild::UpToDate);
+        }
+        if opts.ff && self.is_ancestor(repo, head, src)? {
+            return Ok(MergeBuild::FastForward);
+        }
+        let base = self.base_tree(repo, head, src, 0)?;
+        let (tree, conflicts) =
+            self.merge_trees(&base, &head_commit.tree, &src_commit.tree, opts.strategy)?;
+        if !conflicts.is_empty() {
+            return Err(RepoError::Conflict {
+                what: format!("merge of {source} into {dest}"),
+                paths: conflicts,
+            });
+        }
+        Ok(MergeBuild::Commit(Commit {
+            tree,
+            parents: vec![*head, *src],
+            author: opts.author.clone().unwrap_or_else(super::default_author),
+            time: now_ms(),
+            message: opts
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("Merge {source} into {dest}")),
+            meta: opts.meta.clone(),
+            generation: head_commit.generation.max(src_commit.generation) + 1,
+            consumed: vec![],
+        }))
+    }
+
+    /// The commit a merge of `source` into `dest` would publish, written
+    /// but not published (for rehearsing pre-merge checks), and the tree
+    /// of `dest`'s head. With nothing to merge, that is `dest`'s head.
+    pub fn merge_candidate(
+        &self,
+        repo: &str,
+        source: &str,
+        dest: &str,
+        opts: &MergeOptions,
+    ) -> Result<(Hash, Hash)> {
+        let dest = self.require_branch(repo, dest)?;
+        let src = self.resolve(repo, source)?.commit;
+        let src_commit = self.commit(repo, &src)?;
+        let head = self.branch_head(repo, &dest)?;
+        let head_commit = self.commit(repo, &head)?;
+        let candidate = match self.build_merge(
+            repo,
+            source,
+            &src,
+            &src_commit,
+            &dest,
+            &head,
+            &head_commit,
+            opts,
+        )? {
+            MergeBuild::UpToDate => head,
+            MergeBuild::FastForward => src,
+            MergeBuild::Commit(c) => {
+                self.trees.flush()?;
+                self.write_commit(repo, &c)?
+            }
+        };
+        Ok((candidate, head_commit.tree))
     }
 
     /// A new commit on `branch` that undoes `commit` (relative to its
@@ -358,6 +440,7 @@ impl Lake {
         author: Option<String>,
     ) -> Result<Hash> {
         let branch = self.require_branch(repo, branch)?;
+        self.check_direct_write(repo, &branch)?;
         let c = self.commit(repo, commit)?;
         let n = match (parent, c.parents.len()) {
             (_, 0) => return Err(RepoError::Unrevertable(commit.short())),
@@ -396,6 +479,7 @@ impl Lake {
         author: Option<String>,
     ) -> Result<Hash> {
         let branch = self.require_branch(repo, branch)?;
+        self.check_direct_write(repo, &branch)?;
         let c = self.commit(repo, commit)?;
         let base = match c.parents.first() {
             Some(p) => self.commit(repo, p)?.tree,
@@ -418,7 +502,8 @@ impl Lake {
     /// merge with `from` as the base); conflicts fail it, and a change that
     /// is already there makes no commit.
     fn apply_change(&self, repo: &str, branch: &str, change: &Change) -> Result<Hash> {
-        let id = self.commit_on_branch(repo, branch, |head, head_commit| {
+        let event = (EventKind::PreCommit, None);
+        let id = self.commit_on_branch(repo, branch, event, |head, head_commit| {
             let (tree, conflicts) =
                 self.merge_trees(&change.from, &head_commit.tree, &change.to, None)?;
             if !conflicts.is_empty() {
@@ -446,6 +531,13 @@ impl Lake {
             branch: branch.to_string(),
         })
     }
+}
+
+/// What a merge would do to a destination head.
+enum MergeBuild {
+    UpToDate,
+    FastForward,
+    Commit(Commit),
 }
 
 /// A change to carry onto a branch: what `from` → `to` did.

@@ -66,11 +66,29 @@ impl Scratch {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Run and require failure; returns stderr.
+    /// Run and require failure with one of the documented exit codes and
+    /// a one-line error; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(!out.status.success(), "tarn {args:?} should fail");
-        assert_eq!(out.status.code(), Some(1));
+        let code = out.status.code().unwrap_or(-1);
+        assert!((1..=6).contains(&code), "tarn {args:?}: exit code {code}");
+        Self::one_line_error(out)
+    }
+
+    /// Run and require failure with exit code `code`; returns stderr.
+    pub fn fails_with(&self, code: i32, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "tarn {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self::one_line_error(out)
+    }
+
+    fn one_line_error(out: Output) -> String {
         let err = String::from_utf8(out.stderr).unwrap();
         assert_eq!(
             err.trim_end().lines().count(),
