@@ -69,6 +69,29 @@ enum Command {
     Hooks(HooksCmd),
     /// Stage a local file or directory (recursively) at REPO/BRANCH/PATH.
     Put { source: PathBuf, dest: String },
+    /// Import a source by reference at REPO/BRANCH/PATH (nothing is copied,
+    /// the source is never written): file:///dir/, s3://bucket/prefix/, or
+    /// tarn://REPO/REF/PATH to graft another repository's tree (O(1)).
+    ///
+    /// Commits the branch unless --no-commit (message: -m, or "import SOURCE").
+    Import {
+        source: String,
+        dest: String,
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Stage only.
+        #[arg(long)]
+        no_commit: bool,
+        /// List what would be imported; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Metadata KEY=VALUE for the commit (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+    },
+    /// Copy the files at REPO/REF[/PATH] out to DEST_URL (file:///dir/ or
+    /// s3://bucket/prefix/) as plain files; run again to resume.
+    Export { source: String, dest: String },
     /// Stage the removal of REPO/BRANCH/PATH.
     Rm {
         target: String,
@@ -321,6 +344,12 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .init();
     let json = cli.global.json;
+    if !matches!(cli.command, Command::Mount { .. }) {
+        // Like other Unix tools, end quietly when the reader of our output
+        // goes away (`tarn ls ... | head`). The daemon keeps ignoring it.
+        // SAFETY: resetting a signal disposition before any thread writes.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(()) => exit::OK,
         Err(e) => {
@@ -538,6 +567,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("lake at {url} already exists");
             }
         }
+        cmd @ (Command::Import { .. } | Command::Export { .. }) => exchange_cmd(&g, cmd)?,
         Command::Repo(cmd) => repo_cmd(&g, cmd)?,
         Command::Hooks(cmd) => hooks_cmd(&g, cmd)?,
         Command::Branch(cmd) => branch_cmd(&g, cmd)?,
@@ -1133,6 +1163,151 @@ fn history_cmd(g: &Global, cmd: Command) -> Result<()> {
             }
         }
         _ => unreachable!("history_cmd handles history commands only"),
+    }
+    Ok(())
+}
+
+fn exchange_cmd(g: &Global, cmd: Command) -> Result<()> {
+    let lake = open_lake(g)?;
+    let bar = |len: Option<u64>, template: &str| {
+        let pb = match (g.json, len) {
+            (true, _) => indicatif::ProgressBar::hidden(),
+            (false, Some(n)) => indicatif::ProgressBar::new(n),
+            (false, None) => indicatif::ProgressBar::new_spinner(),
+        };
+        pb.set_style(indicatif::ProgressStyle::with_template(template).expect("template"));
+        pb
+    };
+    match cmd {
+        Command::Import {
+            source,
+            dest,
+            message,
+            no_commit,
+            dry_run,
+            meta,
+        } => {
+            let d = Address::parse(&dest)?;
+            let branch = lake.require_branch(&d.repo, d.reference()?)?;
+            let commit = (!no_commit).then(|| -> Result<CommitOptions> {
+                Ok(CommitOptions {
+                    message: message
+                        .clone()
+                        .unwrap_or_else(|| format!("import {source}")),
+                    author: None,
+                    meta: parse_meta(meta.clone())?,
+                    allow_empty: false,
+                })
+            });
+            let commit = commit.transpose()?;
+            if let Some(rest) = source.strip_prefix("tarn://") {
+                let a = Address::parse(rest)?;
+                let reference = a.reference()?.to_string();
+                if dry_run {
+                    let tree = lake
+                        .commit(&a.repo, &lake.resolve(&a.repo, &reference)?.commit)?
+                        .tree;
+                    let found = lake.trees().lookup(&tree, &a.path)?.is_some();
+                    if !found {
+                        bail!("{source}: no such file or directory");
+                    }
+                    if g.json {
+                        print_json(&json!({"dry_run": true, "graft": source, "dest": dest}));
+                    } else {
+                        println!("would graft {source} at {dest}");
+                    }
+                    return Ok(());
+                }
+                let (at, entry) =
+                    lake.graft(&a.repo, &reference, &a.path, &d.repo, &branch, &d.path)?;
+                let id = match &commit {
+                    Some(c) => Some(lake.commit_branch(&d.repo, &branch, c)?.to_hex()),
+                    None => None,
+                };
+                if g.json {
+                    print_json(
+                        &json!({"graft": source, "from_commit": at.to_hex(), "kind": entry.kind(), "dest": dest, "commit": id}),
+                    );
+                } else {
+                    println!(
+                        "grafted {}/{} ({}) at {dest}",
+                        a.repo,
+                        at.short(),
+                        if a.path.is_empty() { "/" } else { &a.path }
+                    );
+                    if let Some(id) = id {
+                        println!("{}/{branch} {}", d.repo, &id[..12]);
+                    }
+                }
+                return Ok(());
+            }
+            let pb = bar(None, "{spinner} {pos} objects listed {msg}");
+            let opts = crate::repo::ImportOptions { dry_run, commit };
+            let summary = lake.import(&source, &d.repo, &branch, &d.path, &opts, &mut |o| {
+                if dry_run && !g.json {
+                    pb.suspend(|| println!("{:>12}  {}  {}", o.size, o.rel, o.url));
+                }
+                pb.inc(1);
+            })?;
+            pb.finish_and_clear();
+            for s in &summary.skipped {
+                eprintln!("tarn: warning: skipped {s}");
+            }
+            if g.json {
+                print_json(&serde_json::to_value(&summary)?);
+            } else if dry_run {
+                println!(
+                    "would import {} objects, {} bytes, into {}/{branch}/{}",
+                    summary.objects, summary.bytes, d.repo, d.path
+                );
+            } else {
+                println!(
+                    "imported {} objects, {} bytes, by reference into {}/{branch}/{} in {:.2} s{}",
+                    summary.objects,
+                    summary.bytes,
+                    d.repo,
+                    d.path,
+                    summary.seconds,
+                    match &summary.commit {
+                        Some(c) => format!("; commit {}", &c[..12]),
+                        None => " (staged)".to_string(),
+                    }
+                );
+            }
+        }
+        Command::Export { source, dest } => {
+            let a = Address::parse(&source)?;
+            let pb = bar(
+                Some(0),
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            );
+            let summary = lake.export(
+                &a.repo,
+                a.reference()?,
+                &a.path,
+                &dest,
+                &mut |n| pb.set_length(n),
+                &mut |n| pb.inc(n),
+            )?;
+            pb.finish_and_clear();
+            if g.json {
+                print_json(&serde_json::to_value(&summary)?);
+            } else {
+                println!(
+                    "exported {} files, {} bytes, to {dest} in {:.2} s ({} already there{})",
+                    summary.files,
+                    summary.bytes,
+                    summary.seconds,
+                    summary.unchanged,
+                    if summary.symlinks_skipped > 0 {
+                        format!(", {} symlinks left out", summary.symlinks_skipped)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        _ => unreachable!("exchange_cmd handles import and export only"),
     }
     Ok(())
 }

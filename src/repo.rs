@@ -18,8 +18,10 @@ use crate::store::{Cas, Store, StoreError, Version};
 use crate::tree::{self, Content, Entry, File, Op, TreeError, Trees};
 
 mod checks;
+mod import;
 mod merge;
 pub use checks::{CheckFailure, EventKind, HookEvent, Hooks};
+pub use import::{read_external, ExportSummary, ImportOptions, ImportSummary, EXTERNAL_PIECE};
 pub use merge::{MergeOptions, MergeOutcome, Strategy};
 
 pub const LAKE_FORMAT: u32 = 1;
@@ -42,6 +44,8 @@ pub enum RepoError {
     Tree(#[from] TreeError),
     #[error(transparent)]
     Chunk(#[from] chunk::ChunkError),
+    #[error(transparent)]
+    Source(#[from] crate::store::source::SourceError),
     #[error("no lake at {0}: run `tarn init` first")]
     NoLake(String),
     #[error("lake at {url} has format {found}; this tarn reads format {LAKE_FORMAT}")]
@@ -1247,13 +1251,15 @@ impl Lake {
             None
         } else {
             self.trees.flush()?;
+            let mut meta = opts.meta.clone();
+            meta.extend(import::lineage(ops.iter()));
             let commit = Commit {
                 tree,
                 parents: vec![head],
                 author: opts.author.clone().unwrap_or_else(default_author),
                 time: now_ms(),
                 message: opts.message.clone(),
-                meta: opts.meta.clone(),
+                meta,
                 generation: head_commit.generation + 1,
                 consumed: consumed
                     .into_iter()
@@ -1559,12 +1565,16 @@ impl Lake {
 
     /// Write a file entry's bytes to `out`.
     pub fn read_file(&self, file: &File, out: &mut impl std::io::Write) -> Result<u64> {
-        if let Content::Inline(b) = &file.content {
-            out.write_all(b).map_err(|e| chunk::ChunkError::Io {
-                what: "output".into(),
-                source: e,
-            })?;
-            return Ok(b.len() as u64);
+        match &file.content {
+            Content::Inline(b) => {
+                out.write_all(b).map_err(|e| chunk::ChunkError::Io {
+                    what: "output".into(),
+                    source: e,
+                })?;
+                return Ok(b.len() as u64);
+            }
+            Content::External(ext) => return read_external(file, ext, out),
+            Content::Chunks(_) | Content::Manifest(_) => {}
         }
         let refs = self.trees.chunk_list(&file.content)?;
         Ok(chunk::write_chunks(&self.store, &refs, out)?)

@@ -26,6 +26,9 @@ use parking_lot::Mutex;
 
 use crate::hash::Hash;
 
+pub mod sink;
+pub mod source;
+
 /// How many store requests a batch call keeps in flight. Local disks and
 /// S3 both gain little past this on a 2-core machine, and it bounds memory.
 const CONCURRENCY: usize = 32;
@@ -165,21 +168,12 @@ impl Store {
                     .host_str()
                     .filter(|b| !b.is_empty())
                     .ok_or_else(bad)?;
-                let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(object_store::RetryConfig {
-                        max_retries: RETRIES as usize,
-                        ..Default::default()
-                    });
-                if std::env::var_os("AWS_REGION").is_none()
-                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-                {
-                    builder = builder.with_region("us-east-1");
-                }
-                let s3 = builder.build().map_err(|e| StoreError::Backend {
-                    key: url.to_string(),
-                    source: e,
-                })?;
+                let s3 = s3_builder(bucket)
+                    .build()
+                    .map_err(|e| StoreError::Backend {
+                        key: url.to_string(),
+                        source: e,
+                    })?;
                 Ok(Store {
                     inner: Arc::new(s3),
                     prefix: parsed.path().trim_matches('/').to_string(),
@@ -503,6 +497,22 @@ pub fn verify(key: &str, hash: &Hash, bytes: Bytes) -> Result<Bytes> {
         });
     }
     Ok(bytes)
+}
+
+/// An S3 client for a bucket from the usual AWS_* environment, with
+/// retries (the region defaults to us-east-1, as S3-compatible servers expect).
+fn s3_builder(bucket: &str) -> object_store::aws::AmazonS3Builder {
+    let mut builder = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_retry(object_store::RetryConfig {
+            max_retries: RETRIES as usize,
+            ..Default::default()
+        });
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+    {
+        builder = builder.with_region("us-east-1");
+    }
+    builder
 }
 
 fn is_transient(e: &object_store::Error) -> bool {

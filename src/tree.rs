@@ -179,6 +179,16 @@ pub enum Op {
     /// Move `from` (with its subtree) to `to`, replacing what was there.
     /// A missing `from`, or `to` inside `from`, is a no-op.
     Move { from: String, to: String },
+    /// A `Put` of another repository's entry (`repo`'s `commit`, at
+    /// `source`), applied exactly like `Put`; the commit that applies it
+    /// records where it came from (lineage).
+    Graft {
+        path: String,
+        entry: Entry,
+        repo: String,
+        commit: Hash,
+        source: String,
+    },
 }
 
 /// Validate and normalise a path inside a tree: no empty, `.` or `..`
@@ -783,7 +793,7 @@ impl Trees {
 
     fn apply_op(&self, top: &mut Overlay, op: &Op) -> Result<()> {
         match op {
-            Op::Put { path, entry } => {
+            Op::Put { path, entry } | Op::Graft { path, entry, .. } => {
                 if path.is_empty() {
                     if let Entry::Dir(h) = entry {
                         *top = Overlay::Dir {

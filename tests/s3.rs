@@ -87,3 +87,43 @@ fn s3_concurrent_processes_lose_nothing() {
         assert_eq!(pair[0]["parents"][0], pair[1]["id"]);
     }
 }
+
+#[test]
+fn s3_export_and_import_by_reference() {
+    let Some(bucket_prefix) = s3_lake() else {
+        return;
+    };
+    let s = Scratch::new();
+    s.ok(&["repo", "create", "r"]);
+    // Over one multipart part (16 MiB), to go up in parts.
+    let big = pseudo_random(20_000_000, 7);
+    s.write("d/big.bin", &big);
+    s.write("d/a/x.csv", b"x\n");
+    s.ok(&["put", s.path("d").to_str().unwrap(), "r/main/d"]);
+    s.ok(&["commit", "r/main", "-m", "d"]);
+    let prefix = format!("{bucket_prefix}/export/");
+    let v = s.json(&["export", "r/main/d", &prefix]);
+    assert_eq!(v["files"], 2);
+    let v = s.json(&["export", "r/main/d", &prefix]);
+    assert_eq!(v["unchanged"], 2, "resumed: nothing to copy again");
+
+    // Those objects, imported back by reference, read in place.
+    let v = s.json(&["import", &prefix, "r/main/back", "-m", "back"]);
+    assert_eq!(v["objects"], 2);
+    let out = s.path("big.out");
+    s.ok(&["get", "r/main/back/big.bin", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), big);
+    assert_eq!(s.ok(&["cat", "r/main/back/a/x.csv"]), "x\n");
+
+    // Replace the object at the source: reads fail rather than serve it.
+    s.write("d/a/x.csv", b"changed\n");
+    s.ok(&[
+        "put",
+        s.path("d/a/x.csv").to_str().unwrap(),
+        "r/main/d/a/x.csv",
+    ]);
+    s.ok(&["commit", "r/main", "-m", "x changed"]);
+    s.ok(&["export", "r/main/d", &prefix]);
+    let err = s.fails(&["cat", "r/main/back/a/x.csv"]);
+    assert!(err.contains("changed since it was imported"), "{err}");
+}

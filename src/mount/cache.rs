@@ -15,7 +15,9 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use crate::hash::Hash;
+use crate::store::source::SourceError;
 use crate::store::{Store, StoreError};
+use crate::tree::External;
 
 /// Chunks kept decoded in memory: enough for every reader's current chunk
 /// plus its read-ahead window, about 64 MiB at the default chunk size.
@@ -227,6 +229,68 @@ impl ChunkCache {
         }
         self.disk.lock().promote(h);
         Ok(fs::File::open(&path).ok())
+    }
+
+    /// Piece `index` (of `EXTERNAL_PIECE` bytes) of an imported object, read
+    /// in place. Cached under an id made of the object's recorded identity
+    /// and the piece's place, so a changed source never matches old pieces:
+    /// reading it from the source fails instead. On disk a piece carries its
+    /// blake3 after its bytes, checked on every read.
+    pub fn get_external(
+        &self,
+        ext: &External,
+        size: u64,
+        index: u64,
+    ) -> Result<Bytes, SourceError> {
+        let id = {
+            let mut h = blake3::Hasher::new();
+            for part in [
+                ext.url.as_bytes(),
+                ext.etag.as_deref().unwrap_or("").as_bytes(),
+                ext.version.as_deref().unwrap_or("").as_bytes(),
+                &size.to_le_bytes(),
+                &index.to_le_bytes(),
+            ] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+            Hash(*h.finalize().as_bytes())
+        };
+        if let Some(b) = self.memory.lock().get(&id) {
+            return Ok(b.clone());
+        }
+        if self.disk.lock().get(&id).is_some() {
+            if let Ok(stored) = fs::read(self.path(&id)) {
+                if stored.len() >= 32 {
+                    let (bytes, sum) = stored.split_at(stored.len() - 32);
+                    if Hash::of(bytes).0 == sum {
+                        let b = Bytes::copy_from_slice(bytes);
+                        self.memory.lock().put(id, b.clone());
+                        return Ok(b);
+                    }
+                }
+            }
+            tracing::warn!(url = %ext.url, index, "cached piece is corrupt; reading it again");
+            self.forget(&id);
+        }
+        let piece = crate::repo::EXTERNAL_PIECE;
+        let start = index * piece;
+        let bytes = crate::store::source::read_range(
+            &ext.url,
+            ext.etag.as_deref(),
+            ext.version.as_deref(),
+            size,
+            start,
+            start + piece,
+        )?;
+        self.memory.lock().put(id, bytes.clone());
+        let mut stored = Vec::with_capacity(bytes.len() + 32);
+        stored.extend_from_slice(&bytes);
+        stored.extend_from_slice(&Hash::of(&bytes).0);
+        if let Err(e) = self.write_disk(&id, &stored) {
+            tracing::warn!(url = %ext.url, %e, "cannot write the chunk cache");
+        }
+        Ok(bytes)
     }
 
     /// Queue chunks for background fetching (read-ahead).

@@ -130,7 +130,8 @@ impl FsError {
                 | RepoError::Conflict { .. }
                 | RepoError::Unrevertable(_)
                 | RepoError::NeedParent(_)
-                | RepoError::Local { .. } => libc::EIO,
+                | RepoError::Local { .. }
+                | RepoError::Source(_) => libc::EIO,
             },
             FsError::Tree(TreeError::BadPath { .. }) => libc::EINVAL,
             FsError::Tree(_) | FsError::Store(_) | FsError::Io(_) | FsError::Stage(_) => libc::EIO,
@@ -1125,7 +1126,11 @@ impl LakeFs {
     }
 
     fn snapshot(&self, file: File) -> Result<FileHandle> {
-        let chunks = self.lake.trees().chunk_list(&file.content)?;
+        let chunks = match &file.content {
+            // Read in place, piece by piece (see `read_file`).
+            Content::External(_) => Vec::new(),
+            content => self.lake.trees().chunk_list(content)?,
+        };
         let mut starts = Vec::with_capacity(chunks.len());
         let mut at = 0;
         for c in &chunks {
@@ -1777,7 +1782,7 @@ fn read_file(cache: &ChunkCache, h: &FileHandle, offset: u64, size: usize) -> Re
     }
     match &h.file.content {
         Content::Inline(b) => return Ok(Bytes::copy_from_slice(&b[offset as usize..end as usize])),
-        Content::External(_) => return Err(FsError::NotSupported),
+        Content::External(ext) => return read_external(cache, &h.file, ext, offset, end),
         Content::Chunks(_) | Content::Manifest(_) => {}
     }
     let first = h.starts.partition_point(|s| *s <= offset) - 1;
@@ -1821,6 +1826,35 @@ fn read_file(cache: &ChunkCache, h: &FileHandle, offset: u64, size: usize) -> Re
     let mut out = Vec::with_capacity((end - offset) as usize);
     for p in parts {
         out.extend_from_slice(&p);
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Read `[offset, end)` of an imported object through the cache's pieces;
+/// the next piece is fetched ahead for readers that reach a piece's end.
+fn read_external(
+    cache: &ChunkCache,
+    file: &File,
+    ext: &crate::tree::External,
+    offset: u64,
+    end: u64,
+) -> Result<Bytes> {
+    let piece = crate::repo::EXTERNAL_PIECE;
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    let mut at = offset;
+    while at < end {
+        let index = at / piece;
+        let bytes = cache.get_external(ext, file.size, index).map_err(|e| {
+            tracing::warn!(url = %ext.url, %e, "imported object unreadable");
+            FsError::Repo(RepoError::Source(e))
+        })?;
+        let start = (at - index * piece) as usize;
+        let stop = ((end - index * piece) as usize).min(bytes.len());
+        if start >= stop {
+            break;
+        }
+        out.extend_from_slice(&bytes[start..stop]);
+        at += (stop - start) as u64;
     }
     Ok(Bytes::from(out))
 }
