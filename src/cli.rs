@@ -1553,14 +1553,19 @@ fn hooks_cmd(g: &Global, cmd: HooksCmd) -> Result<()> {
     Ok(())
 }
 
-/// A hook run for people: a header line, a line per check, and the last
-/// `lines` lines of each check's output (all of it with `None`).
-fn print_run(r: &RunRecord, lines: Option<usize>) {
-    let status = match r.status {
+/// Failures shout, so they stand out in a long log.
+fn status_word(s: Status) -> &'static str {
+    match s {
         Status::Passed => "passed",
         Status::Failed => "FAILED",
         Status::Skipped => "skipped",
-    };
+    }
+}
+
+/// A hook run for people: a header line, a line per check, and the last
+/// `lines` lines of each check's output (all of it with `None`).
+fn print_run(r: &RunRecord, lines: Option<usize>) {
+    let status = status_word(r.status);
     let what = match &r.source {
         Some(src) => format!("{} <- {src}", r.target),
         None => r.target.clone(),
@@ -1580,11 +1585,7 @@ fn print_run(r: &RunRecord, lines: Option<usize>) {
             (_, Some(code)) => format!("exit {code}"),
             _ => String::new(),
         };
-        let status = match c.status {
-            Status::Passed => "passed",
-            Status::Failed => "FAILED",
-            Status::Skipped => "skipped",
-        };
+        let status = status_word(c.status);
         println!(
             "  {status:<8} {}/{}  {code}  {} ms",
             c.hook, c.check, c.duration_ms

@@ -8,26 +8,19 @@
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use object_store::path::Path;
 use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::block_on;
-use super::source::SourceError;
+use super::source::{locate, Location, S3Prefix, SourceError};
 
 /// Files up to this size go up in one put; larger ones in parts of it.
 const PART: usize = 16 << 20;
 
 pub enum Sink {
-    Local {
-        root: PathBuf,
-    },
-    S3 {
-        store: Arc<dyn ObjectStore>,
-        bucket: String,
-        prefix: String,
-    },
+    Local { root: PathBuf },
+    S3(S3Prefix),
 }
 
 fn io(what: impl std::fmt::Display) -> impl Fn(std::io::Error) -> SourceError {
@@ -41,43 +34,16 @@ fn io(what: impl std::fmt::Display) -> impl Fn(std::io::Error) -> SourceError {
 impl Sink {
     /// `file:///dir/` (created if missing) or `s3://bucket/prefix/`.
     pub fn open(url: &str) -> Result<Sink, SourceError> {
-        let bad = || SourceError::BadUrl(url.to_string());
-        let parsed = url::Url::parse(url).map_err(|_| bad())?;
-        match parsed.scheme() {
-            "file" => {
-                let root = parsed.to_file_path().map_err(|_| bad())?;
+        match locate(url)? {
+            Location::Local(root) => {
                 std::fs::create_dir_all(&root).map_err(io(url))?;
                 Ok(Sink::Local { root })
             }
-            "s3" => {
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(bad)?;
-                let store =
-                    super::s3_builder(bucket)
-                        .build()
-                        .map_err(|e| SourceError::Backend {
-                            url: url.to_string(),
-                            source: e,
-                        })?;
-                Ok(Sink::S3 {
-                    store: Arc::new(store),
-                    bucket: bucket.to_string(),
-                    prefix: percent_encoding::percent_decode_str(parsed.path().trim_matches('/'))
-                        .decode_utf8_lossy()
-                        .into_owned(),
-                })
-            }
-            _ => Err(bad()),
-        }
-    }
-
-    fn key(&self, rel: &str) -> String {
-        match self {
-            Sink::Local { .. } => rel.to_string(),
-            Sink::S3 { prefix, .. } if prefix.is_empty() => rel.to_string(),
-            Sink::S3 { prefix, .. } => format!("{prefix}/{rel}"),
+            Location::S3 { store, bucket, key } => Ok(Sink::S3(S3Prefix {
+                store,
+                bucket,
+                prefix: key.trim_end_matches('/').to_string(),
+            })),
         }
     }
 
@@ -91,13 +57,13 @@ impl Sink {
                     && m.mtime() * 1_000_000_000 + m.mtime_nsec() == mtime),
                 Err(_) => Ok(false),
             },
-            Sink::S3 { store, bucket, .. } => {
-                let key = self.key(rel);
-                match block_on(store.head(&Path::from(key.as_str()))) {
+            Sink::S3(s3) => {
+                let key = s3.key(rel);
+                match block_on(s3.store.head(&Path::from(key.as_str()))) {
                     Ok(m) => Ok(m.size == size),
                     Err(object_store::Error::NotFound { .. }) => Ok(false),
                     Err(e) => Err(SourceError::Backend {
-                        url: format!("s3://{bucket}/{key}"),
+                        url: s3.url(&key),
                         source: e,
                     }),
                 }
@@ -135,9 +101,10 @@ impl Sink {
                     .map_err(|e| io(path.display())(e.error))?;
                 Ok(())
             }
-            Sink::S3 { store, bucket, .. } => {
-                let key = self.key(rel);
-                let url = format!("s3://{bucket}/{key}");
+            Sink::S3(s3) => {
+                let store = &s3.store;
+                let key = s3.key(rel);
+                let url = s3.url(&key);
                 let backend = |e| SourceError::Backend {
                     url: url.clone(),
                     source: e,
@@ -187,7 +154,7 @@ impl Sink {
                 std::os::unix::fs::symlink(target, &path).map_err(io(path.display()))?;
                 Ok(true)
             }
-            Sink::S3 { .. } => Ok(false),
+            Sink::S3(_) => Ok(false),
         }
     }
 }

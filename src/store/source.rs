@@ -68,14 +68,30 @@ pub struct SourceObject {
 
 /// A listable prefix of a source.
 pub enum Source {
-    Local {
-        root: PathBuf,
-    },
-    S3 {
-        store: Arc<dyn ObjectStore>,
-        bucket: String,
-        prefix: String,
-    },
+    Local { root: PathBuf },
+    S3(S3Prefix),
+}
+
+/// A key prefix in an S3 bucket (no trailing `/`; empty for the bucket).
+pub struct S3Prefix {
+    pub store: Arc<dyn ObjectStore>,
+    pub bucket: String,
+    pub prefix: String,
+}
+
+impl S3Prefix {
+    /// The key of `rel` under the prefix.
+    pub fn key(&self, rel: &str) -> String {
+        if self.prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{}/{rel}", self.prefix)
+        }
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        s3_url(&self.bucket, key)
+    }
 }
 
 /// S3 clients by bucket, shared by every read of this process.
@@ -97,7 +113,7 @@ fn s3_bucket(bucket: &str) -> Result<Arc<dyn ObjectStore>> {
 }
 
 /// `file:///abs/path` or `s3://bucket/key` → where it lives.
-enum Location {
+pub(super) enum Location {
     Local(PathBuf),
     S3 {
         store: Arc<dyn ObjectStore>,
@@ -106,7 +122,7 @@ enum Location {
     },
 }
 
-fn locate(url: &str) -> Result<Location> {
+pub(super) fn locate(url: &str) -> Result<Location> {
     let bad = || SourceError::BadUrl(url.to_string());
     let parsed = url::Url::parse(url).map_err(|_| bad())?;
     match parsed.scheme() {
@@ -173,11 +189,11 @@ impl Source {
                 }
                 Ok(Source::Local { root })
             }
-            Location::S3 { store, bucket, key } => Ok(Source::S3 {
+            Location::S3 { store, bucket, key } => Ok(Source::S3(S3Prefix {
                 store,
                 bucket,
                 prefix: key.trim_end_matches('/').to_string(),
-            }),
+            })),
         }
     }
 
@@ -190,11 +206,11 @@ impl Source {
     ) -> std::result::Result<(), E> {
         match self {
             Source::Local { root } => list_local(root, root, &mut each),
-            Source::S3 {
+            Source::S3(S3Prefix {
                 store,
                 bucket,
                 prefix,
-            } => {
+            }) => {
                 let path = Path::from(prefix.as_str());
                 let strip = if prefix.is_empty() {
                     0
