@@ -92,6 +92,24 @@ enum Command {
     /// Copy the files at REPO/REF[/PATH] out to DEST_URL (file:///dir/ or
     /// s3://bucket/prefix/) as plain files; run again to resume.
     Export { source: String, dest: String },
+    /// Check that every object each ref reaches is present and intact
+    /// (commits, tree nodes, chunks; one line per problem; exit 1 if any).
+    Fsck {
+        /// Only these repositories.
+        repos: Vec<String>,
+        /// Share of chunks to read and verify, 0.0-1.0 (the rest: checked to exist).
+        #[arg(long, default_value_t = 1.0)]
+        sample: f64,
+        /// Also check that imported objects are still at their source, unchanged.
+        #[arg(long)]
+        external: bool,
+        /// Also verify a mount's chunk cache directory (not in use) and delete bad entries.
+        #[arg(long, value_name = "CACHE_DIR")]
+        repair_cache: Option<PathBuf>,
+    },
+    /// Check that this machine can use the lake's store: access, create-only
+    /// puts, compare-and-swap, clock skew, lake format. One line per finding.
+    Doctor,
     /// Stage the removal of REPO/BRANCH/PATH.
     Rm {
         target: String,
@@ -568,6 +586,123 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         cmd @ (Command::Import { .. } | Command::Export { .. }) => exchange_cmd(&g, cmd)?,
+        Command::Fsck {
+            repos,
+            sample,
+            external,
+            repair_cache,
+        } => {
+            if !(0.0..=1.0).contains(&sample) {
+                bail!("--sample {sample}: give a share between 0.0 and 1.0");
+            }
+            let lake = open_lake(&g)?;
+            let mut report = lake.fsck(&crate::repo::FsckOptions {
+                sample,
+                repos,
+                external,
+            })?;
+            let cache = match &repair_cache {
+                Some(dir) => {
+                    let (checked, removed) = crate::mount::cache::ChunkCache::repair(dir)
+                        .with_context(|| format!("cache {}", dir.display()))?;
+                    Some(json!({"dir": dir, "checked": checked, "removed": removed}))
+                }
+                None => None,
+            };
+            let problems = std::mem::take(&mut report.problems);
+            if g.json {
+                let mut v = serde_json::to_value(&report)?;
+                v["problems"] = json!(problems);
+                v["cache"] = json!(cache);
+                print_json(&v);
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                println!(
+                    "fsck: {} repositories, {} refs, {} commits, {} staged batches, {} nodes, {} chunks verified, {} checked present, {} imported objects: {} problem(s)",
+                    report.repos,
+                    report.refs,
+                    report.commits,
+                    report.batches,
+                    report.nodes,
+                    report.chunks_verified,
+                    report.chunks_present,
+                    report.externals,
+                    problems.len()
+                );
+                if let Some(c) = &cache {
+                    println!(
+                        "cache {}: {} entries checked, {} bad ones removed",
+                        c["dir"].as_str().unwrap_or(""),
+                        c["checked"],
+                        c["removed"]
+                    );
+                }
+            }
+            if !problems.is_empty() {
+                return Err(Reported {
+                    code: exit::ERROR,
+                    msg: format!("fsck found {} problem(s)", problems.len()),
+                }
+                .into());
+            }
+        }
+        Command::Doctor => {
+            use crate::store::doctor::{Finding, Level};
+            let url = lake_url(&g)?;
+            let mut findings = match Store::open(&url) {
+                Ok(store) => store.doctor(),
+                Err(e) => vec![Finding {
+                    level: Level::Fail,
+                    check: "url",
+                    detail: e.to_string(),
+                }],
+            };
+            if findings.iter().all(|f| f.level != Level::Fail) {
+                findings.push(
+                    match Store::open(&url)
+                        .map_err(RepoError::from)
+                        .and_then(Lake::open)
+                    {
+                        Ok(lake) => Finding {
+                            level: Level::Ok,
+                            check: "lake",
+                            detail: format!(
+                                "format {}, {} repositories",
+                                lake.config().format,
+                                lake.list_repos().map(|r| r.len()).unwrap_or(0)
+                            ),
+                        },
+                        Err(e) => Finding {
+                            level: Level::Fail,
+                            check: "lake",
+                            detail: e.to_string(),
+                        },
+                    },
+                );
+            }
+            if g.json {
+                print_json(&json!(findings));
+            } else {
+                for f in &findings {
+                    let tag = match f.level {
+                        Level::Ok => "ok  ",
+                        Level::Warn => "WARN",
+                        Level::Fail => "FAIL",
+                    };
+                    println!("{tag} {:<18} {}", f.check, f.detail);
+                }
+            }
+            let failed = findings.iter().filter(|f| f.level == Level::Fail).count();
+            if failed > 0 {
+                return Err(Reported {
+                    code: exit::ERROR,
+                    msg: format!("doctor: {failed} check(s) failed"),
+                }
+                .into());
+            }
+        }
         Command::Repo(cmd) => repo_cmd(&g, cmd)?,
         Command::Hooks(cmd) => hooks_cmd(&g, cmd)?,
         Command::Branch(cmd) => branch_cmd(&g, cmd)?,

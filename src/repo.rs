@@ -18,9 +18,13 @@ use crate::store::{Cas, Store, StoreError, Version};
 use crate::tree::{self, Content, Entry, File, Op, TreeError, Trees};
 
 mod checks;
+#[cfg(test)]
+mod fault_tests;
+mod fsck;
 mod import;
 mod merge;
 pub use checks::{CheckFailure, EventKind, HookEvent, Hooks};
+pub use fsck::{FsckOptions, FsckReport};
 pub use import::{read_external, ExportSummary, ImportOptions, ImportSummary, EXTERNAL_PIECE};
 pub use merge::{MergeOptions, MergeOutcome, Strategy};
 

@@ -26,6 +26,8 @@ use parking_lot::Mutex;
 
 use crate::hash::Hash;
 
+pub mod doctor;
+pub mod faults;
 pub mod sink;
 pub mod source;
 
@@ -185,6 +187,18 @@ impl Store {
         }
     }
 
+    /// A lake over any object store that supports conditional puts
+    /// (`PutMode::Create` and `Update`), e.g. a fault-injecting wrapper in
+    /// tests. `url` only names it in messages.
+    pub fn over(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
+        Store {
+            inner,
+            prefix: String::new(),
+            refs: RefCas::Conditional,
+            url: url.to_string(),
+        }
+    }
+
     fn open_local(path: &FsPath, url: &str) -> Result<Store> {
         fs::create_dir_all(path).map_err(|e| StoreError::Io {
             path: path.display().to_string(),
@@ -313,10 +327,14 @@ impl Store {
         .map_err(|e| Self::backend(key, e))
     }
 
-    /// Create-only put. Returns false if the object already existed.
+    /// Create-only put. Returns false if another object was there already;
+    /// true if ours is there now, including when a retried attempt finds the
+    /// bytes an earlier one stored before its answer was lost.
     pub fn put_if_absent(&self, key: &str, bytes: Bytes) -> Result<bool> {
         let path = self.path(key);
+        let sent = std::sync::atomic::AtomicU32::new(0);
         let res = block_on(retry(|| {
+            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.inner.put_opts(
                 &path,
                 PutPayload::from_bytes(bytes.clone()),
@@ -325,9 +343,13 @@ impl Store {
         }));
         match res {
             Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            // A retried create whose first attempt landed reports a conflict.
-            Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {
+                if sent.into_inner() == 1 {
+                    return Ok(false);
+                }
+                Ok(self.get(key)?.is_some_and(|now| now == bytes))
+            }
             Err(e) => Err(Self::backend(key, e)),
         }
     }
@@ -339,7 +361,7 @@ impl Store {
         let results: Vec<Result<bool>> = block_on(
             futures::stream::iter(objects.into_iter().map(|(key, bytes)| async move {
                 let path = self.path(&key);
-                match self.inner.head(&path).await {
+                match retry(|| self.inner.head(&path)).await {
                     Ok(_) => return Ok(false),
                     Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(Self::backend(&key, e)),
@@ -400,22 +422,41 @@ impl Store {
                         version: v.version.clone(),
                     }),
                 };
-                // No retry layer here: a conditional put that is retried after
-                // landing would report a false conflict. Callers re-read the
-                // ref after `Lost` and recognise their own write.
-                let res = block_on(self.inner.put_opts(
-                    &path,
-                    PutPayload::from_bytes(bytes),
-                    PutOptions::from(mode),
-                ));
-                match res {
-                    Ok(r) => Ok(Cas::Done(Version {
-                        e_tag: r.e_tag,
-                        version: r.version,
-                    })),
-                    Err(object_store::Error::AlreadyExists { .. })
-                    | Err(object_store::Error::Precondition { .. }) => Ok(Cas::Lost),
-                    Err(e) => Err(Self::backend(key, e)),
+                // Not the generic retry layer: a conditional put that failed
+                // in transit may still have landed, and retrying it blindly
+                // would report a false conflict. So after a transient error,
+                // look: the ref holding exactly our bytes (they name a fresh
+                // token, so no one else writes them) means it landed; else
+                // the same conditional put is safe to send again.
+                let mut attempt = 0;
+                loop {
+                    let res = block_on(self.inner.put_opts(
+                        &path,
+                        PutPayload::from_bytes(bytes.clone()),
+                        PutOptions::from(mode.clone()),
+                    ));
+                    match res {
+                        Ok(r) => {
+                            return Ok(Cas::Done(Version {
+                                e_tag: r.e_tag,
+                                version: r.version,
+                            }))
+                        }
+                        Err(object_store::Error::AlreadyExists { .. })
+                        | Err(object_store::Error::Precondition { .. }) => return Ok(Cas::Lost),
+                        Err(e) if attempt < RETRIES && is_transient(&e) => {
+                            tracing::debug!(error = %e, key, "ref update failed in transit; checking whether it landed");
+                            if let Some((now, v)) = self.get_versioned(key)? {
+                                if now == bytes {
+                                    return Ok(Cas::Done(v));
+                                }
+                            }
+                            let cap = RETRY_BASE * 2u32.pow(attempt);
+                            std::thread::sleep(cap.mul_f64(rand::random::<f64>()));
+                            attempt += 1;
+                        }
+                        Err(e) => return Err(Self::backend(key, e)),
+                    }
                 }
             }
         }
@@ -425,7 +466,7 @@ impl Store {
     pub fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let path = self.path(prefix);
         let metas: Vec<object_store::ObjectMeta> =
-            block_on(self.inner.list(Some(&path)).try_collect())
+            block_on(retry(|| self.inner.list(Some(&path)).try_collect()))
                 .map_err(|e| Self::backend(prefix, e))?;
         let mut keys: Vec<String> = metas.iter().map(|m| self.strip(&m.location)).collect();
         keys.sort();

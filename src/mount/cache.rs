@@ -293,6 +293,39 @@ impl ChunkCache {
         Ok(bytes)
     }
 
+    /// Check every file of a (not mounted) cache directory and delete the
+    /// ones that do not verify: chunks must hash to their name, pieces of
+    /// imported objects to the blake3 they carry. Returns (checked, removed).
+    pub fn repair(dir: &Path) -> std::io::Result<(u64, u64)> {
+        let chunks = dir.join("chunks");
+        let (mut checked, mut removed) = (0, 0);
+        if !chunks.is_dir() {
+            return Ok((0, 0));
+        }
+        for shard in fs::read_dir(&chunks)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(shard.path())? {
+                let f = f?;
+                checked += 1;
+                let name = Hash::from_hex(&f.file_name().to_string_lossy());
+                let bytes = fs::read(f.path())?;
+                let chunk_ok = name == Some(Hash::of(&bytes));
+                let piece_ok = bytes.len() >= 32 && {
+                    let (b, sum) = bytes.split_at(bytes.len() - 32);
+                    Hash::of(b).0 == sum
+                };
+                if name.is_none() || !(chunk_ok || piece_ok) {
+                    fs::remove_file(f.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok((checked, removed))
+    }
+
     /// Queue chunks for background fetching (read-ahead).
     pub fn prefetch(&self, hashes: impl IntoIterator<Item = Hash>) {
         let tx = self.prefetch.lock().clone();
