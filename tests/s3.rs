@@ -127,3 +127,100 @@ fn s3_export_and_import_by_reference() {
     let err = s.fails(&["cat", "r/main/back/a/x.csv"]);
     assert!(err.contains("changed since it was imported"), "{err}");
 }
+
+/// Two mount daemons (separate processes, separate caches) and the CLI on
+/// one S3 lake: each sees the other's closed files within the metadata
+/// TTL; commits and merges from all three at once put every closed file
+/// in exactly one commit; the lake passes fsck.
+#[test]
+fn s3_two_daemons_and_the_cli_share_one_lake() {
+    let Some(lake) = s3_lake() else { return };
+    if !fuse_available() {
+        return;
+    }
+    let s = Scratch::with_lake(lake);
+    s.ok(&["repo", "create", "shared"]);
+    s.ok(&["branch", "create", "shared/side"]);
+    let ttl = ["--metadata-ttl", "200ms"];
+    let a = Mount::new(&s, "a", &ttl);
+    let b = Mount::new(&s, "b", &ttl);
+    std::fs::write(a.p("shared/main/from-a.txt"), "a\n").unwrap();
+    wait_until(
+        "B sees A's file",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(b.p("shared/main/from-a.txt"))
+                .ok()
+                .as_deref()
+                == Some("a\n")
+        },
+    );
+    std::fs::write(b.p("shared/main/from-b.txt"), "b\n").unwrap();
+    wait_until(
+        "A sees B's file",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(a.p("shared/main/from-b.txt"))
+                .ok()
+                .as_deref()
+                == Some("b\n")
+        },
+    );
+
+    // Writers on both daemons, committers through both control files and
+    // the CLI, a merge from the side branch, all at once.
+    let mut threads = Vec::new();
+    for (m, name) in [(&a, "a"), (&b, "b")] {
+        let dir = m.p("shared/main");
+        threads.push(std::thread::spawn(move || {
+            for i in 0..12 {
+                std::fs::write(dir.join(format!("{name}-{i}.txt")), format!("{name}{i}\n"))
+                    .unwrap();
+            }
+        }));
+        let ctl = m.p("shared/main/.tarn/ctl");
+        threads.push(std::thread::spawn(move || {
+            for i in 0..4 {
+                // ENODATA (nothing to commit) and EAGAIN are fine here.
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&ctl)
+                    .and_then(|mut f| {
+                        std::io::Write::write_all(
+                            &mut f,
+                            format!("commit -m ctl-{name}-{i}\n").as_bytes(),
+                        )
+                    });
+            }
+        }));
+    }
+    let side = s.write("side.txt", b"side\n");
+    s.ok(&["put", side.to_str().unwrap(), "shared/side/side.txt"]);
+    s.ok(&["commit", "shared/side", "-m", "side"]);
+    let cli = s.spawn_sh(&format!(
+        "for i in 1 2 3; do '{TARN}' commit shared/main -m cli-$i >/dev/null 2>&1; done; '{TARN}' merge shared/side shared/main -m merge-side >/dev/null"
+    ));
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut cli = cli;
+    assert!(cli.wait().unwrap().success(), "the merge failed");
+    let _ = s.run(&["commit", "shared/main", "-m", "final"]);
+    assert!(s.staged("shared/main").is_empty());
+
+    // Every file in exactly one commit of main's history.
+    let mut expected: Vec<String> =
+        vec!["from-a.txt".into(), "from-b.txt".into(), "side.txt".into()];
+    for name in ["a", "b"] {
+        expected.extend((0..12).map(|i| format!("{name}-{i}.txt")));
+    }
+    for path in &expected {
+        let log = s.json(&["log", "shared/main", "--path", path, "-n", "1000"]);
+        assert_eq!(log.as_array().unwrap().len(), 1, "{path}: {log}");
+        assert!(s
+            .ok(&["cat", &format!("shared/main/{path}")])
+            .ends_with('\n'));
+    }
+    assert_eq!(s.count_files("shared/main~0"), expected.len());
+    assert_eq!(s.json(&["fsck"])["problems"], serde_json::json!([]));
+}
