@@ -25,7 +25,15 @@ export AWS_REGION=us-east-1 TARN_TEST_S3=s3://tarn-test
 set +e
 cargo test --release "$@" 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
+# Each decoder of on-store bytes under libFuzzer for a few seconds
+# (TARN_FUZZ_SECONDS=0 skips it; scripts/fuzz.sh runs longer).
+frc=0
+if [ "${TARN_FUZZ_SECONDS:-5}" != 0 ] && [ $# -eq 0 ]; then
+  scripts/fuzz.sh "${TARN_FUZZ_SECONDS:-5}"
+  frc=$?
+fi
 set -e
 # One closing line for the whole suite.
 awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$LOG"
-exit "$rc"
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$frc"

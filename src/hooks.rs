@@ -162,6 +162,12 @@ impl Hook {
     }
 }
 
+/// Check a hook file's text as the runner would read it: `Err` says what
+/// is wrong, in one line.
+pub fn check_hook_file(text: &str) -> Result<(), String> {
+    Hook::parse("check", text).map(|_| ())
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }

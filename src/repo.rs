@@ -19,6 +19,8 @@ use crate::tree::{self, Content, Entry, File, Op, TreeError, Trees};
 
 mod checks;
 #[cfg(test)]
+mod decode_tests;
+#[cfg(test)]
 mod fault_tests;
 mod fsck;
 mod import;
@@ -313,15 +315,22 @@ fn new_token() -> String {
     ulid::Ulid::new().to_string()
 }
 
-/// ULIDs from one process are strictly increasing, so one writer's batches
-/// apply in the order it staged them.
-fn next_batch_id() -> String {
+/// Batch ids order staged changes. ULIDs from one process are strictly
+/// increasing, so one writer's batches apply in the order it staged them;
+/// and an id is always above `after`, the largest id the writer has seen
+/// on the branch, so a change made after seeing another applies after it
+/// even when this machine's clock is behind that writer's (a hybrid
+/// logical clock: causality first, wall time only to break ties).
+fn next_batch_id(after: Option<&str>) -> String {
     static GEN: parking_lot::Mutex<Option<ulid::Generator>> = parking_lot::Mutex::new(None);
     let mut g = GEN.lock();
     let gen = g.get_or_insert_with(ulid::Generator::new);
-    gen.generate()
-        .unwrap_or_else(|_| ulid::Ulid::new())
-        .to_string()
+    let id = gen.generate().unwrap_or_else(|_| ulid::Ulid::new());
+    let floor = after.and_then(|a| ulid::Ulid::from_string(a).ok());
+    match floor {
+        Some(f) if id <= f => f.increment().unwrap_or(f).to_string(),
+        _ => id.to_string(),
+    }
 }
 
 /// Options for a commit.
@@ -969,13 +978,38 @@ impl Lake {
     /// put, re-read the ref; if the token was sealed meanwhile, put the same
     /// batch under the new token (commits skip batches already applied).
     pub fn stage(&self, repo: &str, branch: &str, ops: Vec<Op>) -> Result<String> {
+        self.stage_after(repo, branch, ops, None)
+    }
+
+    /// `stage`, for a writer that knows the largest batch id it has seen
+    /// on the branch (`None`: list the branch's staged batches to find it).
+    /// The new batch applies after every batch the writer has seen.
+    pub fn stage_after(
+        &self,
+        repo: &str,
+        branch: &str,
+        ops: Vec<Op>,
+        seen: Option<&str>,
+    ) -> Result<String> {
         if ops.is_empty() {
             return Ok(String::new());
         }
         self.check_direct_write(repo, branch)?;
         let (r, _) = self.branch(repo, branch)?;
+        let listed;
+        let after = match seen {
+            Some(s) => Some(s),
+            None => {
+                let mut max = None;
+                for t in std::iter::once(&r.staging).chain(r.sealed.iter()) {
+                    max = max.max(self.batch_ids(repo, t)?.pop());
+                }
+                listed = max;
+                listed.as_deref()
+            }
+        };
         let mut batch = StagingBatch {
-            id: next_batch_id(),
+            id: next_batch_id(after),
             prior: vec![],
             ops,
         };
@@ -1778,7 +1812,7 @@ mod tests {
             sealed: vec![r.staging.clone()],
         };
         let batch = StagingBatch {
-            id: next_batch_id(),
+            id: next_batch_id(None),
             prior: vec![],
             ops: vec![Op::Put {
                 path: "b".into(),

@@ -247,6 +247,8 @@ pub struct View {
     /// Staged batches the view's root already reflects (kept out of
     /// `ViewState`, which is cloned on every operation).
     seen: Mutex<HashSet<String>>,
+    /// The largest of `seen`: this view's writes are staged after it.
+    latest_seen: Mutex<Option<String>>,
     /// Unwritten nodes after the last compaction (see `apply_local`).
     compacted_at: AtomicU64,
 }
@@ -263,6 +265,15 @@ struct ViewState {
     trees: Arc<Trees>,
     /// Files created and still open, not yet staged: path → inode.
     creating: BTreeMap<String, u64>,
+}
+
+impl View {
+    fn note_latest(&self, id: Option<&String>) {
+        let mut latest = self.latest_seen.lock();
+        if id > latest.as_ref() {
+            *latest = id.cloned();
+        }
+    }
 }
 
 /// What an inode is.
@@ -548,6 +559,7 @@ impl LakeFs {
             refreshing: Mutex::new(()),
             stager: StageQueue::default(),
             last_result: Mutex::new(String::new()),
+            latest_seen: Mutex::new(seen.iter().max().cloned()),
             seen: Mutex::new(seen),
             compacted_at: AtomicU64::new(0),
         });
@@ -597,6 +609,7 @@ impl LakeFs {
             let mut st = view.state.lock();
             fresh.creating = std::mem::take(&mut st.creating);
             *st = fresh.clone();
+            *view.latest_seen.lock() = batches.iter().max().cloned();
             *view.seen.lock() = batches;
             view.compacted_at.store(0, Ordering::Relaxed);
             return Ok(fresh);
@@ -624,6 +637,7 @@ impl LakeFs {
             // Local writes landed meanwhile: apply on top of them.
             st.root = st.trees.apply(&st.root, &ops)?;
         }
+        view.note_latest(new.iter().max());
         view.seen.lock().extend(new);
         st.checked = Instant::now();
         Ok(st.clone())
@@ -703,9 +717,10 @@ impl LakeFs {
         let branch = view.branch.clone().ok_or(FsError::ReadOnly)?;
         view.stager
             .submit(ops, |batch| {
+                let latest = view.latest_seen.lock().clone();
                 let id = self
                     .lake
-                    .stage(&view.repo, &branch, batch.clone())
+                    .stage_after(&view.repo, &branch, batch.clone(), latest.as_deref())
                     .map_err(|e| e.to_string())?;
                 self.apply_local(view, &id, &batch)
                     .map_err(|e| e.to_string())
@@ -726,6 +741,7 @@ impl LakeFs {
             let mut st = view.state.lock();
             if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
                 st.root = new_root;
+                view.note_latest(Some(&id.to_string()));
                 view.seen.lock().insert(id.to_string());
                 // Every edit leaves the nodes it replaced behind; once they
                 // outnumber the live ones, keep only what the root reaches.

@@ -203,3 +203,65 @@ fn fsck_reports_missing_and_corrupt_objects_precisely() {
         .iter()
         .any(|p| p.contains(&format!("node {}", tree.short())) && p.contains("missing")));
 }
+
+#[test]
+fn a_writer_whose_clock_is_behind_still_applies_after_what_it_saw() {
+    let store = Store::open(&format!("memory://skew-{}", ulid::Ulid::new())).unwrap();
+    let l = Lake::init(store.clone()).unwrap().0;
+    l.create_repo("r", "main").unwrap();
+    // Another machine, its clock an hour ahead, staged "a" = "theirs".
+    let (r, _) = l.branch("r", "main").unwrap();
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let theirs = StagingBatch {
+        id: ulid::Ulid::from_datetime(ahead).to_string(),
+        prior: vec![],
+        ops: vec![Op::Put {
+            path: "a".into(),
+            entry: Entry::Symlink("theirs".into()),
+        }],
+    };
+    store
+        .put(
+            &Lake::batch_key("r", &r.staging, &theirs.id),
+            Bytes::from(theirs.encode()),
+        )
+        .unwrap();
+    // This machine sees it, then writes "a" = "mine": its write comes after.
+    let (_, work) = l.working_tree("r", "main").unwrap();
+    assert_eq!(
+        l.trees.lookup(&work, "a").unwrap(),
+        Some(Entry::Symlink("theirs".into()))
+    );
+    let mine = l
+        .stage(
+            "r",
+            "main",
+            vec![Op::Put {
+                path: "a".into(),
+                entry: Entry::Symlink("mine".into()),
+            }],
+        )
+        .unwrap();
+    assert!(mine > theirs.id);
+    let id = commit(&l, "c").unwrap();
+    let tree = l.commit("r", &id).unwrap().tree;
+    assert_eq!(
+        l.trees.lookup(&tree, "a").unwrap(),
+        Some(Entry::Symlink("mine".into()))
+    );
+    // History order never looks at clocks: a child whose time is earlier
+    // than its parent's still comes first in the log.
+    let parent = l.commit("r", &id).unwrap();
+    let skewed = Commit {
+        parents: vec![id],
+        time: parent.time - 86_400_000,
+        generation: parent.generation + 1,
+        message: "from a machine a day behind".into(),
+        ..parent
+    };
+    let child = l.write_commit("r", &skewed).unwrap();
+    let log = l.log("r", &child, 10).unwrap();
+    assert_eq!(log[0].0, child);
+    assert_eq!(log[1].0, id);
+    assert_eq!(l.merge_bases("r", &child, &id).unwrap(), vec![id]);
+}
