@@ -107,13 +107,24 @@ fn corrupt_objects_are_detected_never_served() {
 
 #[test]
 fn kill_9_mid_copy_and_mid_commit_loses_no_acknowledged_write() {
-    if !fuse_available() {
-        return;
+    if fuse_available() {
+        kill_9_scenario(&Scratch::new());
     }
-    let s = Scratch::new();
+}
+
+#[test]
+fn kill_9_on_an_s3_lake_loses_no_acknowledged_write() {
+    if let Some(lake) = s3_lake() {
+        if fuse_available() {
+            kill_9_scenario(&Scratch::with_lake(lake));
+        }
+    }
+}
+
+fn kill_9_scenario(s: &Scratch) {
     s.ok(&["repo", "create", "r"]);
     s.ok(&["branch", "create", "r/dev"]);
-    let mut m = Mount::new(&s, "mnt", &[]);
+    let mut m = Mount::new(s, "mnt", &[]);
     // A copy that records each file whose close() succeeded.
     let acked = s.path("acked");
     let script = format!(

@@ -6,19 +6,6 @@
 mod common;
 use common::*;
 
-fn s3_lake() -> Option<String> {
-    match std::env::var("TARN_TEST_S3") {
-        Ok(base) => Some(format!("{base}/t-{}", ulid::Ulid::new())),
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("CI must run the S3 tests: use scripts/test.sh")
-        }
-        Err(_) => {
-            eprintln!("TARN_TEST_S3 not set: run scripts/test.sh for the S3 tests");
-            None
-        }
-    }
-}
-
 #[test]
 fn s3_lake_workflow() {
     let Some(lake) = s3_lake() else { return };

@@ -286,3 +286,19 @@ impl Drop for Mount {
         let _ = self.child.wait();
     }
 }
+
+/// A fresh lake URL on the loopback S3 server that scripts/test.sh starts
+/// (TARN_TEST_S3); outside CI without a server, `None` (the test says so
+/// and passes); in CI a missing server is a failure.
+pub fn s3_lake() -> Option<String> {
+    match std::env::var("TARN_TEST_S3") {
+        Ok(base) => Some(format!("{base}/t-{}", ulid::Ulid::new())),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("CI must run the S3 tests: use scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("TARN_TEST_S3 not set: run scripts/test.sh for the S3 tests");
+            None
+        }
+    }
+}
