@@ -371,6 +371,15 @@ pub struct WorkingState {
     pub batches: HashSet<String>,
 }
 
+/// What a writer knows of a branch's staging when it stages.
+#[derive(Debug, Clone, Default)]
+pub struct StageHint {
+    /// The staging token it last saw on the branch ref.
+    pub token: String,
+    /// The newest batch id it has seen there: its batch applies after it.
+    pub seen: Option<String>,
+}
+
 /// What `put` did.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct PutSummary {
@@ -978,42 +987,47 @@ impl Lake {
     /// put, re-read the ref; if the token was sealed meanwhile, put the same
     /// batch under the new token (commits skip batches already applied).
     pub fn stage(&self, repo: &str, branch: &str, ops: Vec<Op>) -> Result<String> {
-        self.stage_after(repo, branch, ops, None)
-    }
-
-    /// `stage`, for a writer that knows the largest batch id it has seen
-    /// on the branch (`None`: list the branch's staged batches to find it).
-    /// The new batch applies after every batch the writer has seen.
-    pub fn stage_after(
-        &self,
-        repo: &str,
-        branch: &str,
-        ops: Vec<Op>,
-        seen: Option<&str>,
-    ) -> Result<String> {
         if ops.is_empty() {
             return Ok(String::new());
         }
         self.check_direct_write(repo, branch)?;
         let (r, _) = self.branch(repo, branch)?;
-        let listed;
-        let after = match seen {
-            Some(s) => Some(s),
-            None => {
-                let mut max = None;
-                for t in std::iter::once(&r.staging).chain(r.sealed.iter()) {
-                    max = max.max(self.batch_ids(repo, t)?.pop());
-                }
-                listed = max;
-                listed.as_deref()
-            }
-        };
+        let mut seen = None;
+        for t in std::iter::once(&r.staging).chain(r.sealed.iter()) {
+            seen = seen.max(self.batch_ids(repo, t)?.pop());
+        }
+        self.stage_known(
+            repo,
+            branch,
+            ops,
+            &StageHint {
+                token: r.staging,
+                seen,
+            },
+        )
+    }
+
+    /// `stage` for a writer that keeps the branch in view (the mount): it
+    /// has checked that the branch takes direct writes, and `hint` says the
+    /// staging token and newest batch it knows of, which saves reading them.
+    /// A stale token is harmless: the put is confirmed against the ref and
+    /// repeated under the current token, as always.
+    pub fn stage_known(
+        &self,
+        repo: &str,
+        branch: &str,
+        ops: Vec<Op>,
+        hint: &StageHint,
+    ) -> Result<String> {
+        if ops.is_empty() {
+            return Ok(String::new());
+        }
         let mut batch = StagingBatch {
-            id: next_batch_id(after),
+            id: next_batch_id(hint.seen.as_deref()),
             prior: vec![],
             ops,
         };
-        let mut token = r.staging;
+        let mut token = hint.token.clone();
         for _ in 0..CAS_ROUNDS {
             self.store.put_if_absent(
                 &Self::batch_key(repo, &token, &batch.id),

@@ -22,7 +22,7 @@ use super::cache::ChunkCache;
 use super::control;
 use super::write::{close_ref, now_ns, open_ref, StageQueue, WriteFile};
 use crate::hash::{ChunkRef, Hash};
-use crate::repo::{BranchRef, Lake, RepoConfig, RepoError};
+use crate::repo::{BranchRef, Lake, RepoConfig, RepoError, StageHint};
 use crate::tree::{Content, Entry, File, Op, TreeError, Trees};
 
 pub const ROOT_INO: u64 = 1;
@@ -715,12 +715,21 @@ impl LakeFs {
     /// and apply them to the view. Returns once they are durable.
     fn stage(&self, view: &View, ops: Vec<Op>) -> Result<()> {
         let branch = view.branch.clone().ok_or(FsError::ReadOnly)?;
+        // `stage_known` leaves this check to us: protection may have come
+        // since the file was opened.
+        self.check_writable(view)?;
         view.stager
             .submit(ops, |batch| {
-                let latest = view.latest_seen.lock().clone();
+                let hint = StageHint {
+                    token: match &view.state.lock().branch_ref {
+                        Some(r) => r.staging.clone(),
+                        None => return Err("not a branch".to_string()),
+                    },
+                    seen: view.latest_seen.lock().clone(),
+                };
                 let id = self
                     .lake
-                    .stage_after(&view.repo, &branch, batch.clone(), latest.as_deref())
+                    .stage_known(&view.repo, &branch, batch.clone(), &hint)
                     .map_err(|e| e.to_string())?;
                 self.apply_local(view, &id, &batch)
                     .map_err(|e| e.to_string())
