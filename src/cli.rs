@@ -233,6 +233,11 @@ enum Command {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// close() returns once the change is in a journal on the cache
+        /// disk; uploads and staging happen in the background (and resume
+        /// after a crash). Control-file commands wait for them.
+        #[arg(long)]
+        writeback: bool,
     },
     /// Unmount a tarn mount.
     Umount { dir: PathBuf },
@@ -512,6 +517,44 @@ fn branch_target(g: &Global, arg: Option<&str>) -> Result<(Lake, String, String)
     bail!("give REPO/BRANCH (or run this inside a branch of a tarn mount)")
 }
 
+/// Ask every tarn mount on this machine that shows `repo/branch` of this
+/// lake to finish uploading closed files (`--writeback` mounts journal
+/// them first), so a commit from the CLI includes them.
+fn sync_local_mounts(url: &str, repo: &str, branch: &str) -> Result<()> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Ok(());
+    };
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let is_tarn = fields
+            .iter()
+            .skip_while(|f| **f != "-")
+            .nth(1)
+            .is_some_and(|t| *t == "fuse.tarn");
+        let Some(point) = fields.get(4).filter(|_| is_tarn) else {
+            continue;
+        };
+        let point = PathBuf::from(point.replace("\\040", " "));
+        for root in [point.join(repo).join(branch), point.clone()] {
+            let Ok(text) = std::fs::read_to_string(root.join(".tarn/info")) else {
+                continue;
+            };
+            let info: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if info["lake"] == url && info["repo"] == repo && info["branch"] == branch {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(root.join(".tarn/ctl"))
+                    .and_then(|mut f| f.write_all(b"sync\n"))
+                    .with_context(|| {
+                        format!("waiting for uploads of the mount at {}", root.display())
+                    })?;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("json"));
 }
@@ -767,6 +810,7 @@ fn run(cli: Cli) -> Result<()> {
             allow_empty,
         } => {
             let (lake, repo, branch) = branch_target(&g, branch.as_deref())?;
+            sync_local_mounts(lake.store().url(), &repo, &branch)?;
             let opts = CommitOptions {
                 message,
                 author: None,
@@ -918,6 +962,7 @@ fn run(cli: Cli) -> Result<()> {
             allow_other,
             daemon,
             threads,
+            writeback,
         } => {
             let (source, dir) = match args.as_slice() {
                 [dir] => (pinned, dir.clone()),
@@ -975,6 +1020,7 @@ fn run(cli: Cli) -> Result<()> {
                     metadata_ttl: parse_duration(&metadata_ttl).map_err(anyhow::Error::msg)?,
                     allow_other,
                     threads,
+                    writeback,
                 },
                 signals,
             )?;
@@ -1093,6 +1139,7 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
         match key {
             "ro" => args.push("--read-only".into()),
             "allow_other" => args.push("--allow-other".into()),
+            "writeback" => args.push("--writeback".into()),
             "ref" => args.extend(flag("ref")?),
             "cache_dir" => args.extend(flag("cache-dir")?),
             "cache_size" => args.extend(flag("cache-size")?),
@@ -1100,7 +1147,7 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
             "threads" => args.extend(flag("threads")?),
             k if IGNORED_MOUNT_OPTIONS.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ if sloppy => {}
-            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
+            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, writeback, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
         }
     }
     Ok(args)

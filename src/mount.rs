@@ -8,6 +8,7 @@ pub mod cache;
 pub mod control;
 pub mod fs;
 pub mod fuse;
+pub mod journal;
 pub mod write;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// close() returns once the change is journaled on the cache disk;
+    /// uploads happen in the background.
+    pub writeback: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,24 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let spool_dir =
         spool_dir(&opts.cache_dir).map_err(io(format!("spool in {}", opts.cache_dir.display())))?;
+    // The journal is also opened without --writeback: what a write-back
+    // daemon left behind is uploaded before anything else happens.
+    let journal = journal::Journal::open(&opts.cache_dir)
+        .map_err(io(format!("journal in {}", opts.cache_dir.display())))?;
+    match journal.upload_all(&lake) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            entries = n,
+            "uploaded journaled changes left by an earlier daemon"
+        ),
+        Err(e) => {
+            tracing::warn!(%e, "journaled changes not uploaded yet; retrying in the background")
+        }
+    }
+    cache.set_journal(journal.objects().clone());
+    journal
+        .spawn_uploader(lake.clone())
+        .map_err(io("uploader thread"))?;
     let core = fs::LakeFs::new(
         lake,
         cache,
@@ -83,6 +105,7 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
             uid,
             gid,
             spool_dir,
+            writeback: opts.writeback.then_some(journal),
         },
     )?;
     let mut config = fuser::Config::default();

@@ -378,6 +378,8 @@ pub struct StageHint {
     pub token: String,
     /// The newest batch id it has seen there: its batch applies after it.
     pub seen: Option<String>,
+    /// The batch id, when the writer chose it already (`Lake::new_batch_id`).
+    pub id: Option<String>,
 }
 
 /// What `put` did.
@@ -1003,6 +1005,7 @@ impl Lake {
             &StageHint {
                 token: r.staging,
                 seen,
+                id: None,
             },
         )
     }
@@ -1023,7 +1026,10 @@ impl Lake {
             return Ok(String::new());
         }
         let mut batch = StagingBatch {
-            id: next_batch_id(hint.seen.as_deref()),
+            id: hint
+                .id
+                .clone()
+                .unwrap_or_else(|| next_batch_id(hint.seen.as_deref())),
             prior: vec![],
             ops,
         };
@@ -1040,6 +1046,11 @@ impl Lake {
             batch.prior.push(std::mem::replace(&mut token, now.staging));
         }
         Err(RepoError::Concurrent(format!("{repo}/{branch} staging")))
+    }
+
+    /// A batch id above `after` (see `StageHint::id`).
+    pub fn new_batch_id(after: Option<&str>) -> String {
+        next_batch_id(after)
     }
 
     /// Staged batches under the given tokens, in apply order, without

@@ -54,6 +54,8 @@ pub enum StoreError {
     },
     #[error("object {0} already exists")]
     AlreadyExists(String),
+    #[error("cannot write to {0}: the bucket (or directory) does not exist")]
+    NoBucket(String),
     #[error("store error on {key}: {source}")]
     Backend {
         key: String,
@@ -343,6 +345,10 @@ impl Store {
         }));
         match res {
             Ok(_) => Ok(true),
+            // Creating a key never finds it missing: the bucket is.
+            Err(object_store::Error::NotFound { .. }) => {
+                Err(StoreError::NoBucket(self.url.clone()))
+            }
             Err(object_store::Error::AlreadyExists { .. })
             | Err(object_store::Error::Precondition { .. }) => {
                 if sent.into_inner() == 1 {

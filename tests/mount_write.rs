@@ -455,3 +455,97 @@ fn random_file_operations_match_a_plain_directory() {
         );
     }
 }
+
+#[test]
+fn writeback_closes_journal_then_upload_and_commits_wait_for_them() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    // Mount::new gives the mount the cache dir <name>-cache.
+    let cache = s.path("mnt-cache");
+    let m = Mount::new(&s, "mnt", &["--writeback"]);
+    let d = m.p("sales/dev");
+    let big = pseudo_random(3_000_000, 21);
+    std::fs::write(d.join("big.bin"), &big).unwrap();
+    for i in 0..50 {
+        std::fs::write(d.join(format!("f{i}.txt")), format!("{i}\n")).unwrap();
+    }
+    std::fs::rename(d.join("f0.txt"), d.join("renamed.txt")).unwrap();
+    // Read back at once, through the mount.
+    assert_eq!(std::fs::read(d.join("big.bin")).unwrap(), big);
+    assert_eq!(
+        std::fs::read_to_string(d.join("renamed.txt")).unwrap(),
+        "0\n"
+    );
+    // `sync` waits for the uploads; then the CLI sees everything, in order.
+    ctl_write(&d, "sync");
+    let staged = s.staged("sales/dev");
+    assert!(staged.contains(&"renamed.txt".to_string()) && !staged.contains(&"f0.txt".to_string()));
+    assert_eq!(staged.len(), 51);
+    // A commit through the control file includes every closed file.
+    std::fs::write(d.join("last.txt"), "last\n").unwrap();
+    ctl_write(&d, "commit -m writeback");
+    assert!(s.staged("sales/dev").is_empty());
+    assert_eq!(s.ok(&["cat", "sales/dev/last.txt"]), "last\n");
+    let out = s.path("big.out");
+    s.ok(&["get", "sales/dev/big.bin", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out).unwrap(), big);
+    assert_eq!(
+        std::fs::read_dir(cache.join("journal/entries"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A CLI commit asks the mounts on this machine to finish uploading first.
+    for i in 0..100 {
+        std::fs::write(d.join(format!("cli-{i}.txt")), "x").unwrap();
+    }
+    s.ok(&["commit", "sales/dev", "-m", "from the CLI"]);
+    assert_eq!(s.ok(&["cat", "sales/dev/cli-99.txt"]), "x");
+    assert!(s.staged("sales/dev").is_empty());
+    assert_eq!(s.json(&["fsck"])["problems"], serde_json::json!([]));
+}
+
+#[test]
+fn writeback_survives_kill_9_and_is_replayed_by_the_next_daemon() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let cache = s.path("mnt-cache");
+    let mut m = Mount::new(&s, "mnt", &["--writeback"]);
+    let d = m.p("sales/dev");
+    for i in 0..300 {
+        std::fs::write(d.join(format!("f{i}.txt")), format!("{i}\n")).unwrap();
+    }
+    m.child.kill().unwrap(); // SIGKILL, uploads possibly still pending
+    m.child.wait().unwrap();
+    drop(m);
+    let left = std::fs::read_dir(cache.join("journal/entries"))
+        .unwrap()
+        .count();
+    eprintln!("journal entries left at kill: {left}");
+    // The next daemon on that cache uploads what was left before serving.
+    let m = Mount::new(&s, "mnt", &[]);
+    assert_eq!(
+        std::fs::read_dir(cache.join("journal/entries"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let staged = s.staged("sales/dev");
+    assert_eq!(staged.len(), 300, "every acknowledged close is staged");
+    assert_eq!(
+        std::fs::read_to_string(m.p("sales/dev/f299.txt")).unwrap(),
+        "299\n"
+    );
+}
+
+fn ctl_write(branch_dir: &Path, line: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(branch_dir.join(".tarn/ctl"))
+        .unwrap();
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
+}

@@ -38,6 +38,8 @@ pub struct ChunkCache {
     memory: Mutex<lru::LruCache<Hash, Bytes>>,
     inflight: Mutex<HashMap<Hash, Slot>>,
     prefetch: Mutex<Option<mpsc::Sender<Hash>>>,
+    /// Chunks of files closed in write-back mode and not uploaded yet.
+    journal: Mutex<Option<Store>>,
 }
 
 impl ChunkCache {
@@ -81,6 +83,7 @@ impl ChunkCache {
             )),
             inflight: Mutex::new(HashMap::new()),
             prefetch: Mutex::new(None),
+            journal: Mutex::new(None),
         });
         cache.evict();
         let (tx, rx) = mpsc::channel::<Hash>();
@@ -106,6 +109,12 @@ impl ChunkCache {
     fn path(&self, h: &Hash) -> PathBuf {
         let hex = h.to_hex();
         self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// Also read chunks from this store (the write-back journal's) when the
+    /// lake does not have them yet.
+    pub fn set_journal(&self, journal: Store) {
+        *self.journal.lock() = Some(journal);
     }
 
     /// Is this chunk in memory or on disk already (no I/O)?
@@ -172,7 +181,13 @@ impl ChunkCache {
             }
             self.forget(h);
         }
-        let bytes = self.store.get_verified(&key, h)?;
+        let bytes = match self.store.get_verified(&key, h) {
+            Err(StoreError::Missing(_)) if self.journal.lock().is_some() => {
+                let journal = self.journal.lock().clone().expect("checked");
+                journal.get_verified(&key, h)?
+            }
+            r => r?,
+        };
         self.memory.lock().put(*h, bytes.clone());
         if let Err(e) = self.write_disk(h, &bytes) {
             tracing::warn!(chunk = %h, %e, "cannot write the chunk cache");

@@ -30,6 +30,8 @@ pub enum Command {
     Tag {
         name: String,
     },
+    /// Wait until every closed file is in the lake (write-back mode).
+    Sync,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +40,15 @@ pub enum ControlError {
     Parse(String),
     #[error(transparent)]
     Repo(#[from] RepoError),
+    #[error("{0}")]
+    Pending(String),
 }
 
 impl ControlError {
     pub fn errno(&self) -> i32 {
         match self {
             ControlError::Parse(_) => libc::EINVAL,
+            ControlError::Pending(_) => libc::EAGAIN,
             ControlError::Repo(e) => match e {
                 RepoError::NothingToCommit { .. } => libc::ENODATA,
                 RepoError::Conflict { .. } => libc::EBUSY,
@@ -213,12 +218,16 @@ pub fn parse(line: &str) -> Result<Command, ControlError> {
             [name] => Ok(Command::Branch { name: name.clone() }),
             _ => Err(bad("branch needs one NAME")),
         },
+        "sync" => {
+            no_args(&args)?;
+            Ok(Command::Sync)
+        }
         "tag" => match args.as_slice() {
             [name] => Ok(Command::Tag { name: name.clone() }),
             _ => Err(bad("tag needs one NAME")),
         },
         other => Err(bad(&format!(
-            "unknown command {other:?}: use commit, merge, revert, reset, branch or tag"
+            "unknown command {other:?}: use commit, merge, revert, reset, branch, tag or sync"
         ))),
     }
 }
@@ -289,6 +298,8 @@ pub fn run(
             let at = lake.create_tag(repo, name, branch)?;
             json!({"command": "tag", "tag": name, "commit": at.to_hex()})
         }
+        // The mount waited for uploads before running it.
+        Command::Sync => json!({"command": "sync"}),
     })
 }
 

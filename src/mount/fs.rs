@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 
 use super::cache::ChunkCache;
 use super::control;
+use super::journal::{Journal, JournalEntry};
 use super::write::{close_ref, now_ns, open_ref, StageQueue, WriteFile};
 use crate::hash::{ChunkRef, Hash};
 use crate::repo::{BranchRef, Lake, RepoConfig, RepoError, StageHint};
@@ -42,6 +43,10 @@ const COMPACT_AFTER_NODES: u64 = 4096;
 
 /// Reads this close to where the previous one ended count as sequential.
 const SEQUENTIAL_SLACK: u64 = 8 << 20;
+
+/// How long a control command waits for write-back uploads before it
+/// fails with EAGAIN (the store is down or very slow).
+const JOURNAL_WAIT: Duration = Duration::from_secs(120);
 
 /// How long an unknown name under a repository stays known-unknown.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
@@ -179,6 +184,8 @@ pub struct FsConfig {
     pub gid: u32,
     /// Where files being written are spooled.
     pub spool_dir: PathBuf,
+    /// Write-back mode: closes go to this journal; an uploader stages them.
+    pub writeback: Option<Arc<Journal>>,
 }
 
 /// Attribute changes (`chmod`, `truncate`, `touch`).
@@ -718,6 +725,23 @@ impl LakeFs {
         // `stage_known` leaves this check to us: protection may have come
         // since the file was opened.
         self.check_writable(view)?;
+        if let Some(journal) = &self.cfg.writeback {
+            return view
+                .stager
+                .submit(ops, |batch| {
+                    let latest = view.latest_seen.lock().clone();
+                    let id = Lake::new_batch_id(latest.as_deref());
+                    journal.append(&JournalEntry {
+                        repo: view.repo.clone(),
+                        branch: branch.clone(),
+                        batch: id.clone(),
+                        ops: batch.clone(),
+                    })?;
+                    self.apply_local(view, &id, &batch)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(FsError::Stage);
+        }
         view.stager
             .submit(ops, |batch| {
                 let hint = StageHint {
@@ -726,6 +750,7 @@ impl LakeFs {
                         None => return Err("not a branch".to_string()),
                     },
                     seen: view.latest_seen.lock().clone(),
+                    id: None,
                 };
                 let id = self
                     .lake
@@ -1268,8 +1293,15 @@ impl LakeFs {
 
     fn run_control(&self, fh: u64, view: &Arc<View>, line: &str) -> Result<()> {
         let branch = view.branch.clone().ok_or(FsError::ReadOnly)?;
-        let outcome = control::parse(line)
-            .and_then(|cmd| control::run(&self.lake, &view.repo, &branch, &cmd));
+        let outcome = control::parse(line).and_then(|cmd| {
+            // Commands act on the lake: let it catch up with closed files first.
+            if let Some(journal) = &self.cfg.writeback {
+                journal
+                    .wait_drained(JOURNAL_WAIT)
+                    .map_err(control::ControlError::Pending)?;
+            }
+            control::run(&self.lake, &view.repo, &branch, &cmd)
+        });
         let (text, res) = match outcome {
             Ok(mut v) => {
                 v["ok"] = serde_json::json!(true);
@@ -1337,13 +1369,28 @@ impl LakeFs {
             return Err(FsError::BadHandle);
         };
         let path = wf.path.lock().clone();
-        let (entry, _) = self.lake.store_file(
-            wf.reader()?,
-            meta.mode,
-            meta.mtime,
-            &format!("spool of {path}"),
-        )?;
-        self.lake.flush()?;
+        let what = format!("spool of {path}");
+        let (entry, journaled) = match &self.cfg.writeback {
+            Some(journal) => {
+                let (content, size, chunks) = journal
+                    .store_file(self.lake.config().chunking, wf.reader()?, &what)
+                    .map_err(FsError::Stage)?;
+                let file = File {
+                    size,
+                    mode: meta.mode,
+                    mtime: meta.mtime,
+                    content,
+                };
+                (Entry::File(file), chunks)
+            }
+            None => {
+                let (entry, _) =
+                    self.lake
+                        .store_file(wf.reader()?, meta.mode, meta.mtime, &what)?;
+                self.lake.flush()?;
+                (entry, vec![])
+            }
+        };
         {
             let mut m = wf.meta.lock();
             // Writes that came in while we were storing keep it dirty.
@@ -1351,13 +1398,19 @@ impl LakeFs {
                 m.dirty = false;
             }
         }
-        self.stage(
+        let staged = self.stage(
             &view,
             vec![Op::Put {
                 path: path.clone(),
                 entry: entry.clone(),
             }],
-        )?;
+        );
+        if let Err(e) = staged {
+            if let Some(journal) = &self.cfg.writeback {
+                journal.release(&journaled);
+            }
+            return Err(e);
+        }
         if let Entry::File(file) = entry {
             // This inode now is the written version.
             self.nodes.lock().insert(
@@ -1374,7 +1427,11 @@ impl LakeFs {
     }
 
     pub fn fsync(&self, fh: u64) -> Result<()> {
-        self.flush(fh)
+        self.flush(fh)?;
+        if let Some(journal) = &self.cfg.writeback {
+            journal.sync().map_err(FsError::Stage)?;
+        }
+        Ok(())
     }
 
     pub fn release(&self, fh: u64) -> Result<()> {
@@ -1906,6 +1963,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 spool_dir: dir.path().join("spool"),
+                writeback: None,
             },
         )
         .unwrap();
