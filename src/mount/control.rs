@@ -325,6 +325,7 @@ mod tests {
             }
         );
         assert_eq!(parse("reset").unwrap(), Command::Reset { path: None });
+        assert_eq!(parse("sync\n").unwrap(), Command::Sync);
         assert_eq!(
             parse("branch experiment-1").unwrap(),
             Command::Branch {
@@ -344,6 +345,7 @@ mod tests {
             "merge a b",
             "commit -m 'x",
             "reset --bogus",
+            "sync now",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
