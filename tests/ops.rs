@@ -242,3 +242,27 @@ fn doctor_says_what_the_store_can_do() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn fsck_repairs_a_chunk_cache() {
+    let s = Scratch::new();
+    let cache = s.path("cache/chunks");
+    let good = b"good bytes";
+    let good_hash = blake3::hash(good).to_hex().to_string();
+    let bad_hash = blake3::hash(b"what it should be").to_hex().to_string();
+    for (name, bytes) in [(&good_hash, &good[..]), (&bad_hash, &b"flipped"[..])] {
+        let p = cache.join(&name[..2]).join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    let v = s.json(&["fsck", "--repair-cache", s.path("cache").to_str().unwrap()]);
+    assert_eq!(
+        (
+            v["cache"]["checked"].as_u64(),
+            v["cache"]["removed"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    assert!(cache.join(&good_hash[..2]).join(&good_hash).exists());
+    assert!(!cache.join(&bad_hash[..2]).join(&bad_hash).exists());
+}

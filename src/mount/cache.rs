@@ -42,27 +42,34 @@ pub struct ChunkCache {
     journal: Mutex<Option<Store>>,
 }
 
+/// Every file in the cache's shard directories (`chunks/<2 hex>/<name>`).
+fn cached_files(chunks: &Path) -> std::io::Result<Vec<fs::DirEntry>> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(chunks)? {
+        let shard = shard?;
+        if shard.file_type()?.is_dir() {
+            for f in fs::read_dir(shard.path())? {
+                out.push(f?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl ChunkCache {
     /// Open (or create) a cache directory, indexing the chunks already there.
     pub fn open(store: Store, dir: &Path, capacity: u64) -> std::io::Result<Arc<ChunkCache>> {
         let chunks = dir.join("chunks");
         fs::create_dir_all(&chunks)?;
         let mut found = Vec::new();
-        for shard in fs::read_dir(&chunks)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
+        for f in cached_files(&chunks)? {
+            let name = f.file_name();
+            let Some(hash) = name.to_str().and_then(Hash::from_hex) else {
+                let _ = fs::remove_file(f.path()); // a temp file from a crash
                 continue;
-            }
-            for f in fs::read_dir(shard.path())? {
-                let f = f?;
-                let name = f.file_name();
-                let Some(hash) = name.to_str().and_then(Hash::from_hex) else {
-                    let _ = fs::remove_file(f.path()); // a temp file from a crash
-                    continue;
-                };
-                let meta = f.metadata()?;
-                found.push((meta.modified().ok(), hash, meta.len()));
-            }
+            };
+            let meta = f.metadata()?;
+            found.push((meta.modified().ok(), hash, meta.len()));
         }
         // Oldest first, so the most recently used end up most recent.
         found.sort_by_key(|(t, _, _)| *t);
@@ -317,25 +324,18 @@ impl ChunkCache {
         if !chunks.is_dir() {
             return Ok((0, 0));
         }
-        for shard in fs::read_dir(&chunks)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for f in fs::read_dir(shard.path())? {
-                let f = f?;
-                checked += 1;
-                let name = Hash::from_hex(&f.file_name().to_string_lossy());
-                let bytes = fs::read(f.path())?;
-                let chunk_ok = name == Some(Hash::of(&bytes));
-                let piece_ok = bytes.len() >= 32 && {
-                    let (b, sum) = bytes.split_at(bytes.len() - 32);
-                    Hash::of(b).0 == sum
-                };
-                if name.is_none() || !(chunk_ok || piece_ok) {
-                    fs::remove_file(f.path())?;
-                    removed += 1;
-                }
+        for f in cached_files(&chunks)? {
+            checked += 1;
+            let name = Hash::from_hex(&f.file_name().to_string_lossy());
+            let bytes = fs::read(f.path())?;
+            let chunk_ok = name == Some(Hash::of(&bytes));
+            let piece_ok = bytes.len() >= 32 && {
+                let (b, sum) = bytes.split_at(bytes.len() - 32);
+                Hash::of(b).0 == sum
+            };
+            if name.is_none() || !(chunk_ok || piece_ok) {
+                fs::remove_file(f.path())?;
+                removed += 1;
             }
         }
         Ok((checked, removed))
