@@ -526,11 +526,14 @@ fn sync_local_mounts(url: &str, repo: &str, branch: &str) -> Result<()> {
     };
     for line in mounts.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let is_tarn = fields
-            .iter()
-            .skip_while(|f| **f != "-")
-            .nth(1)
-            .is_some_and(|t| *t == "fuse.tarn");
+        // After "-": the file system type, then the source ("fuse" and
+        // "tarn", or "fuse.tarn" where the subtype is kept).
+        let mut after = fields.iter().skip_while(|f| **f != "-").skip(1);
+        let is_tarn = match (after.next(), after.next()) {
+            (Some(&"fuse.tarn"), _) => true,
+            (Some(t), Some(&"tarn")) => t.starts_with("fuse"),
+            _ => false,
+        };
         let Some(point) = fields.get(4).filter(|_| is_tarn) else {
             continue;
         };

@@ -69,7 +69,8 @@ fn mount_snapshot(exe: &PathBuf, url: &str, repo: &str, commit: &Hash) -> Result
     std::fs::create_dir(&dir).map_err(|e| e.to_string())?;
     let log_path = tmp.path().join("mount.log");
     let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
+    let mut child = Command::new(exe);
+    child
         .arg("mount")
         .arg("--lake")
         .arg(url)
@@ -81,7 +82,18 @@ fn mount_snapshot(exe: &PathBuf, url: &str, repo: &str, commit: &Hash) -> Result
         .arg(&dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
+        .stderr(log);
+    // SAFETY: prctl in the child before exec only sets its own death signal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        // If this process dies before unmounting, the snapshot goes too
+        // (SIGTERM unmounts cleanly).
+        child.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = child
         .spawn()
         .map_err(|e| format!("starting {}: {e}", exe.display()))?;
     let mut guard = MountGuard {

@@ -343,7 +343,10 @@ pub struct LakeFs {
     cache: Arc<ChunkCache>,
     cfg: FsConfig,
     started: SystemTime,
-    nodes: Mutex<HashMap<u64, Node>>,
+    /// Boxed: the map's slots stay small, which is most of the daemon's
+    /// memory with a million inodes looked up (and twice that while the
+    /// table grows).
+    nodes: Mutex<HashMap<u64, Box<Node>>>,
     views: Mutex<HashMap<(String, String), Arc<View>>>,
     next_view: AtomicU64,
     negative: Mutex<HashMap<(String, String), Instant>>,
@@ -434,7 +437,7 @@ impl LakeFs {
             }
             None => Node::Root,
         };
-        fs.nodes.lock().insert(ROOT_INO, root);
+        fs.nodes.lock().insert(ROOT_INO, Box::new(root));
         Ok(fs)
     }
 
@@ -446,12 +449,15 @@ impl LakeFs {
         self.nodes
             .lock()
             .get(&ino)
-            .cloned()
+            .map(|n| (**n).clone())
             .ok_or(FsError::NotFound)
     }
 
     fn remember(&self, ino: u64, node: Node) -> u64 {
-        self.nodes.lock().entry(ino).or_insert(node);
+        self.nodes
+            .lock()
+            .entry(ino)
+            .or_insert_with(|| Box::new(node));
         ino
     }
 
@@ -1415,11 +1421,11 @@ impl LakeFs {
             // This inode now is the written version.
             self.nodes.lock().insert(
                 ino,
-                Node::File {
+                Box::new(Node::File {
                     view: view.clone(),
                     path: path.clone(),
                     file,
-                },
+                }),
             );
         }
         view.state.lock().creating.remove(&path);
@@ -1529,11 +1535,11 @@ impl LakeFs {
         open_ref(&wf);
         self.nodes.lock().insert(
             ino,
-            Node::File {
+            Box::new(Node::File {
                 view: view.clone(),
                 path: child.clone(),
                 file,
-            },
+            }),
         );
         self.writes.lock().insert(ino, wf.clone());
         view.state.lock().creating.insert(child, ino);
@@ -1715,7 +1721,7 @@ impl LakeFs {
         let mut nodes = self.nodes.lock();
         let mut moved_away = self.moved_away.lock();
         for node in nodes.values_mut() {
-            match node {
+            match &mut **node {
                 Node::Tree { view: v, path } | Node::File { view: v, path, .. }
                     if v.id == view.id =>
                 {
@@ -1803,11 +1809,11 @@ impl LakeFs {
             )?;
             self.nodes.lock().insert(
                 ino,
-                Node::File {
+                Box::new(Node::File {
                     view: view.clone(),
                     path,
                     file: changed,
-                },
+                }),
             );
         }
         self.getattr(ino)
