@@ -997,6 +997,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut lake = open_lake(&g)?;
             // Failed post-event checks go into `.tarn/result`, not the log.
             lake.set_hooks(std::sync::Arc::new(hook_runner()));
+            lake.set_background_cleanup(true);
             if let Some((repo, r)) = &pinned {
                 lake.resolve(repo, r)?;
             }

@@ -399,6 +399,7 @@ pub struct Lake {
     hooks: Option<Arc<dyn Hooks>>,
     /// Post-event check failures not yet reported (see `take_warnings`).
     warnings: parking_lot::Mutex<Vec<String>>,
+    background_cleanup: bool,
 }
 
 impl Lake {
@@ -435,7 +436,31 @@ impl Lake {
             config,
             hooks: None,
             warnings: Default::default(),
+            background_cleanup: false,
         })
+    }
+
+    /// Delete staging objects a commit consumed. A long-running process
+    /// (the mount daemon) does it in the background, so a commit returns as
+    /// soon as its ref has moved; leftovers of an interrupted cleanup are
+    /// unreferenced and harmless.
+    fn cleanup(&self, prefixes: Vec<String>) {
+        let store = self.store.clone();
+        let delete = move || {
+            for p in prefixes {
+                let _ = store.delete_prefix(&p);
+            }
+        };
+        if self.background_cleanup {
+            std::thread::spawn(delete);
+        } else {
+            delete();
+        }
+    }
+
+    /// Delete consumed staging objects in the background (see `cleanup`).
+    pub fn set_background_cleanup(&mut self, on: bool) {
+        self.background_cleanup = on;
     }
 
     /// Run these hooks for every commit, merge and branch or tag creation.
@@ -1374,12 +1399,12 @@ impl Lake {
                 Cas::Lost => continue,
             }
         }
-        for t in &sealed {
-            // Consumed batches are now in the commit; their objects can go.
-            let _ = self
-                .store
-                .delete_prefix(&Self::repo_key(repo, &format!("staging/{t}")));
-        }
+        // Consumed batches are now in the commit; their objects can go.
+        let prefixes: Vec<String> = sealed
+            .iter()
+            .map(|t| Self::repo_key(repo, &format!("staging/{t}")))
+            .collect();
+        self.cleanup(prefixes);
         match new_head {
             Some(id) => {
                 let event =
