@@ -17,7 +17,7 @@ WORK=$(mktemp -d /tmp/tarn-bench-write.XXXXXX)
 MNT=$WORK/mnt
 mkdir -p "$MNT" "$WORK/local"
 PID=
-cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; [ -n "$PID" ] && kill "$PID" 2>/dev/null; rm -rf "$WORK"; }
+cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; rm -rf "$WORK" 2>/dev/null || true; }
 trap cleanup EXIT
 export TARN_LAKE=file://$WORK/lake
 
