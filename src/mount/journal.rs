@@ -9,7 +9,8 @@
 //! local object store holding the chunks of files closed but not yet
 //! uploaded (read by the chunk cache meanwhile). A chunk is counted for
 //! each entry that needs it, from before it is written until its entry is
-//! uploaded, and deleted when no entry needs it any more.
+//! uploaded, and deleted when no entry needs it any more. An entry whose
+//! branch was deleted meanwhile is moved to `orphaned/`, chunks kept.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -21,7 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::hash::Hash;
-use crate::repo::{Lake, StageHint};
+use crate::repo::{Lake, RepoError, StageHint};
 use crate::store::Store;
 use crate::tree::{Content, Entry, Op};
 
@@ -36,6 +37,14 @@ pub struct JournalEntry {
     /// store agree on the batch.
     pub batch: String,
     pub ops: Vec<Op>,
+}
+
+/// Why an entry did not upload.
+enum Upload {
+    /// Try again later (the store is unreachable, a race was lost, ...).
+    Retry(String),
+    /// It never can: its branch or repository is gone.
+    Gone(String),
 }
 
 #[derive(Default)]
@@ -259,34 +268,57 @@ impl Journal {
         let mut done = 0;
         for (_, path) in self.entries().map_err(io_err)? {
             let entry = Self::read(&path)?;
-            self.upload(lake, &entry)?;
-            std::fs::remove_file(&path).map_err(io_err)?;
-            self.release(&chunks_of(&entry.ops));
+            match self.upload(lake, &entry) {
+                Ok(()) => {
+                    std::fs::remove_file(&path).map_err(io_err)?;
+                    self.release(&chunks_of(&entry.ops));
+                }
+                Err(Upload::Retry(e)) => return Err(e),
+                Err(Upload::Gone(e)) => {
+                    // Its branch was deleted: keep the entry (and its
+                    // chunks) aside for a person, and let the rest go on.
+                    let aside = self.dir.join("orphaned");
+                    std::fs::create_dir_all(&aside).map_err(io_err)?;
+                    let name = path.file_name().expect("entry file");
+                    std::fs::rename(&path, aside.join(name)).map_err(io_err)?;
+                    tracing::warn!(
+                        entry = %aside.join(name).display(),
+                        "journaled change of {}/{} set aside: {e}",
+                        entry.repo,
+                        entry.branch
+                    );
+                }
+            }
             self.count(&entry, -1);
             done += 1;
         }
         Ok(done)
     }
 
-    fn upload(&self, lake: &Lake, entry: &JournalEntry) -> Result<(), String> {
+    fn upload(&self, lake: &Lake, entry: &JournalEntry) -> Result<(), Upload> {
         let keys: Vec<String> = chunks_of(&entry.ops)
             .iter()
             .map(|h| h.key("chunks"))
             .collect();
-        for (key, bytes) in keys
-            .iter()
-            .zip(self.objects.get_many(&keys).map_err(|e| e.to_string())?)
-        {
+        for (key, bytes) in keys.iter().zip(
+            self.objects
+                .get_many(&keys)
+                .map_err(|e| Upload::Retry(e.to_string()))?,
+        ) {
             // Missing here means an earlier upload of this entry got that far.
             if let Some(b) = bytes {
                 lake.store()
                     .put_content_many(vec![(key.clone(), b)])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Upload::Retry(e.to_string()))?;
             }
         }
-        let (r, _) = lake
-            .branch(&entry.repo, &entry.branch)
-            .map_err(|e| e.to_string())?;
+        let (r, _) = match lake.branch(&entry.repo, &entry.branch) {
+            Ok(r) => r,
+            Err(e @ (RepoError::NoBranch { .. } | RepoError::NoRepo(_))) => {
+                return Err(Upload::Gone(e.to_string()))
+            }
+            Err(e) => return Err(Upload::Retry(e.to_string())),
+        };
         lake.stage_known(
             &entry.repo,
             &entry.branch,
@@ -298,7 +330,7 @@ impl Journal {
             },
         )
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| Upload::Retry(e.to_string()))
     }
 
     /// The uploader: wakes on every append and every `RETRY_AFTER`.
@@ -404,5 +436,30 @@ mod tests {
         // Every journaled chunk is in the lake and gone from the journal.
         assert!(j.objects.list("chunks").unwrap().is_empty());
         assert!(j.needed.lock().is_empty());
+    }
+
+    #[test]
+    fn an_entry_whose_branch_is_gone_is_set_aside_not_retried_for_ever() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for branch in ["deleted", "main"] {
+            j.append(&JournalEntry {
+                repo: "r".into(),
+                branch: branch.into(),
+                batch: Lake::new_batch_id(None),
+                ops: vec![Op::Delete { path: "x".into() }],
+            })
+            .unwrap();
+        }
+        assert_eq!(j.upload_all(&l).unwrap(), 2);
+        j.wait_drained(Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("journal/orphaned"))
+                .unwrap()
+                .count(),
+            1
+        );
+        assert_eq!(l.staged_ops("r", "main").unwrap().len(), 1);
     }
 }
