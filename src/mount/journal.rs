@@ -267,32 +267,38 @@ impl Journal {
     pub fn upload_all(&self, lake: &Lake) -> Result<usize, String> {
         let mut done = 0;
         for (_, path) in self.entries().map_err(io_err)? {
-            let entry = Self::read(&path)?;
+            let entry = match Self::read(&path) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Unreadable (a torn write cannot happen: entries are
+                    // renamed into place whole): keep it for a person.
+                    self.set_aside(&path, &e)?;
+                    continue;
+                }
+            };
             match self.upload(lake, &entry) {
                 Ok(()) => {
                     std::fs::remove_file(&path).map_err(io_err)?;
                     self.release(&chunks_of(&entry.ops));
                 }
                 Err(Upload::Retry(e)) => return Err(e),
-                Err(Upload::Gone(e)) => {
-                    // Its branch was deleted: keep the entry (and its
-                    // chunks) aside for a person, and let the rest go on.
-                    let aside = self.dir.join("orphaned");
-                    std::fs::create_dir_all(&aside).map_err(io_err)?;
-                    let name = path.file_name().expect("entry file");
-                    std::fs::rename(&path, aside.join(name)).map_err(io_err)?;
-                    tracing::warn!(
-                        entry = %aside.join(name).display(),
-                        "journaled change of {}/{} set aside: {e}",
-                        entry.repo,
-                        entry.branch
-                    );
-                }
+                // Its branch was deleted: keep the entry (and its chunks)
+                // aside for a person, and let the rest go on.
+                Err(Upload::Gone(e)) => self.set_aside(&path, &e)?,
             }
             self.count(&entry, -1);
             done += 1;
         }
         Ok(done)
+    }
+
+    fn set_aside(&self, path: &Path, why: &str) -> Result<(), String> {
+        let aside = self.dir.join("orphaned");
+        std::fs::create_dir_all(&aside).map_err(io_err)?;
+        let to = aside.join(path.file_name().expect("entry file"));
+        std::fs::rename(path, &to).map_err(io_err)?;
+        tracing::warn!(entry = %to.display(), "journaled change set aside: {why}");
+        Ok(())
     }
 
     fn upload(&self, lake: &Lake, entry: &JournalEntry) -> Result<(), Upload> {
