@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run every test: installs what the tests need (fuse3, a loopback S3 server),
-# starts the S3 server, runs the suite, stops the server.
+# Run every test: installs what the tests need (fuse3, a loopback S3 server;
+# scripts/fuzz.sh installs cargo-fuzz), starts the S3 server, runs the suite,
+# fuzzes each on-store decoder for a few seconds, stops the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
