@@ -53,12 +53,27 @@ struct MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        if crate::mount::unmount(&self.dir).is_err() {
-            let _ = self.child.kill();
+        // A check's processes killed at their time limit may still hold
+        // the snapshot for a moment (EBUSY): try again, then detach it
+        // lazily, so no mount is left behind.
+        for _ in 0..UNMOUNT_TRIES {
+            if crate::mount::unmount(&self.dir).is_ok() || !crate::mount::is_mounted(&self.dir) {
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.dir)
+            .status();
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
+
+/// Unmount attempts (50 ms apart) before a lazy unmount.
+const UNMOUNT_TRIES: usize = 40;
 
 fn mount_snapshot(exe: &PathBuf, url: &str, repo: &str, commit: &Hash) -> Result<Snapshot, String> {
     let tmp = tempfile::Builder::new()
