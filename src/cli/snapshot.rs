@@ -56,17 +56,23 @@ impl Drop for MountGuard {
         // A check's processes killed at their time limit may still hold
         // the snapshot for a moment (EBUSY): try again, then detach it
         // lazily, so no mount is left behind.
+        let fusermount = |flags: &str| {
+            Command::new("fusermount3")
+                .arg(flags)
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
         for _ in 0..UNMOUNT_TRIES {
-            if crate::mount::unmount(&self.dir).is_ok() || !crate::mount::is_mounted(&self.dir) {
+            if fusermount("-u") || !crate::mount::is_mounted(&self.dir) {
                 let _ = self.child.wait();
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.dir)
-            .status();
+        fusermount("-uz");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
