@@ -477,13 +477,6 @@ fn mount_honours_protection_and_runs_checks_on_control_merges() {
     });
 }
 
-fn ctl(branch_dir: &Path, line: &str) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(branch_dir.join(".tarn/ctl"))?;
-    f.write_all(format!("{line}\n").as_bytes())
-}
-
 #[test]
 fn orchestration_example_runs() {
     let s = Scratch::new();

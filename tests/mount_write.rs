@@ -479,13 +479,13 @@ fn writeback_closes_journal_then_upload_and_commits_wait_for_them() {
         "0\n"
     );
     // `sync` waits for the uploads; then the CLI sees everything, in order.
-    ctl_write(&d, "sync");
+    ctl(&d, "sync").unwrap();
     let staged = s.staged("sales/dev");
     assert!(staged.contains(&"renamed.txt".to_string()) && !staged.contains(&"f0.txt".to_string()));
     assert_eq!(staged.len(), 51);
     // A commit through the control file includes every closed file.
     std::fs::write(d.join("last.txt"), "last\n").unwrap();
-    ctl_write(&d, "commit -m writeback");
+    ctl(&d, "commit -m writeback").unwrap();
     assert!(s.staged("sales/dev").is_empty());
     assert_eq!(s.ok(&["cat", "sales/dev/last.txt"]), "last\n");
     let out = s.path("big.out");
@@ -540,12 +540,4 @@ fn writeback_survives_kill_9_and_is_replayed_by_the_next_daemon() {
         std::fs::read_to_string(m.p("sales/dev/f299.txt")).unwrap(),
         "299\n"
     );
-}
-
-fn ctl_write(branch_dir: &Path, line: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(branch_dir.join(".tarn/ctl"))
-        .unwrap();
-    f.write_all(format!("{line}\n").as_bytes()).unwrap();
 }

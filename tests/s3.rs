@@ -165,19 +165,11 @@ fn s3_two_daemons_and_the_cli_share_one_lake() {
                     .unwrap();
             }
         }));
-        let ctl = m.p("shared/main/.tarn/ctl");
+        let branch = m.p("shared/main");
         threads.push(std::thread::spawn(move || {
             for i in 0..4 {
                 // ENODATA (nothing to commit) and EAGAIN are fine here.
-                let _ = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&ctl)
-                    .and_then(|mut f| {
-                        std::io::Write::write_all(
-                            &mut f,
-                            format!("commit -m ctl-{name}-{i}\n").as_bytes(),
-                        )
-                    });
+                let _ = ctl(&branch, &format!("commit -m ctl-{name}-{i}"));
             }
         }));
     }

@@ -302,3 +302,9 @@ pub fn s3_lake() -> Option<String> {
         }
     }
 }
+
+/// Write one command line to a mounted branch's `.tarn/ctl`; the write's
+/// result is the command's (an errno when it fails).
+pub fn ctl(branch_dir: &Path, line: &str) -> std::io::Result<()> {
+    std::fs::write(branch_dir.join(".tarn/ctl"), format!("{line}\n"))
+}
