@@ -77,6 +77,18 @@ pub fn store_content(
     reader: impl Read,
     what: &str,
 ) -> Result<(Stored, StoreStats)> {
+    store_content_seen(store, params, reader, what, |_| {})
+}
+
+/// `store_content`, telling `seen` each chunk's hash before it is put (a
+/// caller that deletes chunks concurrently counts it as needed there).
+pub fn store_content_seen(
+    store: &Store,
+    params: ChunkParams,
+    reader: impl Read,
+    what: &str,
+    mut seen: impl FnMut(&Hash),
+) -> Result<(Stored, StoreStats)> {
     let io = |e: std::io::Error| ChunkError::Io {
         what: what.to_string(),
         source: e,
@@ -100,6 +112,7 @@ pub fn store_content(
     for chunk in fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max) {
         let chunk = chunk.map_err(|e| io(e.into()))?;
         let hash = Hash::of(&chunk.data);
+        seen(&hash);
         refs.push(ChunkRef {
             hash,
             len: chunk.length as u32,

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::Stored;
 use crate::hash::Hash;
 use crate::repo::{Lake, RepoError, StageHint};
 use crate::store::Store;
@@ -49,8 +50,7 @@ enum Upload {
 
 #[derive(Default)]
 struct Pending {
-    /// Entries not yet uploaded, per (repo, branch).
-    per_branch: HashMap<(String, String), usize>,
+    /// Entries not yet uploaded.
     total: usize,
     last_error: Option<String>,
 }
@@ -98,7 +98,7 @@ impl Journal {
         for (seq, path) in j.entries()? {
             last = last.max(seq);
             if let Ok(e) = Self::read(&path) {
-                j.count(&e, 1);
+                j.count(1);
                 j.need(&chunks_of(&e.ops));
             }
         }
@@ -128,13 +128,8 @@ impl Journal {
         postcard::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    fn count(&self, e: &JournalEntry, delta: isize) {
+    fn count(&self, delta: isize) {
         let mut p = self.pending.lock();
-        let n = p
-            .per_branch
-            .entry((e.repo.clone(), e.branch.clone()))
-            .or_default();
-        *n = n.saturating_add_signed(delta);
         p.total = p.total.saturating_add_signed(delta);
         // Wakes both the uploader (work came) and committers (work went).
         self.drained.notify_all();
@@ -171,40 +166,21 @@ impl Journal {
         reader: impl std::io::Read,
         what: &str,
     ) -> Result<(Content, u64, Vec<Hash>), String> {
-        use std::io::Read;
-        let mut reader = reader;
-        let mut head = Vec::new();
-        (&mut reader)
-            .take(crate::chunk::INLINE_MAX + 1)
-            .read_to_end(&mut head)
-            .map_err(|e| format!("{what}: {e}"))?;
-        if head.len() as u64 <= crate::chunk::INLINE_MAX {
-            let n = head.len() as u64;
-            return Ok((Content::Inline(head), n, vec![]));
-        }
-        let source = std::io::Cursor::new(head).chain(reader);
-        let (mut refs, mut hashes, mut size) = (Vec::new(), Vec::new(), 0);
-        for chunk in fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max) {
-            let chunk = chunk.map_err(|e| format!("{what}: {e}"))?;
-            let hash = Hash::of(&chunk.data);
-            // Counted before it is written: a concurrent release of the same
-            // chunk cannot delete it under us.
-            self.need(&[hash]);
-            hashes.push(hash);
-            if let Err(e) = self
-                .objects
-                .put_content_many(vec![(hash.key("chunks"), bytes::Bytes::from(chunk.data))])
-            {
+        let mut hashes = Vec::new();
+        // Each chunk is counted before it is written: a concurrent release
+        // of the same chunk cannot delete it under us.
+        let stored = crate::chunk::store_content_seen(&self.objects, params, reader, what, |h| {
+            self.need(&[*h]);
+            hashes.push(*h);
+        });
+        match stored {
+            Ok((Stored::Inline(b), stats)) => Ok((Content::Inline(b), stats.bytes, hashes)),
+            Ok((Stored::Chunks(refs), stats)) => Ok((Content::Chunks(refs), stats.bytes, hashes)),
+            Err(e) => {
                 self.release(&hashes);
-                return Err(format!("{what}: {e}"));
+                Err(e.to_string())
             }
-            size += chunk.length as u64;
-            refs.push(crate::hash::ChunkRef {
-                hash,
-                len: chunk.length as u32,
-            });
         }
-        Ok((Content::Chunks(refs), size, hashes))
     }
 
     /// Make every appended entry and journaled chunk survive a machine
@@ -232,18 +208,8 @@ impl Journal {
         // a machine crash too is what `sync` (an fsync call) is for.
         std::fs::rename(&tmp, &path).map_err(io_err)?;
         *seq += 1;
-        self.count(entry, 1);
+        self.count(1);
         Ok(())
-    }
-
-    /// Entries not yet uploaded for a branch.
-    pub fn pending(&self, repo: &str, branch: &str) -> usize {
-        self.pending
-            .lock()
-            .per_branch
-            .get(&(repo.to_string(), branch.to_string()))
-            .copied()
-            .unwrap_or(0)
     }
 
     /// Wait until nothing is left to upload, or `limit` passes.
@@ -286,7 +252,7 @@ impl Journal {
                 // aside for a person, and let the rest go on.
                 Err(Upload::Gone(e)) => self.set_aside(&path, &e)?,
             }
-            self.count(&entry, -1);
+            self.count(-1);
             done += 1;
         }
         Ok(done)
