@@ -12,7 +12,7 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
-use super::{BranchRef, Commit, Lake, Result, StagingBatch, TagRef};
+use super::{Commit, Lake, Result, StagingBatch};
 use crate::hash::{ChunkRef, Hash};
 use crate::store::StoreError;
 use crate::tree::{Content, Entry, Node, Op};
@@ -299,24 +299,24 @@ impl Lake {
                 w.problem(format!("{repo}: repo.json: {e}"));
                 continue;
             }
+            // Refs through the readers every command uses: a ref that does
+            // not decode is reported, not fatal.
             let dir = Self::repo_key(&repo, "refs/branches");
             for name in self.store.list_files(&dir)? {
+                if super::check_name("branch", &name).is_err() {
+                    continue; // a ref update's temporary file, as list_branches
+                }
                 w.report.refs += 1;
-                let key = Self::repo_key(&repo, &format!("refs/branches/{name}"));
-                let parsed = self
-                    .store
-                    .get(&key)?
-                    .and_then(|b| serde_json::from_slice::<BranchRef>(&b).ok());
-                let Some(r) = parsed else {
-                    w.problem(format!("{repo}: branch {name}: ref cannot be decoded"));
-                    continue;
+                let r = match self.branch(&repo, &name) {
+                    Ok((r, _)) => r,
+                    Err(e) => {
+                        w.problem(format!("{repo}: branch {name}: {e}"));
+                        continue;
+                    }
                 };
-                match Hash::from_hex(&r.commit) {
-                    Some(h) => w.commit(&repo, h, &format!("branch {name}")),
-                    None => w.problem(format!(
-                        "{repo}: branch {name}: bad commit id {:?}",
-                        r.commit
-                    )),
+                match self.parse_id(&repo, &r.commit) {
+                    Ok(h) => w.commit(&repo, h, &format!("branch {name}")),
+                    Err(e) => w.problem(format!("{repo}: branch {name}: {e}")),
                 }
                 for t in std::iter::once(&r.staging).chain(r.sealed.iter()) {
                     w.batch(&repo, &name, t);
@@ -324,15 +324,14 @@ impl Lake {
             }
             let dir = Self::repo_key(&repo, "refs/tags");
             for name in self.store.list_files(&dir)? {
+                if super::check_name("tag", &name).is_err() {
+                    continue;
+                }
                 w.report.refs += 1;
-                let key = Self::repo_key(&repo, &format!("refs/tags/{name}"));
-                let parsed = self
-                    .store
-                    .get(&key)?
-                    .and_then(|b| serde_json::from_slice::<TagRef>(&b).ok());
-                match parsed.and_then(|t| Hash::from_hex(&t.commit)) {
-                    Some(h) => w.commit(&repo, h, &format!("tag {name}")),
-                    None => w.problem(format!("{repo}: tag {name}: ref cannot be decoded")),
+                match self.tag(&repo, &name) {
+                    Ok(Some(h)) => w.commit(&repo, h, &format!("tag {name}")),
+                    Ok(None) => {} // deleted meanwhile
+                    Err(e) => w.problem(format!("{repo}: tag {name}: {e}")),
                 }
             }
         }
