@@ -376,7 +376,7 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => exit::OK,
         Err(e) => {
-            let msg = one_line(&e);
+            let msg = crate::hooks::error_chain(e.as_ref());
             if let Some(r) = e.downcast_ref::<Reported>() {
                 eprintln!("tarn: error: {msg}");
                 return r.code;
@@ -400,19 +400,6 @@ pub fn main() -> i32 {
             code
         }
     }
-}
-
-/// An error and its causes on one line, each cause once: store errors
-/// often repeat their source's text in their own.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let text = cause.to_string().replace('\n', " ");
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
 }
 
 /// A failure whose details the command already printed (with `--json`,

@@ -769,9 +769,10 @@ fn post_json(
     })
 }
 
-/// An error and its causes on one line ("error sending request: ...:
-/// Connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line, each cause once (store and HTTP
+/// errors often repeat their source's text in their own): "error sending
+/// request: ...: Connection refused". The CLI prints its errors with it.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(c) = cur {
