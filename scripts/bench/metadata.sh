@@ -29,18 +29,6 @@ d = time.perf_counter() - t
 print(d if r.returncode == 0 else "nan")' "$@"
 }
 
-make_tree() { # DIR N: N tiny files in directories of 1000
-  python3 - "$1" "$2" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = f"{root}/d{i // 1000:04d}"
-    if i % 1000 == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(f"{d}/f{i % 1000:04d}.txt", "w") as f:
-        f.write(f"{i}\n")
-PY
-}
 
 make_changes() { # DIR N K SEED: K changed files spread over the N-file layout
   python3 - "$1" "$2" "$3" "$4" <<'PY'

@@ -93,16 +93,7 @@ echo "20k x 16 KiB: tarn ${small_t[*]} s; local ${small_b[*]} s" >&2
 
 echo "== RSS with $FILES files" >&2
 MANY=$WORK/many
-python3 - "$MANY" "$FILES" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = f"{root}/d{i // 1000:04d}"
-    if i % 1000 == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(f"{d}/f{i % 1000:04d}", "w") as f:
-        f.write(f"{i}\n")
-PY
+make_tree "$MANY" "$FILES"
 "$T" repo create many >/dev/null
 "$T" put "$MANY" many/main/data >/dev/null
 "$T" commit many/main -m many >/dev/null
