@@ -4,6 +4,7 @@
 //!
 //! Depends on `repo` and `chunk`-level content; must not depend on `cli`.
 
+pub mod assembly;
 pub mod cache;
 pub mod control;
 pub mod fs;

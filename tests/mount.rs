@@ -11,7 +11,7 @@ use std::time::Duration;
 fn setup() -> (Scratch, Vec<u8>, String) {
     let s = Scratch::new();
     s.ok(&["repo", "create", "sales"]);
-    let big = pseudo_random(3_000_000, 11);
+    let big = pseudo_random(9_000_000, 11);
     let f = s.write("big.bin", &big);
     s.ok(&["put", f.to_str().unwrap(), "sales/main/data/big.bin"]);
     let h = s.write("h.txt", b"hello\n");
@@ -59,8 +59,8 @@ fn whole_lake_mount_reads_repos_branches_and_refs() {
     );
     assert_eq!(std::fs::read(m.p("sales/main/data/big.bin")).unwrap(), big);
     let meta = std::fs::metadata(m.p("sales/main/data/big.bin")).unwrap();
-    assert_eq!(meta.len(), 3_000_000);
-    assert_eq!(meta.blocks(), 3_000_000u64.div_ceil(512));
+    assert_eq!(meta.len(), 9_000_000);
+    assert_eq!(meta.blocks(), 9_000_000u64.div_ceil(512));
     assert_eq!(meta.nlink(), 1);
     assert!(std::fs::metadata(m.p("sales/main/data")).unwrap().is_dir());
     assert_eq!(
@@ -178,7 +178,20 @@ fn chunk_cache_survives_remount_and_corruption_is_eio() {
     {
         let m = Mount::new(&s, "c", &["--ref", "sales/v1"]);
         assert_eq!(std::fs::read(m.p("data/big.bin")).unwrap(), big);
+        // Read from its start, the multi-chunk file is copied whole into
+        // the cache (kept once its last chunk is in).
+        wait_until("a whole-file copy", Duration::from_secs(10), || {
+            std::fs::read_dir(s.path("c-cache/files"))
+                .unwrap()
+                .any(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp"))
+        });
     }
+    let whole: Vec<_> = std::fs::read_dir(s.path("c-cache/files"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(whole.len(), 1, "{whole:?}");
+    assert_eq!(std::fs::read(&whole[0]).unwrap(), big);
     // Corrupt every chunk in the store: the warm cache still serves verified bytes.
     let lake = s.path("lake/chunks");
     let mut chunk_files = Vec::new();
@@ -199,6 +212,17 @@ fn chunk_cache_survives_remount_and_corruption_is_eio() {
             "served from the chunk cache"
         );
     }
+    // A corrupt whole-file copy is never served: it is checked against the
+    // file's chunks when a new daemon first uses it, then dropped.
+    let mut bad = big.clone();
+    bad[7_500_000] ^= 1;
+    std::fs::write(&whole[0], &bad).unwrap();
+    {
+        let m = Mount::new(&s, "c", &["--ref", "sales/v1"]);
+        let err = std::fs::read(m.p("data/big.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    }
+    assert!(!whole[0].exists(), "the corrupt copy was dropped");
     // A cold cache over corrupt chunks: EIO, never wrong bytes.
     let m = Mount::new(&s, "cold", &["--ref", "sales/v1"]);
     let err = std::fs::read(m.p("data/big.bin")).unwrap_err();

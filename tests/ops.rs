@@ -250,11 +250,11 @@ fn fsck_repairs_a_chunk_cache() {
     let good = b"good bytes";
     let good_hash = blake3::hash(good).to_hex().to_string();
     let bad_hash = blake3::hash(b"what it should be").to_hex().to_string();
-    for (name, bytes) in [(&good_hash, &good[..]), (&bad_hash, &b"flipped"[..])] {
-        let p = cache.join(&name[..2]).join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, bytes).unwrap();
-    }
+    // The good chunk in a shard directory, as older caches kept them.
+    let old = cache.join(&good_hash[..2]).join(&good_hash);
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::write(&old, good).unwrap();
+    std::fs::write(cache.join(&bad_hash), b"flipped").unwrap();
     let v = s.json(&["fsck", "--repair-cache", s.path("cache").to_str().unwrap()]);
     assert_eq!(
         (
@@ -263,6 +263,7 @@ fn fsck_repairs_a_chunk_cache() {
         ),
         (Some(2), Some(1))
     );
-    assert!(cache.join(&good_hash[..2]).join(&good_hash).exists());
-    assert!(!cache.join(&bad_hash[..2]).join(&bad_hash).exists());
+    assert!(cache.join(&good_hash).exists(), "kept, moved up");
+    assert!(!old.exists());
+    assert!(!cache.join(&bad_hash).exists());
 }

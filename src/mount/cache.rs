@@ -1,8 +1,10 @@
 //! The local chunk cache: a size-capped LRU of verified chunks on disk
 //! (kept across remounts) in front of the store, a small in-memory LRU in
 //! front of that, single-flight fetches, and a pool of read-ahead workers.
+//! The same LRU holds whole-file copies of files read from their start
+//! (see `assembly`), which the kernel can read directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::num::NonZeroUsize;
@@ -14,7 +16,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use crate::hash::Hash;
+use super::assembly::{self, Assembly};
+use crate::hash::{ChunkRef, Hash};
 use crate::store::source::SourceError;
 use crate::store::{Store, StoreError};
 use crate::tree::External;
@@ -28,13 +31,26 @@ const PREFETCH_WORKERS: usize = 8;
 
 type Slot = Arc<(Mutex<Option<Result<Bytes, String>>>, Condvar)>;
 
+/// One file of the disk cache: a chunk, or a whole file's bytes.
+#[derive(Clone, Copy)]
+struct Cached {
+    len: u64,
+    whole: bool,
+}
+
 pub struct ChunkCache {
     store: Store,
     dir: PathBuf,
+    /// Whole-file copies, `files/<id>`.
+    files: PathBuf,
     capacity: u64,
     used: AtomicU64,
-    /// Chunks on disk, least recently used first out, with their sizes.
-    disk: Mutex<lru::LruCache<Hash, u64>>,
+    /// Chunks and whole files on disk, least recently used first out.
+    disk: Mutex<lru::LruCache<Hash, Cached>>,
+    /// Disk entries this daemon wrote or checked: not hashed again on use.
+    verified: Mutex<HashSet<Hash>>,
+    /// Whole-file copies being written, by file id.
+    assembling: Mutex<HashMap<Hash, Arc<Assembly>>>,
     memory: Mutex<lru::LruCache<Hash, Bytes>>,
     inflight: Mutex<HashMap<Hash, Slot>>,
     prefetch: Mutex<Option<mpsc::Sender<Hash>>>,
@@ -42,49 +58,62 @@ pub struct ChunkCache {
     journal: Mutex<Option<Store>>,
 }
 
-/// Every file in the cache's shard directories (`chunks/<2 hex>/<name>`).
+/// Every file in the cache's chunk directory. It is flat, so chunks cached
+/// one after another sit together on disk, as the files of a local tree do
+/// (caches from before kept them in `<2 hex>/` shards: moved up here).
 fn cached_files(chunks: &Path) -> std::io::Result<Vec<fs::DirEntry>> {
-    let mut out = Vec::new();
     for shard in fs::read_dir(chunks)? {
         let shard = shard?;
         if shard.file_type()?.is_dir() {
             for f in fs::read_dir(shard.path())? {
-                out.push(f?);
+                let f = f?;
+                fs::rename(f.path(), chunks.join(f.file_name()))?;
             }
+            fs::remove_dir(shard.path())?;
         }
     }
-    Ok(out)
+    fs::read_dir(chunks)?.collect()
 }
 
 impl ChunkCache {
     /// Open (or create) a cache directory, indexing the chunks already there.
     pub fn open(store: Store, dir: &Path, capacity: u64) -> std::io::Result<Arc<ChunkCache>> {
         let chunks = dir.join("chunks");
+        let files = dir.join("files");
         fs::create_dir_all(&chunks)?;
+        fs::create_dir_all(&files)?;
         let mut found = Vec::new();
-        for f in cached_files(&chunks)? {
+        let whole = fs::read_dir(&files)?.collect::<std::io::Result<Vec<_>>>()?;
+        for (f, is_whole) in cached_files(&chunks)?
+            .into_iter()
+            .map(|f| (f, false))
+            .chain(whole.into_iter().map(|f| (f, true)))
+        {
             let name = f.file_name();
             let Some(hash) = name.to_str().and_then(Hash::from_hex) else {
                 let _ = fs::remove_file(f.path()); // a temp file from a crash
                 continue;
             };
             let meta = f.metadata()?;
-            found.push((meta.modified().ok(), hash, meta.len()));
+            found.push((meta.modified().ok(), hash, meta.len(), is_whole));
         }
         // Oldest first, so the most recently used end up most recent.
-        found.sort_by_key(|(t, _, _)| *t);
+        found.sort_by_key(|(t, ..)| *t);
         let mut disk = lru::LruCache::unbounded();
         let mut used = 0;
-        for (_, h, len) in found {
-            disk.put(h, len);
+        for (_, h, len, whole) in found {
+            disk.put(h, Cached { len, whole });
             used += len;
         }
         let cache = Arc::new(ChunkCache {
             store,
             dir: chunks,
+            files,
             capacity,
             used: AtomicU64::new(used),
             disk: Mutex::new(disk),
+            verified: Mutex::new(HashSet::new()),
+            assembling: Mutex::new(HashMap::new()),
             memory: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(MEMORY_CHUNKS).expect("non-zero"),
             )),
@@ -114,8 +143,19 @@ impl ChunkCache {
     }
 
     fn path(&self, h: &Hash) -> PathBuf {
-        let hex = h.to_hex();
-        self.dir.join(&hex[..2]).join(hex)
+        self.dir.join(h.to_hex())
+    }
+
+    fn whole_path(&self, id: &Hash) -> PathBuf {
+        self.files.join(id.to_hex())
+    }
+
+    fn path_of(&self, h: &Hash, whole: bool) -> PathBuf {
+        if whole {
+            self.whole_path(h)
+        } else {
+            self.path(h)
+        }
     }
 
     /// Also read chunks from this store (the write-back journal's) when the
@@ -169,32 +209,11 @@ impl ChunkCache {
     }
 
     fn fetch(&self, h: &Hash) -> Result<Bytes, StoreError> {
-        let key = h.key("chunks");
-        let path = self.path(h);
-        if self.disk.lock().get(h).is_some() {
-            match fs::read(&path) {
-                Ok(b) => match crate::store::verify(&key, h, Bytes::from(b)) {
-                    Ok(b) => {
-                        self.memory.lock().put(*h, b.clone());
-                        return Ok(b);
-                    }
-                    Err(_) => {
-                        tracing::warn!(chunk = %h, "cached chunk is corrupt; fetching it again")
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(chunk = %h, %e, "cached chunk unreadable; fetching it again")
-                }
-            }
-            self.forget(h);
+        if let Some(b) = self.read_disk(h) {
+            self.memory.lock().put(*h, b.clone());
+            return Ok(b);
         }
-        let bytes = match self.store.get_verified(&key, h) {
-            Err(StoreError::Missing(_)) if self.journal.lock().is_some() => {
-                let journal = self.journal.lock().clone().expect("checked");
-                journal.get_verified(&key, h)?
-            }
-            r => r?,
-        };
+        let bytes = self.read_store(h)?;
         self.memory.lock().put(*h, bytes.clone());
         if let Err(e) = self.write_disk(h, &bytes) {
             tracing::warn!(chunk = %h, %e, "cannot write the chunk cache");
@@ -202,34 +221,81 @@ impl ChunkCache {
         Ok(bytes)
     }
 
+    /// A chunk from the disk cache, verified; a bad copy is dropped.
+    fn read_disk(&self, h: &Hash) -> Option<Bytes> {
+        self.disk.lock().get(h)?;
+        let key = h.key("chunks");
+        match fs::read(self.path(h)) {
+            Ok(b) => match crate::store::verify(&key, h, Bytes::from(b)) {
+                Ok(b) => return Some(b),
+                Err(_) => tracing::warn!(chunk = %h, "cached chunk is corrupt; fetching it again"),
+            },
+            Err(e) => tracing::warn!(chunk = %h, %e, "cached chunk unreadable; fetching it again"),
+        }
+        self.forget(h);
+        None
+    }
+
+    /// A chunk from the lake, or from the write-back journal's store.
+    fn read_store(&self, h: &Hash) -> Result<Bytes, StoreError> {
+        let key = h.key("chunks");
+        match self.store.get_verified(&key, h) {
+            Err(StoreError::Missing(_)) if self.journal.lock().is_some() => {
+                let journal = self.journal.lock().clone().expect("checked");
+                journal.get_verified(&key, h)
+            }
+            r => r,
+        }
+    }
+
+    /// A chunk's verified bytes for copying elsewhere: from memory, the disk
+    /// cache or the store, without keeping a new copy in either cache.
+    pub(super) fn get_passing(&self, h: &Hash) -> Result<Bytes, StoreError> {
+        if let Some(b) = self.memory.lock().get(h) {
+            return Ok(b.clone());
+        }
+        match self.read_disk(h) {
+            Some(b) => Ok(b),
+            None => self.read_store(h),
+        }
+    }
+
     fn write_disk(&self, h: &Hash, bytes: &[u8]) -> std::io::Result<()> {
         let path = self.path(h);
-        fs::create_dir_all(path.parent().expect("sharded"))?;
         let tmp = path.with_extension(format!("tmp{}", ulid::Ulid::new()));
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         fs::rename(&tmp, &path)?;
-        if self.disk.lock().put(*h, bytes.len() as u64).is_none() {
-            self.used.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        }
-        self.evict();
+        self.admit(*h, bytes.len() as u64, false);
         Ok(())
     }
 
-    fn forget(&self, h: &Hash) {
-        if let Some(len) = self.disk.lock().pop(h) {
-            self.used.fetch_sub(len, Ordering::Relaxed);
+    /// Count a new disk file (checked by this daemon) and evict to capacity.
+    fn admit(&self, h: Hash, len: u64, whole: bool) {
+        if self.disk.lock().put(h, Cached { len, whole }).is_none() {
+            self.used.fetch_add(len, Ordering::Relaxed);
         }
-        let _ = fs::remove_file(self.path(h));
+        self.verified.lock().insert(h);
+        self.evict();
+    }
+
+    fn forget(&self, h: &Hash) {
+        if let Some(c) = self.disk.lock().pop(h) {
+            self.used.fetch_sub(c.len, Ordering::Relaxed);
+            let _ = fs::remove_file(self.path_of(h, c.whole));
+        }
+        self.verified.lock().remove(h);
     }
 
     fn evict(&self) {
         while self.used.load(Ordering::Relaxed) > self.capacity {
-            let Some((h, len)) = self.disk.lock().pop_lru() else {
+            let Some((h, c)) = self.disk.lock().pop_lru() else {
                 return;
             };
-            self.used.fetch_sub(len, Ordering::Relaxed);
-            let _ = fs::remove_file(self.path(&h));
+            self.used.fetch_sub(c.len, Ordering::Relaxed);
+            self.verified.lock().remove(&h);
+            // Readers holding the file open keep reading it.
+            let _ = fs::remove_file(self.path_of(&h, c.whole));
         }
     }
 
@@ -241,16 +307,78 @@ impl ChunkCache {
             self.get(h)?;
         }
         let path = self.path(h);
-        let Ok(bytes) = fs::read(&path) else {
-            return Ok(None);
-        };
-        if &Hash::of(&bytes) != h {
-            tracing::warn!(chunk = %h, "cached chunk is corrupt; dropping it");
-            self.forget(h);
-            return Ok(None);
+        if !self.verified.lock().contains(h) {
+            let Ok(bytes) = fs::read(&path) else {
+                return Ok(None);
+            };
+            if &Hash::of(&bytes) != h {
+                tracing::warn!(chunk = %h, "cached chunk is corrupt; dropping it");
+                self.forget(h);
+                return Ok(None);
+            }
+            self.verified.lock().insert(*h);
         }
         self.disk.lock().promote(h);
         Ok(fs::File::open(&path).ok())
+    }
+
+    /// The whole-file copy of a file made of `chunks`, verified, if the
+    /// cache has one: the kernel can read it directly (passthrough), and
+    /// the daemon serves reads from it without looking at chunks.
+    pub fn whole_file(&self, chunks: &[ChunkRef]) -> Option<fs::File> {
+        let id = assembly::file_id(chunks);
+        if !self.disk.lock().get(&id).is_some_and(|c| c.whole) {
+            return None;
+        }
+        let file = fs::File::open(self.whole_path(&id)).ok();
+        let checked = self.verified.lock().contains(&id);
+        let file = match file {
+            Some(f) if checked || assembly::verify(&f, chunks) => f,
+            _ => {
+                tracing::warn!(file = %id, "cached whole file is corrupt; dropping it");
+                self.forget(&id);
+                return None;
+            }
+        };
+        self.verified.lock().insert(id);
+        Some(file)
+    }
+
+    /// The assembly of a whole-file copy of `chunks` in progress, or (with
+    /// `start`) a new one, if the copy would fit in the cache comfortably.
+    pub fn assembly(self: &Arc<Self>, chunks: &[ChunkRef], start: bool) -> Option<Arc<Assembly>> {
+        let id = assembly::file_id(chunks);
+        let mut running = self.assembling.lock();
+        if let Some(a) = running.get(&id) {
+            return Some(a.clone());
+        }
+        let size: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        if !start || size > self.capacity / 4 || self.disk.lock().contains(&id) {
+            return None;
+        }
+        let tmp = self
+            .files
+            .join(format!("{}.tmp{}", id.to_hex(), ulid::Ulid::new()));
+        match Assembly::start(self.clone(), id, chunks.to_vec(), &tmp) {
+            Ok(a) => {
+                running.insert(id, a.clone());
+                Some(a)
+            }
+            Err(e) => {
+                tracing::warn!(%e, "cannot start a whole-file copy");
+                None
+            }
+        }
+    }
+
+    /// An assembly ended: keep its file (complete) or drop it (failed).
+    pub(super) fn assembled(&self, id: Hash, tmp: &Path, size: u64, complete: bool) {
+        self.assembling.lock().remove(&id);
+        if complete && fs::rename(tmp, self.whole_path(&id)).is_ok() {
+            self.admit(id, size, true);
+        } else {
+            let _ = fs::remove_file(tmp);
+        }
     }
 
     /// Piece `index` (of `EXTERNAL_PIECE` bytes) of an imported object, read
@@ -319,6 +447,9 @@ impl ChunkCache {
     /// ones that do not verify: chunks must hash to their name, pieces of
     /// imported objects to the blake3 they carry. Returns (checked, removed).
     pub fn repair(dir: &Path) -> std::io::Result<(u64, u64)> {
+        // Whole-file copies are checked against their file's chunk list
+        // when first used; without it they cannot be checked here.
+        let _ = fs::remove_dir_all(dir.join("files"));
         let chunks = dir.join("chunks");
         let (mut checked, mut removed) = (0, 0);
         if !chunks.is_dir() {

@@ -145,6 +145,11 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READAHEAD);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // Directory listings carry each entry's attributes, so walking a
+        // tree (find, ls -l, tar, cp -r) needs no LOOKUP per entry. Always,
+        // not the kernel's "auto" mode: a walker reads whole directories
+        // before it opens anything in them.
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         // Passthrough lets the kernel read verified cache files directly.
         let passthrough = std::env::var_os("TARN_NO_PASSTHROUGH").is_none()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -183,13 +188,18 @@ impl Filesystem for FuseAdapter {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         match self.fs.open_with_backing(ino.0, write, truncate) {
             Ok((fh, cache, backing)) => {
+                // Snapshot handles are read-only: closing one needs no FLUSH.
                 let flags = match cache {
-                    PageCache::Keep => FopenFlags::FOPEN_KEEP_CACHE,
+                    PageCache::Keep => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
                     PageCache::Bypass => FopenFlags::FOPEN_DIRECT_IO,
                 };
                 if let (Some(file), true) = (backing, self.passthrough.load(Ordering::Relaxed)) {
                     if let Some(id) = self.backing_id(ino.0, fh, file, &reply) {
-                        return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                        return reply.opened_passthrough(
+                            FileHandle(fh),
+                            FopenFlags::FOPEN_NOFLUSH,
+                            &id,
+                        );
                     }
                 }
                 reply.opened(FileHandle(fh), flags)
@@ -341,6 +351,61 @@ impl Filesystem for FuseAdapter {
             .fs
             .readdir(fh.0, (off - 2) as usize, |ino, next, kind, name| {
                 reply.add(INodeNo(ino), next as u64 + 2, file_type(kind), name)
+            });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        // Offsets as in `readdir`. The kernel links no entry for "." and
+        // "..", so their attributes are only placeholders.
+        let dot = |ino: u64| {
+            file_attr(&Attr {
+                ino,
+                kind: Kind::Dir,
+                size: 0,
+                perm: 0o755,
+                nlink: 2,
+                mtime: std::time::UNIX_EPOCH,
+                uid: 0,
+                gid: 0,
+                ttl: std::time::Duration::ZERO,
+            })
+        };
+        let mut off = offset;
+        let zero = std::time::Duration::ZERO;
+        if off == 0 {
+            if reply.add(ino, 1, ".", &zero, &dot(ino.0), Generation(0)) {
+                return reply.ok();
+            }
+            off = 1;
+        }
+        if off == 1 {
+            if reply.add(INodeNo(1), 2, "..", &zero, &dot(1), Generation(0)) {
+                return reply.ok();
+            }
+            off = 2;
+        }
+        let res = self
+            .fs
+            .readdirplus(fh.0, (off - 2) as usize, |next, name, a| {
+                reply.add(
+                    INodeNo(a.ino),
+                    next as u64 + 2,
+                    name,
+                    &a.ttl,
+                    &file_attr(a),
+                    Generation(0),
+                )
             });
         match res {
             Ok(()) => reply.ok(),
