@@ -210,6 +210,37 @@ fn posix_operations_and_their_errors() {
 }
 
 #[test]
+fn mode_and_times_set_on_an_open_file_are_staged_at_its_close() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    {
+        let m = Mount::new(&s, "mnt", &[]);
+        let path = m.p("sales/dev/tarred.txt");
+        let f = std::fs::File::create(&path).unwrap();
+        (&f).write_all(b"from an archive\n").unwrap();
+        // As tar does: fchmod and futimens before close.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        f.set_modified(when).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "seen at once");
+        drop(f);
+    }
+    s.ok(&["commit", "sales/dev", "-m", "untar"]);
+    let m = Mount::new(&s, "again", &[]);
+    let meta = std::fs::metadata(m.p("sales/dev/tarred.txt")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.modified().unwrap(), when);
+    assert_eq!(
+        std::fs::read_to_string(m.p("sales/dev/tarred.txt")).unwrap(),
+        "from an archive\n"
+    );
+}
+
+#[test]
 fn closed_files_survive_kill_9() {
     if !fuse_available() {
         return;

@@ -1274,7 +1274,7 @@ impl LakeFs {
             path.to_string(),
             file.mode,
             file.mtime,
-            |spool| {
+            |put| {
                 let mut at = 0;
                 while at < snapshot.file.size {
                     let part =
@@ -1282,10 +1282,9 @@ impl LakeFs {
                     if part.is_empty() {
                         break;
                     }
-                    spool.write_all_at(&part, at)?;
+                    put(at, &part)?;
                     at += part.len() as u64;
                 }
-                spool.set_len(snapshot.file.size)?;
                 Ok(snapshot.file.size)
             },
             false,
@@ -1830,8 +1829,12 @@ impl LakeFs {
                 m.dirty = true;
             }
             drop(m);
-            if fh.is_none() {
-                // chmod/truncate by path: durable now, not at someone's close.
+            // fchmod/futimens/truncate come without a handle (the kernel
+            // names one only for ftruncate): while the file is open for
+            // writing, the change is staged with its content at the close,
+            // as writes are, rather than each on its own (tar sets mode and
+            // times on every file before closing it).
+            if wf.opens.load(Ordering::Acquire) == 0 {
                 self.commit_write(ino, &wf)?;
             }
             return self.getattr(ino);

@@ -7,19 +7,31 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::tree::Op;
 
-/// A file open for writing: its bytes live in a spool file until a close
-/// or fsync chunks them into the store and stages a `Put`.
+/// Files stay in memory up to this size while written: most files a tool
+/// like tar or cp writes never need a spool file created and removed.
+const MEMORY_SPOOL: u64 = 1 << 20;
+
+/// A file open for writing: its bytes live in a spool (memory, then a file
+/// once it grows) until a close or fsync chunks them into the store and
+/// stages a `Put`.
 pub struct WriteFile {
     /// Where the file is in its view (renames while open move it).
     pub path: Mutex<String>,
-    spool: fs::File,
-    spool_path: PathBuf,
+    dir: PathBuf,
+    spool: RwLock<Spool>,
+    spool_path: Mutex<Option<PathBuf>>,
     pub meta: Mutex<WriteMeta>,
     pub opens: AtomicUsize,
+}
+
+enum Spool {
+    /// The bytes themselves; always exactly the file's size.
+    Memory(Vec<u8>),
+    Disk(fs::File),
 }
 
 #[derive(Debug, Clone)]
@@ -34,40 +46,94 @@ pub struct WriteMeta {
 }
 
 impl WriteFile {
-    /// A spool under `dir`, filled from `initial` (the current content).
+    /// A spool (in memory, spilling to a file under `dir`), filled by
+    /// `initial` (given a function writing bytes at an offset) with the
+    /// current content; `initial` returns the size.
     pub fn new(
         dir: &std::path::Path,
         path: String,
         mode: u32,
         mtime: i64,
-        initial: impl FnOnce(&mut fs::File) -> std::io::Result<u64>,
+        initial: impl FnOnce(&dyn Fn(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<u64>,
         dirty: bool,
     ) -> std::io::Result<WriteFile> {
-        fs::create_dir_all(dir)?;
-        let spool_path = dir.join(format!("spool-{}", ulid::Ulid::new()));
-        let mut spool = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&spool_path)?;
-        let size = initial(&mut spool)?;
-        Ok(WriteFile {
+        let wf = WriteFile {
             path: Mutex::new(path),
-            spool,
-            spool_path,
+            dir: dir.to_path_buf(),
+            spool: RwLock::new(Spool::Memory(Vec::new())),
+            spool_path: Mutex::new(None),
             meta: Mutex::new(WriteMeta {
-                size,
+                size: 0,
                 mode,
                 mtime,
                 dirty,
                 unlinked: false,
             }),
             opens: AtomicUsize::new(0),
-        })
+        };
+        let size = initial(&|at, data| wf.put(at, data))?;
+        wf.resize(size)?;
+        wf.meta.lock().size = size;
+        Ok(wf)
+    }
+
+    /// Move an in-memory spool to a file (it grew past `MEMORY_SPOOL`).
+    fn spill(&self, spool: &mut Spool) -> std::io::Result<()> {
+        let Spool::Memory(bytes) = spool else {
+            return Ok(());
+        };
+        fs::create_dir_all(&self.dir)?;
+        let path = self.dir.join(format!("spool-{}", ulid::Ulid::new()));
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        *self.spool_path.lock() = Some(path);
+        f.write_all_at(bytes, 0)?;
+        *spool = Spool::Disk(f);
+        Ok(())
+    }
+
+    /// Write bytes into the spool (no metadata change).
+    fn put(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let end = offset + data.len() as u64;
+        if let Spool::Disk(f) = &*self.spool.read() {
+            return f.write_all_at(data, offset);
+        }
+        let mut spool = self.spool.write();
+        if end > MEMORY_SPOOL {
+            self.spill(&mut spool)?;
+        }
+        match &mut *spool {
+            Spool::Disk(f) => f.write_all_at(data, offset),
+            Spool::Memory(v) => {
+                if v.len() < end as usize {
+                    v.resize(end as usize, 0);
+                }
+                v[offset as usize..end as usize].copy_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Set the spool's length (no metadata change).
+    fn resize(&self, size: u64) -> std::io::Result<()> {
+        let mut spool = self.spool.write();
+        if size > MEMORY_SPOOL {
+            self.spill(&mut spool)?;
+        }
+        match &mut *spool {
+            Spool::Disk(f) => f.set_len(size),
+            Spool::Memory(v) => {
+                v.resize(size as usize, 0);
+                Ok(())
+            }
+        }
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.spool.write_all_at(data, offset)?;
+        self.put(offset, data)?;
         let mut m = self.meta.lock();
         m.size = m.size.max(offset + data.len() as u64);
         m.mtime = now_ns();
@@ -82,19 +148,29 @@ impl WriteFile {
             return Ok(Vec::new());
         }
         let mut buf = vec![0; (end - offset) as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self.spool.read_at(&mut buf[done..], offset + done as u64)?;
-            if n == 0 {
-                break; // a hole at the end: zeros, like the file size says
+        match &*self.spool.read() {
+            Spool::Memory(v) => {
+                // A write may be extending the file right now: bytes it has
+                // not copied yet read as zeros, as a hole would.
+                let have = (v.len() as u64).clamp(offset, end);
+                buf[..(have - offset) as usize].copy_from_slice(&v[offset as usize..have as usize]);
             }
-            done += n;
+            Spool::Disk(f) => {
+                let mut done = 0;
+                while done < buf.len() {
+                    let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+                    if n == 0 {
+                        break; // a hole at the end: zeros, like the file size says
+                    }
+                    done += n;
+                }
+            }
         }
         Ok(buf)
     }
 
     pub fn truncate(&self, size: u64) -> std::io::Result<()> {
-        self.spool.set_len(size)?;
+        self.resize(size)?;
         let mut m = self.meta.lock();
         m.size = size;
         m.mtime = now_ns();
@@ -103,16 +179,29 @@ impl WriteFile {
     }
 
     /// A reader over the spool's current bytes.
-    pub fn reader(&self) -> std::io::Result<impl std::io::Read> {
+    pub fn reader(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
         let size = self.meta.lock().size;
-        let f = self.spool.try_clone()?;
-        Ok(SpoolReader { f, at: 0, size })
+        Ok(match &*self.spool.read() {
+            Spool::Memory(v) => {
+                let n = (size as usize).min(v.len());
+                let mut bytes = v[..n].to_vec();
+                bytes.resize(size as usize, 0);
+                Box::new(std::io::Cursor::new(bytes))
+            }
+            Spool::Disk(f) => Box::new(SpoolReader {
+                f: f.try_clone()?,
+                at: 0,
+                size,
+            }),
+        })
     }
 }
 
 impl Drop for WriteFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.spool_path);
+        if let Some(path) = self.spool_path.lock().take() {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
@@ -246,8 +335,8 @@ mod tests {
             "f".into(),
             0o644,
             0,
-            |f| {
-                f.write_all_at(b"0123456789", 0)?;
+            |put| {
+                put(0, b"0123456789")?;
                 Ok(10)
             },
             false,
@@ -266,6 +355,19 @@ mod tests {
         std::io::Read::read_to_end(&mut wf.reader().unwrap(), &mut all).unwrap();
         assert_eq!(all, b"01\0\0\0");
         assert!(wf.meta.lock().dirty);
+        let spools = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(spools(), 0, "small files stay in memory");
+        // Growing past the memory spool moves it to a file, bytes and all.
+        wf.write(MEMORY_SPOOL + 10, b"far").unwrap();
+        assert_eq!(spools(), 1);
+        assert_eq!(wf.read(0, 6).unwrap(), b"01\0\0\0\0");
+        assert_eq!(wf.read(MEMORY_SPOOL + 9, 10).unwrap(), b"\0far");
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut wf.reader().unwrap(), &mut all).unwrap();
+        assert_eq!(all.len() as u64, MEMORY_SPOOL + 13);
+        assert_eq!(&all[..2], b"01");
+        drop(wf);
+        assert_eq!(spools(), 0, "the spool file goes with the write file");
     }
 
     #[test]
