@@ -67,8 +67,9 @@ pub struct External {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Content {
-    /// Small files live in the directory node itself.
-    Inline(Vec<u8>),
+    /// Small files live in the directory node itself. Encoded as bytes, not
+    /// a sequence of u8 (the same bytes in postcard, written in one copy).
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Chunks in file order.
     Chunks(Vec<ChunkRef>),
     /// A long chunk list, moved to its own node.
@@ -1124,6 +1125,20 @@ mod tests {
         // A fresh build of the same entries has the same root hash.
         let fresh = t.build_dir(model.clone().into_iter().collect()).unwrap();
         assert_eq!(&fresh, dir, "history independence");
+    }
+
+    #[test]
+    fn inline_content_encodes_as_a_length_and_the_bytes() {
+        // Stored nodes depend on it: the same bytes as postcard's encoding
+        // of a Vec<u8> as a sequence, which older nodes were written with.
+        let inline = Content::Inline(vec![7, 8, 9]);
+        let bytes = postcard::to_allocvec(&inline).unwrap();
+        assert_eq!(bytes, [0, 3, 7, 8, 9]);
+        let as_seq = postcard::to_allocvec(&(0u8, vec![7u8, 8, 9])).unwrap();
+        assert_eq!(bytes, as_seq);
+        assert_eq!(postcard::from_bytes::<Content>(&bytes).unwrap(), inline);
+        let json = serde_json::to_string(&inline).unwrap();
+        assert_eq!(json, r#"{"Inline":[7,8,9]}"#);
     }
 
     #[test]
