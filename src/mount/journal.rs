@@ -30,6 +30,13 @@ use crate::tree::{Content, Entry, Op};
 /// How long the uploader waits before trying a failed upload again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Most entries staged together as one batch (see `upload_all`).
+const GROUP_ENTRIES: usize = 4096;
+
+/// The uploader lets closes gather this long before staging them, so a
+/// burst of closes (an untar) goes out as a few batches, not one each.
+const GATHER: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JournalEntry {
     pub repo: String,
@@ -61,6 +68,8 @@ pub struct Journal {
     objects: Store,
     /// The last entry's sequence number; held while appending.
     append: Mutex<u64>,
+    /// Entries from this one on were appended by this daemon.
+    fresh_from: u64,
     /// Entries (written or being written) that need each journaled chunk.
     needed: Mutex<HashMap<Hash, usize>>,
     pending: Mutex<Pending>,
@@ -86,9 +95,10 @@ impl Journal {
         std::fs::create_dir_all(dir.join("objects"))?;
         let objects = Store::open(&format!("file://{}", dir.join("objects").display()))
             .map_err(std::io::Error::other)?;
-        let j = Journal {
+        let mut j = Journal {
             objects,
             append: Mutex::new(0),
+            fresh_from: 0,
             needed: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
@@ -103,6 +113,7 @@ impl Journal {
             }
         }
         *j.append.lock() = last;
+        j.fresh_from = last + 1;
         Ok(Arc::new(j))
     }
 
@@ -230,32 +241,81 @@ impl Journal {
 
     /// Upload and stage every entry there is now, oldest first; stops at
     /// the first failure (to keep order) and says why.
+    ///
+    /// Consecutive entries of one branch that this daemon appended are
+    /// staged together as one batch, under the id of the last of them (one
+    /// store write for many closes). That keeps every order that matters:
+    /// no other writer can have seen these entries (they were never in the
+    /// store), and any batch this daemon had seen before one of them has a
+    /// lower id than the last. Entries left by an earlier daemon may have
+    /// reached the store already, under their own ids: they go one by one.
     pub fn upload_all(&self, lake: &Lake) -> Result<usize, String> {
         let mut done = 0;
-        for (_, path) in self.entries().map_err(io_err)? {
+        let mut group: Vec<(PathBuf, JournalEntry)> = Vec::new();
+        for (seq, path) in self.entries().map_err(io_err)? {
             let entry = match Self::read(&path) {
                 Ok(e) => e,
                 Err(e) => {
                     // Unreadable (a torn write cannot happen: entries are
                     // renamed into place whole): keep it for a person.
+                    done += self.upload_group(lake, std::mem::take(&mut group))?;
                     self.set_aside(&path, &e)?;
+                    self.count(-1);
+                    done += 1;
                     continue;
                 }
             };
-            match self.upload(lake, &entry) {
-                Ok(()) => {
-                    std::fs::remove_file(&path).map_err(io_err)?;
-                    self.release(&chunks_of(&entry.ops));
-                }
-                Err(Upload::Retry(e)) => return Err(e),
-                // Its branch was deleted: keep the entry (and its chunks)
-                // aside for a person, and let the rest go on.
-                Err(Upload::Gone(e)) => self.set_aside(&path, &e)?,
+            let joins = seq >= self.fresh_from
+                && group.len() < GROUP_ENTRIES
+                && group.last().is_some_and(|(_, last)| {
+                    last.repo == entry.repo && last.branch == entry.branch
+                });
+            if !joins {
+                done += self.upload_group(lake, std::mem::take(&mut group))?;
             }
-            self.count(-1);
-            done += 1;
+            if seq >= self.fresh_from {
+                group.push((path, entry));
+            } else {
+                done += self.upload_group(lake, vec![(path, entry)])?;
+            }
         }
+        done += self.upload_group(lake, group)?;
         Ok(done)
+    }
+
+    /// Stage entries as one batch (see `upload_all`); returns how many.
+    fn upload_group(
+        &self,
+        lake: &Lake,
+        group: Vec<(PathBuf, JournalEntry)>,
+    ) -> Result<usize, String> {
+        let Some((_, last)) = group.last() else {
+            return Ok(0);
+        };
+        let entry = JournalEntry {
+            repo: last.repo.clone(),
+            branch: last.branch.clone(),
+            batch: last.batch.clone(),
+            ops: group.iter().flat_map(|(_, e)| e.ops.clone()).collect(),
+        };
+        match self.upload(lake, &entry) {
+            Ok(()) => {
+                for (path, _) in &group {
+                    std::fs::remove_file(path).map_err(io_err)?;
+                }
+                self.release(&chunks_of(&entry.ops));
+            }
+            Err(Upload::Retry(e)) => return Err(e),
+            // Its branch was deleted: keep the entries (and their chunks)
+            // aside for a person, and let the rest go on.
+            Err(Upload::Gone(e)) => {
+                for (path, _) in &group {
+                    self.set_aside(path, &e)?;
+                }
+            }
+        }
+        self.count(-(group.len() as isize));
+        Ok(group.len())
     }
 
     fn set_aside(&self, path: &Path, why: &str) -> Result<(), String> {
@@ -313,6 +373,7 @@ impl Journal {
             .spawn(move || loop {
                 let has_work = j.pending.lock().total > 0;
                 if has_work {
+                    std::thread::sleep(GATHER);
                     match j.upload_all(&lake) {
                         Ok(_) => j.pending.lock().last_error = None,
                         Err(e) => {
@@ -359,6 +420,58 @@ mod tests {
         let l = Lake::init(s).unwrap().0;
         l.create_repo("r", "main").unwrap();
         l
+    }
+
+    #[test]
+    fn a_burst_of_closes_on_one_branch_is_staged_as_one_batch() {
+        let l = lake();
+        l.create_branch("r", "dev", "main").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut latest: Option<String> = None;
+        let mut put = |branch: &str, path: &str, text: &str| {
+            let batch = Lake::new_batch_id(latest.as_deref());
+            latest = Some(batch.clone());
+            let (content, size, _) = j
+                .store_file(l.config().chunking, text.as_bytes(), "test")
+                .unwrap();
+            j.append(&JournalEntry {
+                repo: "r".into(),
+                branch: branch.into(),
+                batch,
+                ops: vec![Op::Put {
+                    path: path.into(),
+                    entry: Entry::File(File {
+                        size,
+                        mode: 0o644,
+                        mtime: 0,
+                        content,
+                    }),
+                }],
+            })
+            .unwrap();
+        };
+        put("main", "a", "1");
+        put("main", "a", "2");
+        put("main", "b", "3");
+        put("dev", "c", "4");
+        put("main", "a", "5");
+        assert_eq!(j.upload_all(&l).unwrap(), 5);
+        assert_eq!(j.pending.lock().total, 0);
+        // main: the first three together, then the last; dev: one.
+        assert_eq!(l.store().list("repos/r/staging").unwrap().len(), 3);
+        let text = |branch: &str, path: &str| {
+            let (_, work) = l.working_tree("r", branch).unwrap();
+            let Some(Entry::File(f)) = l.trees().lookup(&work, path).unwrap() else {
+                panic!("{path} is staged on {branch}")
+            };
+            let mut out = Vec::new();
+            l.read_file(&f, &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(text("main", "a"), "5", "order kept");
+        assert_eq!(text("main", "b"), "3");
+        assert_eq!(text("dev", "c"), "4");
     }
 
     #[test]
