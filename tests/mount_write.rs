@@ -522,12 +522,13 @@ fn writeback_closes_journal_then_upload_and_commits_wait_for_them() {
     let out = s.path("big.out");
     s.ok(&["get", "sales/dev/big.bin", out.to_str().unwrap()]);
     assert_eq!(std::fs::read(out).unwrap(), big);
-    assert_eq!(
-        std::fs::read_dir(cache.join("journal/entries"))
+    // Once uploaded, the journal's log is emptied.
+    wait_until("an empty journal", Duration::from_secs(10), || {
+        std::fs::read_dir(cache.join("journal/log"))
             .unwrap()
-            .count(),
-        0
-    );
+            .count()
+            == 0
+    });
     // A CLI commit asks the mounts on this machine to finish uploading first.
     for i in 0..100 {
         std::fs::write(d.join(format!("cli-{i}.txt")), "x").unwrap();
@@ -553,14 +554,14 @@ fn writeback_survives_kill_9_and_is_replayed_by_the_next_daemon() {
     m.child.kill().unwrap(); // SIGKILL, uploads possibly still pending
     m.child.wait().unwrap();
     drop(m);
-    let left = std::fs::read_dir(cache.join("journal/entries"))
+    let left = std::fs::read_dir(cache.join("journal/log"))
         .unwrap()
         .count();
-    eprintln!("journal entries left at kill: {left}");
+    eprintln!("journal log segments left at kill: {left}");
     // The next daemon on that cache uploads what was left before serving.
     let m = Mount::new(&s, "mnt", &[]);
     assert_eq!(
-        std::fs::read_dir(cache.join("journal/entries"))
+        std::fs::read_dir(cache.join("journal/log"))
             .unwrap()
             .count(),
         0

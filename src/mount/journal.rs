@@ -4,13 +4,25 @@
 //! its ops, in order, under the batch id chosen at close. Entries left by a
 //! crash are uploaded when the next daemon starts with the same cache dir.
 //!
-//! Layout under `<cache>/journal/`: `entries/<seq>` (one `JournalEntry`,
-//! postcard, written to a temp file, fsynced, renamed) and `objects/`, a
-//! local object store holding the chunks of files closed but not yet
-//! uploaded (read by the chunk cache meanwhile). A chunk is counted for
-//! each entry that needs it, from before it is written until its entry is
-//! uploaded, and deleted when no entry needs it any more. An entry whose
-//! branch was deleted meanwhile is moved to `orphaned/`, chunks kept.
+//! Layout under `<cache>/journal/`:
+//! - `log/<seq>`: segments of records, one per close, appended with one
+//!   `write` each (in the kernel once it returns: it survives the daemon
+//!   being killed; `sync` makes it survive a machine crash). A record is
+//!   `len: u32 LE`, the first 8 bytes of the payload's blake3, the payload
+//!   (a postcard `JournalEntry`). A segment is named by the sequence number
+//!   of its first record and closed at `SEGMENT_BYTES`.
+//! - `upload.pos`: `SEG OFFSET INTENT`, the next record to upload and, while
+//!   a group of records is being staged, where that group ends: a daemon
+//!   that dies meanwhile is followed by one that stages exactly that group
+//!   again (the same batch, so staging it twice is harmless).
+//! - `entries/<seq>`: one entry per file, as journals were written before
+//!   the log; uploaded first, one by one.
+//! - `objects/`: a local object store holding the chunks of files closed
+//!   but not yet uploaded (read by the chunk cache meanwhile). A chunk is
+//!   counted for each entry that needs it, from before it is written until
+//!   its entry is uploaded, and deleted when no entry needs it any more.
+//! - `orphaned/`: entries whose branch was deleted meanwhile, and log
+//!   segments that cannot be read, for a person; their chunks are kept.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -30,8 +42,14 @@ use crate::tree::{Content, Entry, Op};
 /// How long the uploader waits before trying a failed upload again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Most entries staged together as one batch (see `upload_all`).
+/// Most entries staged together as one batch (see `upload_log`).
 const GROUP_ENTRIES: usize = 4096;
+
+/// A log segment is closed once it holds this many bytes.
+const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// Bytes before a record's payload: its length and checksum.
+const RECORD_HEAD: usize = 12;
 
 /// The uploader lets closes gather this long before staging them, so a
 /// burst of closes (an untar) goes out as a few batches, not one each.
@@ -56,6 +74,29 @@ enum Upload {
 }
 
 #[derive(Default)]
+struct Appender {
+    /// Sequence number of the next record.
+    next: u64,
+    /// The open segment: its number, file and size.
+    segment: Option<(u64, std::fs::File, u64)>,
+}
+
+/// Where uploading the log has got to (`upload.pos`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Position {
+    segment: u64,
+    offset: u64,
+    /// While a group is being staged: the offset where it ends.
+    intent: u64,
+}
+
+/// One record of a log segment: where it ends, and its entry.
+struct Record {
+    end: u64,
+    entry: JournalEntry,
+}
+
+#[derive(Default)]
 struct Pending {
     /// Entries not yet uploaded.
     total: usize,
@@ -66,10 +107,8 @@ pub struct Journal {
     dir: PathBuf,
     /// Chunks of journaled files: a local store with the lake's key layout.
     objects: Store,
-    /// The last entry's sequence number; held while appending.
-    append: Mutex<u64>,
-    /// Entries from this one on were appended by this daemon.
-    fresh_from: u64,
+    /// The log segment being appended to; held while appending.
+    append: Mutex<Appender>,
     /// Entries (written or being written) that need each journaled chunk.
     needed: Mutex<HashMap<Hash, usize>>,
     pending: Mutex<Pending>,
@@ -92,29 +131,75 @@ impl Journal {
     pub fn open(cache_dir: &Path) -> std::io::Result<Arc<Journal>> {
         let dir = cache_dir.join("journal");
         std::fs::create_dir_all(dir.join("entries"))?;
+        std::fs::create_dir_all(dir.join("log"))?;
         std::fs::create_dir_all(dir.join("objects"))?;
         let objects = Store::open(&format!("file://{}", dir.join("objects").display()))
             .map_err(std::io::Error::other)?;
-        let mut j = Journal {
+        let j = Journal {
             objects,
-            append: Mutex::new(0),
-            fresh_from: 0,
+            append: Mutex::new(Appender::default()),
             needed: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
             dir,
         };
-        let mut last = 0;
-        for (seq, path) in j.entries()? {
-            last = last.max(seq);
+        for (_, path) in j.entries()? {
             if let Ok(e) = Self::read(&path) {
                 j.count(1);
                 j.need(&chunks_of(&e.ops));
             }
         }
-        *j.append.lock() = last;
-        j.fresh_from = last + 1;
+        let pos = j.position();
+        let mut next = 0;
+        for (seg, path) in j.segments()? {
+            let from = if seg == pos.segment { pos.offset } else { 0 };
+            let (records, _) = read_records(&path, from)?;
+            if seg >= pos.segment {
+                for r in &records {
+                    j.count(1);
+                    j.need(&chunks_of(&r.entry.ops));
+                }
+            }
+            next = next.max(seg + records.len() as u64 + 1);
+        }
+        j.append.lock().next = next.max(pos.segment + 1);
         Ok(Arc::new(j))
+    }
+
+    fn segments(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.join("log"))? {
+            let e = e?;
+            if let Some(seq) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+                out.push((seq, e.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn position(&self) -> Position {
+        let text = std::fs::read_to_string(self.dir.join("upload.pos")).unwrap_or_default();
+        let n: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        match n[..] {
+            [segment, offset, intent] => Position {
+                segment,
+                offset,
+                intent,
+            },
+            _ => Position::default(),
+        }
+    }
+
+    fn set_position(&self, p: Position) -> Result<(), String> {
+        let path = self.dir.join("upload.pos");
+        let tmp = self.dir.join("upload.pos.tmp");
+        let text = format!("{} {} {}\n", p.segment, p.offset, p.intent);
+        std::fs::write(&tmp, text).map_err(io_err)?;
+        std::fs::rename(&tmp, &path).map_err(io_err)
     }
 
     /// The local store where journaled files' chunks go.
@@ -205,20 +290,34 @@ impl Journal {
         Ok(())
     }
 
-    /// Append an entry (durable against the daemon dying; see `sync`). Its chunks must be in `objects`, counted
-    /// as needed (by `store_file`); they stay until the entry is uploaded.
+    /// Append an entry (durable against the daemon dying; see `sync`). Its
+    /// chunks must be in `objects`, counted as needed (by `store_file`);
+    /// they stay until the entry is uploaded.
     pub fn append(&self, entry: &JournalEntry) -> Result<(), String> {
-        let mut seq = self.append.lock();
-        let bytes = postcard::to_allocvec(entry).map_err(|e| e.to_string())?;
-        let entries = self.dir.join("entries");
-        let path = entries.join(format!("{:020}", *seq + 1));
-        let tmp = entries.join(format!(".tmp-{}", *seq + 1));
-        let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
-        f.write_all(&bytes).map_err(io_err)?;
-        // In the kernel now: it survives the daemon being killed. Surviving
-        // a machine crash too is what `sync` (an fsync call) is for.
-        std::fs::rename(&tmp, &path).map_err(io_err)?;
-        *seq += 1;
+        let payload = postcard::to_allocvec(entry).map_err(|e| e.to_string())?;
+        let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
+        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        record.extend_from_slice(&Hash::of(&payload).0[..8]);
+        record.extend_from_slice(&payload);
+        let mut a = self.append.lock();
+        if a.segment.as_ref().is_none_or(|s| s.2 >= SEGMENT_BYTES) {
+            let seq = a.next;
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(self.dir.join("log").join(format!("{seq:020}")))
+                .map_err(io_err)?;
+            a.segment = Some((seq, f, 0));
+        }
+        let (_, f, size) = a.segment.as_mut().expect("opened");
+        if let Err(e) = f.write_all(&record) {
+            // A torn record ends its segment: the next append starts another.
+            a.segment = None;
+            return Err(io_err(e));
+        }
+        *size += record.len() as u64;
+        a.next += 1;
+        drop(a);
         self.count(1);
         Ok(())
     }
@@ -241,81 +340,141 @@ impl Journal {
 
     /// Upload and stage every entry there is now, oldest first; stops at
     /// the first failure (to keep order) and says why.
-    ///
-    /// Consecutive entries of one branch that this daemon appended are
-    /// staged together as one batch, under the id of the last of them (one
-    /// store write for many closes). That keeps every order that matters:
-    /// no other writer can have seen these entries (they were never in the
-    /// store), and any batch this daemon had seen before one of them has a
-    /// lower id than the last. Entries left by an earlier daemon may have
-    /// reached the store already, under their own ids: they go one by one.
     pub fn upload_all(&self, lake: &Lake) -> Result<usize, String> {
+        Ok(self.upload_entries(lake)? + self.upload_log(lake)?)
+    }
+
+    /// Entries of the one-file-per-entry layout, one by one.
+    fn upload_entries(&self, lake: &Lake) -> Result<usize, String> {
         let mut done = 0;
-        let mut group: Vec<(PathBuf, JournalEntry)> = Vec::new();
-        for (seq, path) in self.entries().map_err(io_err)? {
+        for (_, path) in self.entries().map_err(io_err)? {
             let entry = match Self::read(&path) {
                 Ok(e) => e,
                 Err(e) => {
-                    // Unreadable (a torn write cannot happen: entries are
+                    // Unreadable (a torn write cannot happen: entries were
                     // renamed into place whole): keep it for a person.
-                    done += self.upload_group(lake, std::mem::take(&mut group))?;
                     self.set_aside(&path, &e)?;
-                    self.count(-1);
-                    done += 1;
                     continue;
                 }
             };
-            let joins = seq >= self.fresh_from
-                && group.len() < GROUP_ENTRIES
-                && group.last().is_some_and(|(_, last)| {
-                    last.repo == entry.repo && last.branch == entry.branch
-                });
-            if !joins {
-                done += self.upload_group(lake, std::mem::take(&mut group))?;
+            match self.upload(lake, &entry) {
+                Ok(()) => {
+                    std::fs::remove_file(&path).map_err(io_err)?;
+                    self.release(&chunks_of(&entry.ops));
+                }
+                Err(Upload::Retry(e)) => return Err(e),
+                Err(Upload::Gone(e)) => self.set_aside(&path, &e)?,
             }
-            if seq >= self.fresh_from {
-                group.push((path, entry));
-            } else {
-                done += self.upload_group(lake, vec![(path, entry)])?;
-            }
+            self.count(-1);
+            done += 1;
         }
-        done += self.upload_group(lake, group)?;
         Ok(done)
     }
 
-    /// Stage entries as one batch (see `upload_all`); returns how many.
-    fn upload_group(
+    /// The log, from `upload.pos` on. Consecutive records of one branch are
+    /// staged together as one batch, under the id of the last of them (one
+    /// store write for many closes). That keeps every order that matters:
+    /// no other writer can have seen these entries (none was in the store:
+    /// `upload.pos` says how far uploads got, and a group being staged when
+    /// a daemon died is staged again whole, as it was), and any batch the
+    /// mount had seen before one of them has a lower id than the last.
+    fn upload_log(&self, lake: &Lake) -> Result<usize, String> {
+        let mut done = 0;
+        let mut pos = self.position();
+        for (seg, path) in self.segments().map_err(io_err)? {
+            if seg < pos.segment {
+                std::fs::remove_file(&path).map_err(io_err)?; // uploaded before
+                continue;
+            }
+            if seg > pos.segment {
+                pos = Position {
+                    segment: seg,
+                    ..Position::default()
+                };
+            }
+            let (records, torn) = read_records(&path, pos.offset).map_err(io_err)?;
+            let mut i = 0;
+            while i < records.len() {
+                let first = &records[i].entry;
+                let mut j = i + 1;
+                while j < records.len()
+                    && j - i < GROUP_ENTRIES
+                    && if pos.intent > pos.offset {
+                        // Exactly the group a dead daemon was staging.
+                        records[j - 1].end < pos.intent
+                    } else {
+                        records[j].entry.repo == first.repo
+                            && records[j].entry.branch == first.branch
+                    }
+                {
+                    j += 1;
+                }
+                let group = &records[i..j];
+                let end = group.last().expect("non-empty").end;
+                self.set_position(Position { intent: end, ..pos })?;
+                self.upload_group(lake, group.iter().map(|r| &r.entry))?;
+                pos = Position {
+                    segment: seg,
+                    offset: end,
+                    intent: 0,
+                };
+                self.set_position(pos)?;
+                done += group.len();
+                i = j;
+            }
+            if torn {
+                // Records after a damaged one cannot be found: keep the
+                // segment for a person, and go on with the next.
+                self.set_aside(&path, "a damaged record")?;
+                continue;
+            }
+            // A finished segment goes, unless closes are still appending
+            // to it; then the next pass goes on from `pos`.
+            let mut a = self.append.lock();
+            let open = a.segment.as_ref().map(|s| (s.0, s.2));
+            if open.is_none_or(|(s, size)| s != seg || size == pos.offset) {
+                if open.is_some_and(|(s, _)| s == seg) {
+                    a.segment = None;
+                }
+                std::fs::remove_file(&path).map_err(io_err)?;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Stage entries as one batch (see `upload_log`), then drop their
+    /// chunks' counts; entries of a deleted branch are set aside.
+    fn upload_group<'a>(
         &self,
         lake: &Lake,
-        group: Vec<(PathBuf, JournalEntry)>,
-    ) -> Result<usize, String> {
-        let Some((_, last)) = group.last() else {
-            return Ok(0);
+        group: impl Iterator<Item = &'a JournalEntry> + Clone,
+    ) -> Result<(), String> {
+        let entries: Vec<&JournalEntry> = group.collect();
+        let Some(last) = entries.last() else {
+            return Ok(());
         };
         let entry = JournalEntry {
             repo: last.repo.clone(),
             branch: last.branch.clone(),
             batch: last.batch.clone(),
-            ops: group.iter().flat_map(|(_, e)| e.ops.clone()).collect(),
+            ops: entries.iter().flat_map(|e| e.ops.clone()).collect(),
         };
         match self.upload(lake, &entry) {
-            Ok(()) => {
-                for (path, _) in &group {
-                    std::fs::remove_file(path).map_err(io_err)?;
-                }
-                self.release(&chunks_of(&entry.ops));
-            }
+            Ok(()) => self.release(&chunks_of(&entry.ops)),
             Err(Upload::Retry(e)) => return Err(e),
-            // Its branch was deleted: keep the entries (and their chunks)
-            // aside for a person, and let the rest go on.
             Err(Upload::Gone(e)) => {
-                for (path, _) in &group {
-                    self.set_aside(path, &e)?;
+                for e_ in &entries {
+                    let aside = self.dir.join("orphaned");
+                    std::fs::create_dir_all(&aside).map_err(io_err)?;
+                    let bytes = postcard::to_allocvec(*e_).map_err(|e| e.to_string())?;
+                    let to = aside.join(&e_.batch);
+                    std::fs::write(&to, bytes).map_err(io_err)?;
+                    tracing::warn!(entry = %to.display(), "journaled change set aside: {e}");
                 }
             }
         }
-        self.count(-(group.len() as isize));
-        Ok(group.len())
+        self.count(-(entries.len() as isize));
+        Ok(())
     }
 
     fn set_aside(&self, path: &Path, why: &str) -> Result<(), String> {
@@ -391,6 +550,37 @@ impl Journal {
             })
             .map(|_| ())
     }
+}
+
+/// The records of a log segment from `from` on, and whether it ends with a
+/// damaged record (a torn tail, only ever unacknowledged, reads as the end).
+fn read_records(path: &Path, from: u64) -> std::io::Result<(Vec<Record>, bool)> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    let mut at = from as usize;
+    while at + RECORD_HEAD <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let start = at + RECORD_HEAD;
+        let Some(payload) = bytes.get(start..start + len) else {
+            break; // torn tail
+        };
+        let entry = (Hash::of(payload).0[..8] == bytes[at + 4..at + 12])
+            .then(|| postcard::from_bytes::<JournalEntry>(payload).ok())
+            .flatten();
+        let Some(entry) = entry else {
+            return Ok((out, true));
+        };
+        at = start + len;
+        out.push(Record {
+            end: at as u64,
+            entry,
+        });
+    }
+    Ok((out, false))
 }
 
 /// The journaled chunks an entry's ops refer to.
@@ -472,6 +662,106 @@ mod tests {
         assert_eq!(text("main", "a"), "5", "order kept");
         assert_eq!(text("main", "b"), "3");
         assert_eq!(text("dev", "c"), "4");
+    }
+
+    fn put(l: &Lake, j: &Journal, branch: &str, path: &str, text: &str) {
+        let (content, size, _) = j
+            .store_file(l.config().chunking, text.as_bytes(), "test")
+            .unwrap();
+        j.append(&JournalEntry {
+            repo: "r".into(),
+            branch: branch.into(),
+            batch: Lake::new_batch_id(None),
+            ops: vec![Op::Put {
+                path: path.into(),
+                entry: Entry::File(File {
+                    size,
+                    mode: 0o644,
+                    mtime: 0,
+                    content,
+                }),
+            }],
+        })
+        .unwrap();
+    }
+
+    fn text(l: &Lake, branch: &str, path: &str) -> String {
+        let (_, work) = l.working_tree("r", branch).unwrap();
+        let Some(Entry::File(f)) = l.trees().lookup(&work, path).unwrap() else {
+            panic!("{path} is staged on {branch}")
+        };
+        let mut out = Vec::new();
+        l.read_file(&f, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_group_being_staged_when_the_daemon_died_is_staged_again_whole() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("journal/log");
+        let segment = || std::fs::read_dir(&log).unwrap().next().unwrap().unwrap();
+        let (seg, first_end) = {
+            let j = Journal::open(dir.path()).unwrap();
+            put(&l, &j, "main", "a", "1");
+            let first_end = segment().metadata().unwrap().len();
+            put(&l, &j, "main", "b", "2");
+            let seg: u64 = segment()
+                .file_name()
+                .into_string()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (seg, first_end)
+        };
+        // The daemon died while staging a group of the first record alone
+        // (the second came later): that group is staged again as it was,
+        // not regrouped with the second under the second's id.
+        std::fs::write(
+            dir.path().join("journal/upload.pos"),
+            format!("{seg} 0 {first_end}\n"),
+        )
+        .unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.pending.lock().total, 2);
+        assert_eq!(j.upload_all(&l).unwrap(), 2);
+        assert_eq!(l.store().list("repos/r/staging").unwrap().len(), 2);
+        assert_eq!(text(&l, "main", "a"), "1");
+        assert_eq!(text(&l, "main", "b"), "2");
+        assert_eq!(
+            std::fs::read_dir(&log).unwrap().count(),
+            0,
+            "uploaded, emptied"
+        );
+    }
+
+    #[test]
+    fn a_torn_last_record_is_not_an_entry() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            put(&l, &j, "main", "a", "1");
+            put(&l, &j, "main", "b", "2");
+        }
+        // The daemon died in the middle of writing a third record.
+        let log = dir.path().join("journal/log");
+        let seg = std::fs::read_dir(&log)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.pending.lock().total, 2);
+        // New closes go to a new segment, after the old one.
+        put(&l, &j, "main", "a", "3");
+        assert_eq!(j.upload_all(&l).unwrap(), 3);
+        assert_eq!(text(&l, "main", "a"), "3");
+        assert_eq!(text(&l, "main", "b"), "2");
+        assert_eq!(std::fs::read_dir(&log).unwrap().count(), 0);
     }
 
     #[test]
