@@ -555,13 +555,18 @@ impl Journal {
 /// The records of a log segment from `from` on, and whether it ends with a
 /// damaged record (a torn tail, only ever unacknowledged, reads as the end).
 fn read_records(path: &Path, from: u64) -> std::io::Result<(Vec<Record>, bool)> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
         Err(e) => return Err(e),
     };
+    // Only what was appended since `from`: a segment is read a little at a
+    // time while closes append to it.
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut bytes)?;
     let mut out = Vec::new();
-    let mut at = from as usize;
+    let mut at = 0;
     while at + RECORD_HEAD <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
         let start = at + RECORD_HEAD;
@@ -576,7 +581,7 @@ fn read_records(path: &Path, from: u64) -> std::io::Result<(Vec<Record>, bool)> 
         };
         at = start + len;
         out.push(Record {
-            end: at as u64,
+            end: from + at as u64,
             entry,
         });
     }
