@@ -274,6 +274,44 @@ struct ViewState {
     trees: Arc<Trees>,
     /// Files created and still open, not yet staged: path → inode.
     creating: BTreeMap<String, u64>,
+    /// Closed files staged but not applied to `root` yet (see `apply_local`).
+    pending: Arc<Pending>,
+}
+
+/// File puts staged by this mount and not yet applied to its view's tree:
+/// applying each close on its own rewrites (and hashes) the directory's
+/// tree leaf every time; applied together, once per leaf.
+#[derive(Clone, Default)]
+struct Pending {
+    ops: Vec<Op>,
+    /// The newest entry each path has in `ops`.
+    files: HashMap<String, Entry>,
+}
+
+impl Pending {
+    fn rebuild(ops: Vec<Op>) -> Pending {
+        let mut files = HashMap::new();
+        for op in &ops {
+            if let Op::Put { path, entry } = op {
+                files.insert(path.clone(), entry.clone());
+            }
+        }
+        Pending { ops, files }
+    }
+}
+
+/// Puts applied together at most this many at a time.
+const PENDING_MAX: usize = 256;
+
+/// Is this op the staging of a closed file (the only kind left pending)?
+fn is_file_put(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Put {
+            entry: Entry::File(_),
+            ..
+        }
+    )
 }
 
 impl View {
@@ -568,6 +606,7 @@ impl LakeFs {
                     checked: Instant::now(),
                     trees: Arc::new(self.lake.trees().scratch()),
                     creating: BTreeMap::new(),
+                    pending: Arc::default(),
                 }
             }
         };
@@ -600,6 +639,7 @@ impl LakeFs {
             checked: Instant::now(),
             trees,
             creating: BTreeMap::new(),
+            pending: Arc::default(),
         };
         Ok((state, w.batches))
     }
@@ -610,6 +650,13 @@ impl LakeFs {
     /// view at a time; the others use the state they have, so no one waits
     /// on the store while holding a lock others need.
     fn state(&self, view: &View) -> Result<ViewState> {
+        self.apply_pending(view)?;
+        self.state_with_pending(view)
+    }
+
+    /// `state`, leaving pending puts unapplied: for callers that look at
+    /// one path and check `ViewState::pending` first (lookups, getattr).
+    fn state_with_pending(&self, view: &View) -> Result<ViewState> {
         let current = view.state.lock().clone();
         let Some(branch) = &view.branch else {
             return Ok(current);
@@ -620,15 +667,22 @@ impl LakeFs {
         let Some(_refreshing) = view.refreshing.try_lock() else {
             return Ok(current);
         };
-        self.refresh(view, branch, current)
+        self.refresh(view, branch)
     }
 
-    fn refresh(&self, view: &View, branch: &str, current: ViewState) -> Result<ViewState> {
+    fn refresh(&self, view: &View, branch: &str) -> Result<ViewState> {
+        // Batches staged elsewhere come after this mount's pending puts.
+        self.apply_pending(view)?;
+        let current = view.state.lock().clone();
         let (r, _) = self.lake.branch(&view.repo, branch)?;
         if Some(&r) != current.branch_ref.as_ref() {
             let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
             let mut st = view.state.lock();
             fresh.creating = std::mem::take(&mut st.creating);
+            // Puts that became pending meanwhile may be newer than what the
+            // reload read: applied again on top (a put of the same entry
+            // twice is the same tree).
+            fresh.pending = std::mem::take(&mut st.pending);
             *st = fresh.clone();
             *view.latest_seen.lock() = batches.iter().max().cloned();
             *view.seen.lock() = batches;
@@ -777,6 +831,30 @@ impl LakeFs {
     }
 
     fn apply_local(&self, view: &View, id: &str, ops: &[Op]) -> Result<()> {
+        if ops.iter().all(is_file_put) {
+            let full = {
+                let mut st = view.state.lock();
+                if view.seen.lock().contains(id) {
+                    return Ok(()); // a refresh already picked it up
+                }
+                let p = Arc::make_mut(&mut st.pending);
+                for op in ops {
+                    if let Op::Put { path, entry } = op {
+                        p.files.insert(path.clone(), entry.clone());
+                    }
+                    p.ops.push(op.clone());
+                }
+                view.note_latest(Some(&id.to_string()));
+                view.seen.lock().insert(id.to_string());
+                p.ops.len() >= PENDING_MAX
+            };
+            return if full {
+                self.apply_pending(view)
+            } else {
+                Ok(())
+            };
+        }
+        self.apply_pending(view)?;
         loop {
             if view.seen.lock().contains(id) {
                 return Ok(()); // a refresh already picked it up
@@ -791,18 +869,45 @@ impl LakeFs {
                 st.root = new_root;
                 view.note_latest(Some(&id.to_string()));
                 view.seen.lock().insert(id.to_string());
-                // Every edit leaves the nodes it replaced behind; once they
-                // outnumber the live ones, keep only what the root reaches.
-                let pending = st.trees.pending_nodes() as u64;
-                let live = view.compacted_at.load(Ordering::Relaxed);
-                if pending > 4 * live + COMPACT_AFTER_NODES {
-                    let kept = st.trees.retain_reachable(&[st.root]);
-                    view.compacted_at
-                        .store(kept.pending_nodes() as u64, Ordering::Relaxed);
-                    st.trees = Arc::new(kept);
-                }
+                self.compact(view, &mut st);
                 return Ok(());
             }
+        }
+    }
+
+    /// Apply the view's pending puts to its tree, all at once.
+    fn apply_pending(&self, view: &View) -> Result<()> {
+        loop {
+            let (root, trees, pending) = {
+                let st = view.state.lock();
+                if st.pending.ops.is_empty() {
+                    return Ok(());
+                }
+                (st.root, st.trees.clone(), st.pending.clone())
+            };
+            let new_root = trees.apply(&root, &pending.ops)?;
+            let mut st = view.state.lock();
+            if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
+                st.root = new_root;
+                // Puts can only have been added after the ones applied.
+                let rest = st.pending.ops[pending.ops.len()..].to_vec();
+                st.pending = Arc::new(Pending::rebuild(rest));
+                self.compact(view, &mut st);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Every edit leaves the nodes it replaced behind; once they outnumber
+    /// the live ones, keep only what the root reaches.
+    fn compact(&self, view: &View, st: &mut ViewState) {
+        let pending = st.trees.pending_nodes() as u64;
+        let live = view.compacted_at.load(Ordering::Relaxed);
+        if pending > 4 * live + COMPACT_AFTER_NODES {
+            let kept = st.trees.retain_reachable(&[st.root]);
+            view.compacted_at
+                .store(kept.pending_nodes() as u64, Ordering::Relaxed);
+            st.trees = Arc::new(kept);
         }
     }
 
@@ -892,8 +997,12 @@ impl LakeFs {
             Node::File { view, path, file } => {
                 // Metadata (mode, mtime) of the same content follows the
                 // branch; another version keeps what it had.
-                let state = self.state(&view)?;
-                let entry = match state.trees.lookup(&state.root, &path)? {
+                let state = self.state_with_pending(&view)?;
+                let now = match state.pending.files.get(&path) {
+                    Some(e) => Some(e.clone()),
+                    None => state.trees.lookup(&state.root, &path)?,
+                };
+                let entry = match now {
                     Some(Entry::File(f)) if f.content == file.content && f.size == file.size => {
                         Entry::File(f)
                     }
@@ -902,11 +1011,14 @@ impl LakeFs {
                 Ok(self.entry_attr(ino, &view, &state, &entry))
             }
             Node::Tree { view, path } => {
-                let state = self.state(&view)?;
-                let entry = state
-                    .trees
-                    .lookup(&state.root, &path)?
-                    .ok_or(FsError::NotFound)?;
+                let state = self.state_with_pending(&view)?;
+                let entry = match state.pending.files.get(&path) {
+                    Some(e) => e.clone(),
+                    None => state
+                        .trees
+                        .lookup(&state.root, &path)?
+                        .ok_or(FsError::NotFound)?,
+                };
                 Ok(self.entry_attr(ino, &view, &state, &entry))
             }
         }
@@ -932,6 +1044,12 @@ impl LakeFs {
     ) -> Result<Option<(u64, Option<Entry>)>> {
         if let Some(ino) = state.creating.get(path) {
             return Ok(Some((*ino, None)));
+        }
+        if let Some(e) = state.pending.files.get(path) {
+            return Ok(Some((
+                self.entry_node(view, path.to_string(), e),
+                Some(e.clone()),
+            )));
         }
         match state.trees.lookup(&state.root, path)? {
             Some(e) => Ok(Some((self.entry_node(view, path.to_string(), &e), Some(e)))),
@@ -968,7 +1086,7 @@ impl LakeFs {
                     );
                     return self.getattr(ino);
                 }
-                let state = self.state(&view)?;
+                let state = self.state_with_pending(&view)?;
                 self.dir_at(&state, &path)?;
                 match self.child(&view, &state, &join(&path, name))? {
                     Some((ino, Some(entry))) => Ok(self.entry_attr(ino, &view, &state, &entry)),
@@ -1557,7 +1675,8 @@ impl LakeFs {
     ) -> Result<(Attr, u64)> {
         let (view, path) = self.dir_node(parent)?;
         self.check_new_name(&path, name)?;
-        let state = self.state(&view)?;
+        // `child` sees pending puts: nothing to apply first.
+        let state = self.state_with_pending(&view)?;
         self.dir_at(&state, &path)?;
         let child = join(&path, name);
         if let Some((ino, entry)) = self.child(&view, &state, &child)? {
@@ -1611,7 +1730,8 @@ impl LakeFs {
     fn free_child(&self, parent: u64, name: &str) -> Result<(Arc<View>, String)> {
         let (view, path) = self.dir_node(parent)?;
         self.check_new_name(&path, name)?;
-        let state = self.state(&view)?;
+        // `child` sees pending puts: nothing to apply first.
+        let state = self.state_with_pending(&view)?;
         self.dir_at(&state, &path)?;
         let child = join(&path, name);
         if self.child(&view, &state, &child)?.is_some() {
@@ -2124,6 +2244,49 @@ mod tests {
             panic!()
         };
         assert_eq!(fs.lake.trees().count(&h).unwrap(), 6000);
+    }
+
+    #[test]
+    fn closed_files_are_applied_to_the_view_together() {
+        let (_d, fs, main) = setup();
+        let dir = fs.mkdir(main, "d").unwrap().ino;
+        let view = fs.views.lock().values().next().unwrap().clone();
+        let pending = || view.state.lock().pending.ops.len();
+        for i in 0..10 {
+            write(&fs, dir, &format!("f{i}"), format!("{i}\n").as_bytes());
+        }
+        assert_eq!(pending(), 10, "staged, not applied yet");
+        // Lookups, attributes and reads see them meanwhile.
+        let f3 = fs.lookup(dir, "f3").unwrap();
+        assert_eq!(f3.size, 2);
+        assert_eq!(fs.getattr(f3.ino).unwrap().size, 2);
+        assert_eq!(read_all(&fs, f3.ino), b"3\n");
+        write(&fs, dir, "f3", b"again\n");
+        assert_eq!(read_all(&fs, fs.lookup(dir, "f3").unwrap().ino), b"again\n");
+        assert_eq!(pending(), 11);
+        // Listing applies them, in order, at once.
+        assert_eq!(names(&fs, dir).len(), 10);
+        assert_eq!(pending(), 0);
+        // Any other change applies what is pending before itself.
+        write(&fs, dir, "g", b"g\n");
+        fs.unlink(dir, "g").unwrap();
+        assert_eq!(pending(), 0);
+        assert_eq!(fs.lookup(dir, "g").unwrap_err().errno(), libc::ENOENT);
+        // And the commit is what the view showed.
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        let tree = fs.lake.tree_of("r", "main").unwrap();
+        let Some(Entry::File(f)) = fs.lake.trees().lookup(&tree, "d/f3").unwrap() else {
+            panic!("d/f3 committed")
+        };
+        assert_eq!(f.size, 6);
+        // A burst larger than the limit is applied as it goes.
+        for i in 0..PENDING_MAX + 5 {
+            write(&fs, dir, &format!("h{i}"), b"h\n");
+        }
+        assert!(pending() < PENDING_MAX);
+        assert_eq!(names(&fs, dir).len(), 10 + PENDING_MAX + 5);
     }
 
     #[test]

@@ -194,12 +194,18 @@ impl Journal {
         }
     }
 
+    /// Written in place, fixed width, with one `pwrite`: a daemon killed
+    /// at any moment leaves the old position or the new one.
     fn set_position(&self, p: Position) -> Result<(), String> {
-        let path = self.dir.join("upload.pos");
-        let tmp = self.dir.join("upload.pos.tmp");
-        let text = format!("{} {} {}\n", p.segment, p.offset, p.intent);
-        std::fs::write(&tmp, text).map_err(io_err)?;
-        std::fs::rename(&tmp, &path).map_err(io_err)
+        use std::os::unix::fs::FileExt;
+        let text = format!("{:020} {:020} {:020}\n", p.segment, p.offset, p.intent);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join("upload.pos"))
+            .and_then(|f| f.write_all_at(text.as_bytes(), 0))
+            .map_err(io_err)
     }
 
     /// The local store where journaled files' chunks go.
