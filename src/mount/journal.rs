@@ -109,6 +109,8 @@ pub struct Journal {
     objects: Store,
     /// The log segment being appended to; held while appending.
     append: Mutex<Appender>,
+    /// A segment is closed once it holds this many bytes.
+    segment_bytes: std::sync::atomic::AtomicU64,
     /// Entries (written or being written) that need each journaled chunk.
     needed: Mutex<HashMap<Hash, usize>>,
     pending: Mutex<Pending>,
@@ -138,6 +140,7 @@ impl Journal {
         let j = Journal {
             objects,
             append: Mutex::new(Appender::default()),
+            segment_bytes: SEGMENT_BYTES.into(),
             needed: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
@@ -306,7 +309,10 @@ impl Journal {
         record.extend_from_slice(&Hash::of(&payload).0[..8]);
         record.extend_from_slice(&payload);
         let mut a = self.append.lock();
-        if a.segment.as_ref().is_none_or(|s| s.2 >= SEGMENT_BYTES) {
+        let limit = self
+            .segment_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if a.segment.as_ref().is_none_or(|s| s.2 >= limit) {
             let seq = a.next;
             let f = std::fs::OpenOptions::new()
                 .append(true)
@@ -398,51 +404,65 @@ impl Journal {
                     ..Position::default()
                 };
             }
-            let (records, torn) = read_records(&path, pos.offset).map_err(io_err)?;
-            let mut i = 0;
-            while i < records.len() {
-                let first = &records[i].entry;
-                let mut j = i + 1;
-                while j < records.len()
-                    && j - i < GROUP_ENTRIES
-                    && if pos.intent > pos.offset {
-                        // Exactly the group a dead daemon was staging.
-                        records[j - 1].end < pos.intent
-                    } else {
-                        records[j].entry.repo == first.repo
-                            && records[j].entry.branch == first.branch
+            loop {
+                let (records, torn) = read_records(&path, pos.offset).map_err(io_err)?;
+                let mut i = 0;
+                while i < records.len() {
+                    let first = &records[i].entry;
+                    let mut j = i + 1;
+                    while j < records.len()
+                        && j - i < GROUP_ENTRIES
+                        && if pos.intent > pos.offset {
+                            // Exactly the group a dead daemon was staging.
+                            records[j - 1].end < pos.intent
+                        } else {
+                            records[j].entry.repo == first.repo
+                                && records[j].entry.branch == first.branch
+                        }
+                    {
+                        j += 1;
                     }
-                {
-                    j += 1;
+                    let group = &records[i..j];
+                    let end = group.last().expect("non-empty").end;
+                    self.set_position(Position { intent: end, ..pos })?;
+                    self.upload_group(lake, group.iter().map(|r| &r.entry))?;
+                    pos = Position {
+                        segment: seg,
+                        offset: end,
+                        intent: 0,
+                    };
+                    self.set_position(pos)?;
+                    done += group.len();
+                    i = j;
                 }
-                let group = &records[i..j];
-                let end = group.last().expect("non-empty").end;
-                self.set_position(Position { intent: end, ..pos })?;
-                self.upload_group(lake, group.iter().map(|r| &r.entry))?;
-                pos = Position {
-                    segment: seg,
-                    offset: end,
-                    intent: 0,
+                if torn {
+                    // Records after a damaged one cannot be found: keep the
+                    // segment for a person, and go on with the next.
+                    self.set_aside(&path, "a damaged record")?;
+                    break;
+                }
+                // Appends happen under this lock, so the segment's length is
+                // settled while it is held.
+                let mut a = self.append.lock();
+                let open = a.segment.as_ref().filter(|s| s.0 == seg).map(|s| s.2);
+                let len = match open {
+                    Some(size) => size,
+                    None => std::fs::metadata(&path).map_err(io_err)?.len(),
                 };
-                self.set_position(pos)?;
-                done += group.len();
-                i = j;
-            }
-            if torn {
-                // Records after a damaged one cannot be found: keep the
-                // segment for a person, and go on with the next.
-                self.set_aside(&path, "a damaged record")?;
-                continue;
-            }
-            // A finished segment goes, unless closes are still appending
-            // to it; then the next pass goes on from `pos`.
-            let mut a = self.append.lock();
-            let open = a.segment.as_ref().map(|s| (s.0, s.2));
-            if open.is_none_or(|(s, size)| s != seg || size == pos.offset) {
-                if open.is_some_and(|(s, _)| s == seg) {
+                if pos.offset < len {
+                    if open.is_some() {
+                        break; // closes are appending: the next pass goes on
+                    }
+                    if !records.is_empty() {
+                        continue; // appended before the segment was closed
+                    }
+                    // Only a torn tail is left: an append that never returned.
+                }
+                if open.is_some() {
                     a.segment = None;
                 }
                 std::fs::remove_file(&path).map_err(io_err)?;
+                break;
             }
         }
         Ok(done)
@@ -744,6 +764,35 @@ mod tests {
             0,
             "uploaded, emptied"
         );
+    }
+
+    #[test]
+    fn closes_appending_while_segments_turn_over_are_all_uploaded() {
+        let l = Arc::new(lake());
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        // Small segments: many are closed while the uploader is in them.
+        j.segment_bytes
+            .store(600, std::sync::atomic::Ordering::Relaxed);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let uploader = {
+            let (j, l, stop) = (j.clone(), l.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    j.upload_all(&l).unwrap();
+                }
+            })
+        };
+        for i in 0..2000 {
+            put(&l, &j, "main", &format!("f{i}"), &i.to_string());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        uploader.join().unwrap();
+        j.upload_all(&l).unwrap();
+        assert_eq!(j.pending.lock().total, 0, "every close uploaded");
+        let (_, work) = l.working_tree("r", "main").unwrap();
+        assert_eq!(l.trees().count(&work).unwrap(), 2000);
+        assert_eq!(text(&l, "main", "f1999"), "1999");
     }
 
     #[test]
