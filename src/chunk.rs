@@ -130,6 +130,63 @@ pub fn store_content_seen(
     Ok((Stored::Chunks(refs), stats))
 }
 
+/// Content-defined cuts of bytes that arrive in pieces (a file written
+/// through the mount): the same chunks `store_content` makes of the whole,
+/// handed out as soon as no later byte can move their end.
+pub struct Cutter {
+    params: ChunkParams,
+    tail: Vec<u8>,
+}
+
+impl Cutter {
+    /// A cutter whose stream starts with `start`.
+    pub fn new(params: ChunkParams, start: Vec<u8>) -> Cutter {
+        Cutter {
+            params,
+            tail: start,
+        }
+    }
+
+    /// Add bytes; returns the chunks that are final now.
+    pub fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+        self.tail.extend_from_slice(data);
+        // Cut only with room for several chunks: each byte is scanned about
+        // once, not again with every small write.
+        if self.tail.len() < 2 * self.params.max as usize {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut used = 0;
+        let p = self.params;
+        for c in fastcdc::v2020::FastCDC::new(&self.tail, p.min, p.avg, p.max) {
+            let end = c.offset + c.length;
+            if end >= self.tail.len() {
+                break; // more bytes may still move this cut
+            }
+            out.push(self.tail[c.offset..end].to_vec());
+            used = end;
+        }
+        self.tail.drain(..used);
+        out
+    }
+
+    /// The chunks of what is not cut yet, were the stream to end now.
+    pub fn rest(&self) -> Vec<&[u8]> {
+        if self.tail.is_empty() {
+            return Vec::new();
+        }
+        let p = self.params;
+        fastcdc::v2020::FastCDC::new(&self.tail, p.min, p.avg, p.max)
+            .map(|c| &self.tail[c.offset..c.offset + c.length])
+            .collect()
+    }
+
+    /// The bytes not cut yet.
+    pub fn tail(&self) -> &[u8] {
+        &self.tail
+    }
+}
+
 /// Read one chunk, verified.
 pub fn read_chunk(store: &Store, hash: &Hash) -> Result<Bytes> {
     Ok(store.get_verified(&hash.key("chunks"), hash)?)
@@ -216,6 +273,34 @@ mod tests {
             "append uploaded {} chunks",
             st3.new_chunks
         );
+    }
+
+    #[test]
+    fn pieces_are_cut_as_the_whole_is() {
+        let s = setup();
+        let p = ChunkParams {
+            min: 4096,
+            avg: 16384,
+            max: 65536,
+        };
+        let d = data(1_500_000, 5);
+        let whole = chunks(store_content(&s, p, &d[..], "x").unwrap().0);
+        for piece in [1000, 4096, 65536, 100_000] {
+            let mut cutter = Cutter::new(p, d[..10].to_vec());
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            for part in d[10..].chunks(piece) {
+                got.extend(cutter.push(part));
+            }
+            got.extend(cutter.rest().into_iter().map(|c| c.to_vec()));
+            let refs: Vec<ChunkRef> = got
+                .iter()
+                .map(|c| ChunkRef {
+                    hash: Hash::of(c),
+                    len: c.len() as u32,
+                })
+                .collect();
+            assert_eq!(refs, whole, "pieces of {piece} bytes");
+        }
     }
 
     #[test]

@@ -1407,7 +1407,17 @@ impl LakeFs {
             },
             false,
         )?);
+        self.stream_writes(&wf);
         Ok(self.writes.lock().entry(ino).or_insert(wf).clone())
+    }
+
+    /// Files written in order from their start are chunked into the lake
+    /// as they come (synchronous mode; the write-back journal keeps its own
+    /// chunks until they are uploaded).
+    fn stream_writes(&self, wf: &WriteFile) {
+        if self.cfg.writeback.is_none() {
+            wf.stream_to(self.lake.store().clone(), self.lake.config().chunking);
+        }
     }
 
     /// Read up to `size` bytes at `offset` from an open file.
@@ -1567,9 +1577,20 @@ impl LakeFs {
                 (Entry::File(file), chunks)
             }
             None => {
-                let (entry, _) =
-                    self.lake
-                        .store_file(wf.reader()?, meta.mode, meta.mtime, &what)?;
+                let entry = match wf.streamed()? {
+                    // Cut and stored while it was written.
+                    Some((refs, size)) => Entry::File(File {
+                        size,
+                        mode: meta.mode,
+                        mtime: meta.mtime,
+                        content: self.lake.trees().pack_chunks(refs),
+                    }),
+                    None => {
+                        self.lake
+                            .store_file(wf.reader()?, meta.mode, meta.mtime, &what)?
+                            .0
+                    }
+                };
                 self.lake.flush()?;
                 (entry, vec![])
             }
@@ -1710,6 +1731,7 @@ impl LakeFs {
             |_| Ok(0),
             true,
         )?);
+        self.stream_writes(&wf);
         open_ref(&wf);
         self.nodes.lock().insert(
             ino,

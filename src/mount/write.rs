@@ -9,6 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use std::sync::mpsc;
+
+use bytes::Bytes;
+
+use crate::chunk::{ChunkParams, Cutter};
+use crate::hash::{ChunkRef, Hash};
+use crate::store::Store;
 use crate::tree::Op;
 
 /// Files stay in memory up to this size while written: most files a tool
@@ -23,6 +30,9 @@ pub struct WriteFile {
     pub path: Mutex<String>,
     dir: PathBuf,
     spool: RwLock<Spool>,
+    /// Where a file written from its start in order is chunked as it comes
+    /// (see `Spool::Stream`); `None`: always spool.
+    stream_to: Mutex<Option<(Store, ChunkParams)>>,
     spool_path: Mutex<Option<PathBuf>>,
     pub meta: Mutex<WriteMeta>,
     pub opens: AtomicUsize,
@@ -32,6 +42,133 @@ enum Spool {
     /// The bytes themselves; always exactly the file's size.
     Memory(Vec<u8>),
     Disk(fs::File),
+    /// A file written from its start, in order, past `MEMORY_SPOOL`: cut
+    /// into chunks as it comes and uploaded in the background, so a close
+    /// has only the last chunks left to store (no spool written and read
+    /// back). Any other write, a truncate or a read turns it into `Disk`.
+    Stream(Stream),
+}
+
+struct Stream {
+    store: Store,
+    cutter: Cutter,
+    /// Bytes written so far.
+    len: u64,
+    uploader: mpsc::SyncSender<Upload>,
+}
+
+enum Upload {
+    Chunk(Vec<u8>),
+    /// Reply once every chunk sent before is stored, with their refs.
+    Barrier(mpsc::Sender<Result<Vec<ChunkRef>, String>>),
+}
+
+/// Bytes of chunks stored per batch by a stream's uploader.
+const STREAM_BATCH: usize = 16 << 20;
+
+/// Chunks a stream's writer may run ahead of its uploader.
+const STREAM_AHEAD: usize = 16;
+
+impl Stream {
+    fn start(store: Store, params: ChunkParams, start: Vec<u8>) -> std::io::Result<Stream> {
+        let (tx, rx) = mpsc::sync_channel::<Upload>(STREAM_AHEAD);
+        let to = store.clone();
+        std::thread::Builder::new()
+            .name("tarn-stream".into())
+            .spawn(move || {
+                let (mut refs, mut batch, mut bytes) = (Vec::new(), Vec::new(), 0);
+                let mut failed: Option<String> = None;
+                let put = |batch: &mut Vec<(String, Bytes)>, failed: &mut Option<String>| {
+                    if let Err(e) = to.put_content_many(std::mem::take(batch)) {
+                        failed.get_or_insert(e.to_string());
+                    }
+                };
+                for msg in rx {
+                    match msg {
+                        Upload::Chunk(data) => {
+                            let hash = Hash::of(&data);
+                            refs.push(ChunkRef {
+                                hash,
+                                len: data.len() as u32,
+                            });
+                            bytes += data.len();
+                            batch.push((hash.key("chunks"), Bytes::from(data)));
+                            if bytes >= STREAM_BATCH {
+                                put(&mut batch, &mut failed);
+                                bytes = 0;
+                            }
+                        }
+                        Upload::Barrier(reply) => {
+                            put(&mut batch, &mut failed);
+                            bytes = 0;
+                            let _ = reply.send(match &failed {
+                                Some(e) => Err(e.clone()),
+                                None => Ok(refs.clone()),
+                            });
+                        }
+                    }
+                }
+            })?;
+        Ok(Stream {
+            store,
+            len: start.len() as u64,
+            cutter: Cutter::new(params, start),
+            uploader: tx,
+        })
+    }
+
+    fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
+        for chunk in self.cutter.push(data) {
+            self.uploader
+                .send(Upload::Chunk(chunk))
+                .map_err(|_| std::io::Error::other("chunk uploader gone"))?;
+        }
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Every chunk cut so far, stored.
+    fn stored(&self) -> std::io::Result<Vec<ChunkRef>> {
+        let (tx, rx) = mpsc::channel();
+        self.uploader
+            .send(Upload::Barrier(tx))
+            .map_err(|_| std::io::Error::other("chunk uploader gone"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("chunk uploader gone"))?
+            .map_err(std::io::Error::other)
+    }
+
+    /// The whole content so far as stored chunks; the stream goes on.
+    fn content(&self) -> std::io::Result<Vec<ChunkRef>> {
+        let mut refs = self.stored()?;
+        let mut rest = Vec::new();
+        for c in self.cutter.rest() {
+            let hash = Hash::of(c);
+            refs.push(ChunkRef {
+                hash,
+                len: c.len() as u32,
+            });
+            rest.push((hash.key("chunks"), Bytes::copy_from_slice(c)));
+        }
+        self.store
+            .put_content_many(rest)
+            .map_err(std::io::Error::other)?;
+        Ok(refs)
+    }
+
+    /// The bytes so far, into `f`.
+    fn write_out(&self, f: &fs::File) -> std::io::Result<()> {
+        let mut at = 0;
+        for c in self.stored()? {
+            let bytes = self
+                .store
+                .get_verified(&c.hash.key("chunks"), &c.hash)
+                .map_err(std::io::Error::other)?;
+            f.write_all_at(&bytes, at)?;
+            at += bytes.len() as u64;
+        }
+        f.write_all_at(self.cutter.tail(), at)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +198,7 @@ impl WriteFile {
             path: Mutex::new(path),
             dir: dir.to_path_buf(),
             spool: RwLock::new(Spool::Memory(Vec::new())),
+            stream_to: Mutex::new(None),
             spool_path: Mutex::new(None),
             meta: Mutex::new(WriteMeta {
                 size: 0,
@@ -77,11 +215,27 @@ impl WriteFile {
         Ok(wf)
     }
 
-    /// Move an in-memory spool to a file (it grew past `MEMORY_SPOOL`).
+    /// Chunk this file as it is written, into `store`, while it is written
+    /// from its start in order (see `Spool::Stream`).
+    pub fn stream_to(&self, store: Store, params: ChunkParams) {
+        *self.stream_to.lock() = Some((store, params));
+    }
+
+    /// The file's content as stored chunks, if it is being streamed (the
+    /// last chunks are stored now; writing may go on).
+    pub fn streamed(&self) -> std::io::Result<Option<(Vec<ChunkRef>, u64)>> {
+        match &*self.spool.read() {
+            Spool::Stream(s) => Ok(Some((s.content()?, s.len))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Move the spool to a file: from memory (it grew past
+    /// `MEMORY_SPOOL`), or from a stream (written out of order).
     fn spill(&self, spool: &mut Spool) -> std::io::Result<()> {
-        let Spool::Memory(bytes) = spool else {
+        if let Spool::Disk(_) = spool {
             return Ok(());
-        };
+        }
         fs::create_dir_all(&self.dir)?;
         let path = self.dir.join(format!("spool-{}", ulid::Ulid::new()));
         let f = fs::OpenOptions::new()
@@ -90,7 +244,11 @@ impl WriteFile {
             .create_new(true)
             .open(&path)?;
         *self.spool_path.lock() = Some(path);
-        f.write_all_at(bytes, 0)?;
+        match &*spool {
+            Spool::Memory(v) => f.write_all_at(v, 0)?,
+            Spool::Stream(s) => s.write_out(&f)?,
+            Spool::Disk(_) => unreachable!("returned above"),
+        }
         *spool = Spool::Disk(f);
         Ok(())
     }
@@ -102,10 +260,36 @@ impl WriteFile {
             return f.write_all_at(data, offset);
         }
         let mut spool = self.spool.write();
-        if end > MEMORY_SPOOL {
-            self.spill(&mut spool)?;
+        if let Spool::Stream(s) = &mut *spool {
+            if offset == s.len {
+                return s.append(data);
+            }
+        }
+        if matches!(*spool, Spool::Stream(_)) {
+            self.spill(&mut spool)?; // written out of order
+        } else if end > MEMORY_SPOOL {
+            let start = self.stream_to.lock().clone().and_then(|(store, params)| {
+                match &mut *spool {
+                    // Written in order from the start so far, and now too.
+                    Spool::Memory(v) if offset == v.len() as u64 => {
+                        Some((store, params, std::mem::take(v)))
+                    }
+                    _ => None,
+                }
+            });
+            match start {
+                Some((store, params, bytes)) => {
+                    let mut s = Stream::start(store, params, Vec::new())?;
+                    s.append(&bytes)?;
+                    s.append(data)?;
+                    *spool = Spool::Stream(s);
+                    return Ok(());
+                }
+                None => self.spill(&mut spool)?,
+            }
         }
         match &mut *spool {
+            Spool::Stream(_) => unreachable!("spilled above"),
             Spool::Disk(f) => f.write_all_at(data, offset),
             Spool::Memory(v) => {
                 if v.len() < end as usize {
@@ -120,10 +304,24 @@ impl WriteFile {
     /// Set the spool's length (no metadata change).
     fn resize(&self, size: u64) -> std::io::Result<()> {
         let mut spool = self.spool.write();
-        if size > MEMORY_SPOOL {
+        if size == 0 {
+            // Emptied (O_TRUNC): written from the start again, it may stream.
+            *spool = Spool::Memory(Vec::new());
+            if let Some(path) = self.spool_path.lock().take() {
+                let _ = fs::remove_file(path);
+            }
+            return Ok(());
+        }
+        if let Spool::Stream(s) = &*spool {
+            if s.len == size {
+                return Ok(());
+            }
+        }
+        if size > MEMORY_SPOOL || matches!(*spool, Spool::Stream(_)) {
             self.spill(&mut spool)?;
         }
         match &mut *spool {
+            Spool::Stream(_) => unreachable!("spilled above"),
             Spool::Disk(f) => f.set_len(size),
             Spool::Memory(v) => {
                 v.resize(size as usize, 0);
@@ -148,7 +346,13 @@ impl WriteFile {
             return Ok(Vec::new());
         }
         let mut buf = vec![0; (end - offset) as usize];
+        if matches!(*self.spool.read(), Spool::Stream(_)) {
+            // Read while written in order: rare enough to spool it after all.
+            let mut spool = self.spool.write();
+            self.spill(&mut spool)?;
+        }
         match &*self.spool.read() {
+            Spool::Stream(_) => unreachable!("spilled above"),
             Spool::Memory(v) => {
                 // A write may be extending the file right now: bytes it has
                 // not copied yet read as zeros, as a hole would.
@@ -180,8 +384,13 @@ impl WriteFile {
 
     /// A reader over the spool's current bytes.
     pub fn reader(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        if matches!(*self.spool.read(), Spool::Stream(_)) {
+            let mut spool = self.spool.write();
+            self.spill(&mut spool)?;
+        }
         let size = self.meta.lock().size;
         Ok(match &*self.spool.read() {
+            Spool::Stream(_) => unreachable!("spilled above"),
             Spool::Memory(v) => {
                 let n = (size as usize).min(v.len());
                 let mut bytes = v[..n].to_vec();
@@ -368,6 +577,58 @@ mod tests {
         assert_eq!(&all[..2], b"01");
         drop(wf);
         assert_eq!(spools(), 0, "the spool file goes with the write file");
+    }
+
+    #[test]
+    fn files_written_in_order_are_chunked_as_they_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("memory://stream-{}", ulid::Ulid::new())).unwrap();
+        let params = ChunkParams {
+            min: 16 << 10,
+            avg: 64 << 10,
+            max: 256 << 10,
+        };
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let wf = WriteFile::new(dir.path(), "f".into(), 0o644, 0, |_| Ok(0), true).unwrap();
+        wf.stream_to(store.clone(), params);
+        for (i, part) in data.chunks(100_000).enumerate() {
+            wf.write(i as u64 * 100_000, part).unwrap();
+        }
+        let spools = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(spools(), 0, "no spool file: chunked as written");
+        let (refs, size) = wf.streamed().unwrap().expect("streaming");
+        assert_eq!(size, data.len() as u64);
+        // The same chunks a whole-file store makes, all in the store.
+        let (whole, _) = crate::chunk::store_content(
+            &Store::open(&format!("memory://whole-{}", ulid::Ulid::new())).unwrap(),
+            params,
+            &data[..],
+            "x",
+        )
+        .unwrap();
+        assert_eq!(crate::chunk::Stored::Chunks(refs.clone()), whole);
+        let mut out = Vec::new();
+        crate::chunk::write_chunks(&store, &refs, &mut out).unwrap();
+        assert_eq!(out, data);
+        // Appending goes on streaming; a write elsewhere spools it after all.
+        wf.write(data.len() as u64, b"tail").unwrap();
+        assert!(wf.streamed().unwrap().is_some());
+        wf.write(10, b"XY").unwrap();
+        assert!(wf.streamed().unwrap().is_none());
+        assert_eq!(spools(), 1);
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut wf.reader().unwrap(), &mut all).unwrap();
+        let mut want = data.clone();
+        want[10..12].copy_from_slice(b"XY");
+        want.extend_from_slice(b"tail");
+        assert_eq!(all, want);
+        // Emptied, it may stream again.
+        wf.truncate(0).unwrap();
+        assert_eq!(spools(), 0);
+        wf.write(0, &data[..2_000_000]).unwrap();
+        assert_eq!(wf.streamed().unwrap().unwrap().1, 2_000_000);
     }
 
     #[test]
