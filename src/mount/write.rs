@@ -51,10 +51,19 @@ enum Spool {
 
 struct Stream {
     store: Store,
-    cutter: Cutter,
+    params: ChunkParams,
     /// Bytes written so far.
     len: u64,
-    uploader: mpsc::SyncSender<Upload>,
+    /// To the cutter thread, which sends chunks on to the uploader thread:
+    /// cutting, hashing and storing run beside the FUSE threads.
+    cutter: mpsc::SyncSender<Cut>,
+}
+
+enum Cut {
+    Bytes(Vec<u8>),
+    /// Reply once every chunk cut before is stored: their refs, and the
+    /// bytes not cut yet.
+    Barrier(mpsc::Sender<Result<(Vec<ChunkRef>, Vec<u8>), String>>),
 }
 
 enum Upload {
@@ -66,15 +75,19 @@ enum Upload {
 /// Bytes of chunks stored per batch by a stream's uploader.
 const STREAM_BATCH: usize = 16 << 20;
 
-/// Chunks a stream's writer may run ahead of its uploader.
+/// Writes (and chunks) each stage may run ahead of the next.
 const STREAM_AHEAD: usize = 16;
 
+fn gone() -> std::io::Error {
+    std::io::Error::other("chunk uploader gone")
+}
+
 impl Stream {
-    fn start(store: Store, params: ChunkParams, start: Vec<u8>) -> std::io::Result<Stream> {
-        let (tx, rx) = mpsc::sync_channel::<Upload>(STREAM_AHEAD);
+    fn start(store: Store, params: ChunkParams) -> std::io::Result<Stream> {
+        let (up_tx, up_rx) = mpsc::sync_channel::<Upload>(STREAM_AHEAD);
         let to = store.clone();
         std::thread::Builder::new()
-            .name("tarn-stream".into())
+            .name("tarn-stream-up".into())
             .spawn(move || {
                 let (mut refs, mut batch, mut bytes) = (Vec::new(), Vec::new(), 0);
                 let mut failed: Option<String> = None;
@@ -83,7 +96,7 @@ impl Stream {
                         failed.get_or_insert(e.to_string());
                     }
                 };
-                for msg in rx {
+                for msg in up_rx {
                     match msg {
                         Upload::Chunk(data) => {
                             let hash = Hash::of(&data);
@@ -109,57 +122,80 @@ impl Stream {
                     }
                 }
             })?;
+        let (cut_tx, cut_rx) = mpsc::sync_channel::<Cut>(STREAM_AHEAD);
+        std::thread::Builder::new()
+            .name("tarn-stream-cut".into())
+            .spawn(move || {
+                let mut cutter = Cutter::new(params, Vec::new());
+                for msg in cut_rx {
+                    match msg {
+                        Cut::Bytes(data) => {
+                            for chunk in cutter.push(&data) {
+                                if up_tx.send(Upload::Chunk(chunk)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Cut::Barrier(reply) => {
+                            let (tx, rx) = mpsc::channel();
+                            let stored = match up_tx.send(Upload::Barrier(tx)) {
+                                Ok(()) => rx.recv().unwrap_or_else(|_| Err(gone().to_string())),
+                                Err(_) => Err(gone().to_string()),
+                            };
+                            let _ = reply.send(stored.map(|refs| (refs, cutter.tail().to_vec())));
+                        }
+                    }
+                }
+            })?;
         Ok(Stream {
             store,
-            len: start.len() as u64,
-            cutter: Cutter::new(params, start),
-            uploader: tx,
+            params,
+            len: 0,
+            cutter: cut_tx,
         })
     }
 
     fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
-        for chunk in self.cutter.push(data) {
-            self.uploader
-                .send(Upload::Chunk(chunk))
-                .map_err(|_| std::io::Error::other("chunk uploader gone"))?;
-        }
+        self.cutter
+            .send(Cut::Bytes(data.to_vec()))
+            .map_err(|_| gone())?;
         self.len += data.len() as u64;
         Ok(())
     }
 
-    /// Every chunk cut so far, stored.
-    fn stored(&self) -> std::io::Result<Vec<ChunkRef>> {
+    /// Every chunk cut so far, stored, and the bytes not cut yet.
+    fn stored(&self) -> std::io::Result<(Vec<ChunkRef>, Vec<u8>)> {
         let (tx, rx) = mpsc::channel();
-        self.uploader
-            .send(Upload::Barrier(tx))
-            .map_err(|_| std::io::Error::other("chunk uploader gone"))?;
+        self.cutter.send(Cut::Barrier(tx)).map_err(|_| gone())?;
         rx.recv()
-            .map_err(|_| std::io::Error::other("chunk uploader gone"))?
+            .map_err(|_| gone())?
             .map_err(std::io::Error::other)
     }
 
     /// The whole content so far as stored chunks; the stream goes on.
     fn content(&self) -> std::io::Result<Vec<ChunkRef>> {
-        let mut refs = self.stored()?;
-        let mut rest = Vec::new();
-        for c in self.cutter.rest() {
+        let (mut refs, tail) = self.stored()?;
+        let rest = Cutter::new(self.params, tail);
+        let mut objects = Vec::new();
+        for c in rest.rest() {
             let hash = Hash::of(c);
             refs.push(ChunkRef {
                 hash,
                 len: c.len() as u32,
             });
-            rest.push((hash.key("chunks"), Bytes::copy_from_slice(c)));
+            objects.push((hash.key("chunks"), Bytes::copy_from_slice(c)));
         }
         self.store
-            .put_content_many(rest)
+            .put_content_many(objects)
             .map_err(std::io::Error::other)?;
         Ok(refs)
     }
 
     /// The bytes so far, into `f`.
     fn write_out(&self, f: &fs::File) -> std::io::Result<()> {
+        let (refs, tail) = self.stored()?;
         let mut at = 0;
-        for c in self.stored()? {
+        for c in refs {
             let bytes = self
                 .store
                 .get_verified(&c.hash.key("chunks"), &c.hash)
@@ -167,7 +203,7 @@ impl Stream {
             f.write_all_at(&bytes, at)?;
             at += bytes.len() as u64;
         }
-        f.write_all_at(self.cutter.tail(), at)
+        f.write_all_at(&tail, at)
     }
 }
 
@@ -279,7 +315,7 @@ impl WriteFile {
             });
             match start {
                 Some((store, params, bytes)) => {
-                    let mut s = Stream::start(store, params, Vec::new())?;
+                    let mut s = Stream::start(store, params)?;
                     s.append(&bytes)?;
                     s.append(data)?;
                     *spool = Spool::Stream(s);
