@@ -59,11 +59,13 @@ struct Stream {
     cutter: mpsc::SyncSender<Cut>,
 }
 
+/// Every chunk cut so far, stored, and the bytes not cut yet.
+type CutSoFar = Result<(Vec<ChunkRef>, Vec<u8>), String>;
+
 enum Cut {
     Bytes(Vec<u8>),
-    /// Reply once every chunk cut before is stored: their refs, and the
-    /// bytes not cut yet.
-    Barrier(mpsc::Sender<Result<(Vec<ChunkRef>, Vec<u8>), String>>),
+    /// Reply once every chunk cut before is stored.
+    Barrier(mpsc::Sender<CutSoFar>),
 }
 
 enum Upload {
