@@ -984,10 +984,11 @@ impl LakeFs {
             let Node::File { view, .. } = self.node(ino)? else {
                 return Err(FsError::NotFound);
             };
+            // Cached like any other: every change to it goes through this
+            // kernel, which drops its copy of size and times on each write
+            // and takes setattr's reply as the new attributes.
             let m = wf.meta.lock().clone();
-            let mut a = self.file_attr(ino, &view, m.size, m.mode, m.mtime);
-            a.ttl = Duration::ZERO;
-            return Ok(a);
+            return Ok(self.file_attr(ino, &view, m.size, m.mode, m.mtime));
         }
         match self.node(ino)? {
             Node::Root => Ok(self.dir_attr(ino, self.started, self.cfg.metadata_ttl, false)),
