@@ -25,6 +25,10 @@ const WORKERS: usize = 4;
 /// further ahead (a random reader) reads the chunks itself.
 const WAIT_AHEAD: usize = 8;
 
+/// The newest chunks written are also kept in memory, so a reader close
+/// behind the copy is answered without reading the file back.
+const HELD: usize = 16;
+
 /// The id of a file's whole-file copy: its chunk list, hashed.
 pub fn file_id(chunks: &[ChunkRef]) -> Hash {
     let mut h = blake3::Hasher::new();
@@ -73,6 +77,8 @@ struct State {
     /// Chunks written.
     written: usize,
     failed: Option<String>,
+    /// Bytes of the newest chunks written, by index.
+    held: std::collections::BTreeMap<usize, Bytes>,
     /// Workers still running; the last one out keeps or drops the file.
     workers: usize,
 }
@@ -162,13 +168,18 @@ impl Assembly {
                 .and_then(|b| {
                     self.file
                         .write_all_at(&b, self.starts[i])
-                        .map_err(|e| format!("writing the whole-file copy: {e}"))
+                        .map_err(|e| format!("writing the whole-file copy: {e}"))?;
+                    Ok(b)
                 });
             let mut st = self.state.lock();
             match res {
-                Ok(()) => {
+                Ok(bytes) => {
                     st.done[i] = true;
                     st.written += 1;
+                    st.held.insert(i, bytes);
+                    if st.held.len() > HELD {
+                        st.held.pop_first();
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "whole-file copy abandoned");
@@ -200,7 +211,26 @@ impl Assembly {
                 Some(_) => return None,
             }
         }
+        let held: Option<Vec<Bytes>> = (first..=last).map(|i| st.held.get(&i).cloned()).collect();
         drop(st);
+        if let Some(parts) = held {
+            // The chunks are in memory: slices of them, no copy for a read
+            // within one chunk.
+            let piece = |i: usize, b: &Bytes| {
+                let at = self.starts[first + i];
+                let from = offset.saturating_sub(at) as usize;
+                let to = ((end - at) as usize).min(b.len());
+                b.slice(from..to)
+            };
+            if let [one] = &parts[..] {
+                return Some(Ok(piece(0, one)));
+            }
+            let mut out = Vec::with_capacity((end - offset) as usize);
+            for (i, b) in parts.iter().enumerate() {
+                out.extend_from_slice(&piece(i, b));
+            }
+            return Some(Ok(Bytes::from(out)));
+        }
         let mut buf = vec![0; (end - offset) as usize];
         Some(
             self.file
