@@ -649,60 +649,37 @@ mod tests {
         l.create_branch("r", "dev", "main").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let mut latest: Option<String> = None;
-        let mut put = |branch: &str, path: &str, text: &str| {
-            let batch = Lake::new_batch_id(latest.as_deref());
-            latest = Some(batch.clone());
-            let (content, size, _) = j
-                .store_file(l.config().chunking, text.as_bytes(), "test")
-                .unwrap();
-            j.append(&JournalEntry {
-                repo: "r".into(),
-                branch: branch.into(),
-                batch,
-                ops: vec![Op::Put {
-                    path: path.into(),
-                    entry: Entry::File(File {
-                        size,
-                        mode: 0o644,
-                        mtime: 0,
-                        content,
-                    }),
-                }],
-            })
-            .unwrap();
-        };
-        put("main", "a", "1");
-        put("main", "a", "2");
-        put("main", "b", "3");
-        put("dev", "c", "4");
-        put("main", "a", "5");
+        put(&l, &j, "main", "a", "1");
+        put(&l, &j, "main", "a", "2");
+        put(&l, &j, "main", "b", "3");
+        put(&l, &j, "dev", "c", "4");
+        put(&l, &j, "main", "a", "5");
         assert_eq!(j.upload_all(&l).unwrap(), 5);
         assert_eq!(j.pending.lock().total, 0);
         // main: the first three together, then the last; dev: one.
         assert_eq!(l.store().list("repos/r/staging").unwrap().len(), 3);
-        let text = |branch: &str, path: &str| {
-            let (_, work) = l.working_tree("r", branch).unwrap();
-            let Some(Entry::File(f)) = l.trees().lookup(&work, path).unwrap() else {
-                panic!("{path} is staged on {branch}")
-            };
-            let mut out = Vec::new();
-            l.read_file(&f, &mut out).unwrap();
-            String::from_utf8(out).unwrap()
-        };
-        assert_eq!(text("main", "a"), "5", "order kept");
-        assert_eq!(text("main", "b"), "3");
-        assert_eq!(text("dev", "c"), "4");
+        assert_eq!(text(&l, "main", "a"), "5", "order kept");
+        assert_eq!(text(&l, "main", "b"), "3");
+        assert_eq!(text(&l, "dev", "c"), "4");
     }
 
+    /// Journal a put of `text` at `path`, under a batch id above the last
+    /// one (as a mount's closes are).
     fn put(l: &Lake, j: &Journal, branch: &str, path: &str, text: &str) {
+        static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let batch = {
+            let mut last = LAST.lock().unwrap();
+            let id = Lake::new_batch_id(last.as_deref());
+            *last = Some(id.clone());
+            id
+        };
         let (content, size, _) = j
             .store_file(l.config().chunking, text.as_bytes(), "test")
             .unwrap();
         j.append(&JournalEntry {
             repo: "r".into(),
             branch: branch.into(),
-            batch: Lake::new_batch_id(None),
+            batch,
             ops: vec![Op::Put {
                 path: path.into(),
                 entry: Entry::File(File {
