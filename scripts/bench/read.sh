@@ -83,7 +83,7 @@ fresh=(); for i in 1 2 3; do drop; fresh+=("$(dd_time "$WORK/fresh.bin")"); done
 rm -f "$WORK/fresh.bin"
 echo "local, freshly written copy: ${fresh[*]} s" >&2
 echo "== fio 4k random reads" >&2
-cat "$BIG" >/dev/null   # both files warm in the page cache: compare like with like
+cat "$BIG" "$MNT/big.bin" >/dev/null   # both files warm in the page cache: compare like with like
 fio_iops() { fio --name=r --filename="$1" --rw=randread --bs=4k --size="$SIZE" --runtime=10 --time_based \
   --ioengine=psync --numjobs=2 --group_reporting --invalidate=0 --output-format=json 2>/dev/null |
   python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))'; }
