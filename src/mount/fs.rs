@@ -274,29 +274,35 @@ struct ViewState {
     trees: Arc<Trees>,
     /// Files created and still open, not yet staged: path → inode.
     creating: BTreeMap<String, u64>,
-    /// Closed files staged but not applied to `root` yet (see `apply_local`).
+    /// Ops staged but not applied to `root` yet (see `apply_local`).
     pending: Arc<Pending>,
 }
 
-/// File puts staged by this mount and not yet applied to its view's tree:
-/// applying each close on its own rewrites (and hashes) the directory's
-/// tree leaf every time; applied together, once per leaf.
+/// Ops staged by this mount and not yet applied to its view's tree: closes
+/// wait here (applying each on its own rewrites and hashes the directory's
+/// tree leaf every time; applied together, once per leaf); any other op is
+/// applied, with the closes before it, as soon as it is queued.
 #[derive(Clone, Default)]
 struct Pending {
     ops: Vec<Op>,
-    /// The newest entry each path has in `ops`.
+    /// The newest entry each path is put with in `ops`.
     files: HashMap<String, Entry>,
 }
 
 impl Pending {
-    fn rebuild(ops: Vec<Op>) -> Pending {
-        let mut files = HashMap::new();
-        for op in &ops {
-            if let Op::Put { path, entry } = op {
-                files.insert(path.clone(), entry.clone());
-            }
+    fn push(&mut self, op: Op) {
+        if let Op::Put { path, entry } = &op {
+            self.files.insert(path.clone(), entry.clone());
         }
-        Pending { ops, files }
+        self.ops.push(op);
+    }
+
+    fn rebuild(ops: Vec<Op>) -> Pending {
+        let mut p = Pending::default();
+        for op in ops {
+            p.push(op);
+        }
+        p
     }
 }
 
@@ -679,10 +685,12 @@ impl LakeFs {
             let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
             let mut st = view.state.lock();
             fresh.creating = std::mem::take(&mut st.creating);
-            // Puts that became pending meanwhile may be newer than what the
-            // reload read: applied again on top (a put of the same entry
-            // twice is the same tree).
-            fresh.pending = std::mem::take(&mut st.pending);
+            // Closes that became pending meanwhile may be newer than what
+            // the reload read: applied again on top (a put of the same entry
+            // twice is the same tree). Other ops are not repeatable: one the
+            // reload missed is not in `seen` either, so a refresh brings it.
+            let closes = st.pending.ops.iter().filter(|op| is_file_put(op));
+            fresh.pending = Arc::new(Pending::rebuild(closes.cloned().collect()));
             *st = fresh.clone();
             *view.latest_seen.lock() = batches.iter().max().cloned();
             *view.seen.lock() = batches;
@@ -831,51 +839,29 @@ impl LakeFs {
     }
 
     fn apply_local(&self, view: &View, id: &str, ops: &[Op]) -> Result<()> {
-        if ops.iter().all(is_file_put) {
-            let full = {
-                let mut st = view.state.lock();
-                if view.seen.lock().contains(id) {
-                    return Ok(()); // a refresh already picked it up
-                }
-                let p = Arc::make_mut(&mut st.pending);
-                for op in ops {
-                    if let Op::Put { path, entry } = op {
-                        p.files.insert(path.clone(), entry.clone());
-                    }
-                    p.ops.push(op.clone());
-                }
-                view.note_latest(Some(&id.to_string()));
-                view.seen.lock().insert(id.to_string());
-                p.ops.len() >= PENDING_MAX
-            };
-            return if full {
-                self.apply_pending(view)
-            } else {
-                Ok(())
-            };
-        }
-        self.apply_pending(view)?;
-        loop {
+        let apply_now = {
+            let mut st = view.state.lock();
             if view.seen.lock().contains(id) {
                 return Ok(()); // a refresh already picked it up
             }
-            let (root, trees) = {
-                let st = view.state.lock();
-                (st.root, st.trees.clone())
-            };
-            let new_root = trees.apply(&root, ops)?;
-            let mut st = view.state.lock();
-            if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
-                st.root = new_root;
-                view.note_latest(Some(&id.to_string()));
-                view.seen.lock().insert(id.to_string());
-                self.compact(view, &mut st);
-                return Ok(());
+            let p = Arc::make_mut(&mut st.pending);
+            for op in ops {
+                p.push(op.clone());
             }
+            view.note_latest(Some(&id.to_string()));
+            view.seen.lock().insert(id.to_string());
+            // Closes wait to be applied together; anything else goes now,
+            // after them.
+            !ops.iter().all(is_file_put) || p.ops.len() >= PENDING_MAX
+        };
+        if apply_now {
+            self.apply_pending(view)
+        } else {
+            Ok(())
         }
     }
 
-    /// Apply the view's pending puts to its tree, all at once.
+    /// Apply the view's pending ops to its tree, all at once.
     fn apply_pending(&self, view: &View) -> Result<()> {
         loop {
             let (root, trees, pending) = {
@@ -889,7 +875,7 @@ impl LakeFs {
             let mut st = view.state.lock();
             if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
                 st.root = new_root;
-                // Puts can only have been added after the ones applied.
+                // Ops can only have been added after the ones applied.
                 let rest = st.pending.ops[pending.ops.len()..].to_vec();
                 st.pending = Arc::new(Pending::rebuild(rest));
                 self.compact(view, &mut st);
