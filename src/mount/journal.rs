@@ -1,5 +1,6 @@
 //! The write-back journal (`tarn mount --writeback`): a close appends its
-//! staged ops to a journal on the cache disk (fsynced) and returns; one
+//! staged ops to a log on the cache disk and returns (`fsync` also syncs
+//! the cache file system); one
 //! uploader thread then sends each entry's new chunks to the lake and stages
 //! its ops, in order, under the batch id chosen at close. Entries left by a
 //! crash are uploaded when the next daemon starts with the same cache dir.
@@ -425,7 +426,8 @@ impl Journal {
                     let group = &records[i..j];
                     let end = group.last().expect("non-empty").end;
                     self.set_position(Position { intent: end, ..pos })?;
-                    self.upload_group(lake, group.iter().map(|r| &r.entry))?;
+                    let entries: Vec<&JournalEntry> = group.iter().map(|r| &r.entry).collect();
+                    self.upload_group(lake, &entries)?;
                     pos = Position {
                         segment: seg,
                         offset: end,
@@ -470,12 +472,7 @@ impl Journal {
 
     /// Stage entries as one batch (see `upload_log`), then drop their
     /// chunks' counts; entries of a deleted branch are set aside.
-    fn upload_group<'a>(
-        &self,
-        lake: &Lake,
-        group: impl Iterator<Item = &'a JournalEntry> + Clone,
-    ) -> Result<(), String> {
-        let entries: Vec<&JournalEntry> = group.collect();
+    fn upload_group(&self, lake: &Lake, entries: &[&JournalEntry]) -> Result<(), String> {
         let Some(last) = entries.last() else {
             return Ok(());
         };
@@ -488,14 +485,10 @@ impl Journal {
         match self.upload(lake, &entry) {
             Ok(()) => self.release(&chunks_of(&entry.ops)),
             Err(Upload::Retry(e)) => return Err(e),
-            Err(Upload::Gone(e)) => {
-                for e_ in &entries {
-                    let aside = self.dir.join("orphaned");
-                    std::fs::create_dir_all(&aside).map_err(io_err)?;
-                    let bytes = postcard::to_allocvec(*e_).map_err(|e| e.to_string())?;
-                    let to = aside.join(&e_.batch);
-                    std::fs::write(&to, bytes).map_err(io_err)?;
-                    tracing::warn!(entry = %to.display(), "journaled change set aside: {e}");
+            Err(Upload::Gone(why)) => {
+                for entry in entries {
+                    let bytes = postcard::to_allocvec(*entry).map_err(|e| e.to_string())?;
+                    self.put_aside(entry.batch.as_ref(), &why, |to| std::fs::write(to, &bytes))?;
                 }
             }
         }
@@ -503,11 +496,23 @@ impl Journal {
         Ok(())
     }
 
+    /// Move an entry file or log segment to `orphaned/`, for a person.
     fn set_aside(&self, path: &Path, why: &str) -> Result<(), String> {
+        let name = path.file_name().expect("entry file");
+        self.put_aside(name, why, |to| std::fs::rename(path, to))
+    }
+
+    /// Make `orphaned/<name>` with `put` (a rename or a write).
+    fn put_aside(
+        &self,
+        name: &std::ffi::OsStr,
+        why: &str,
+        put: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), String> {
         let aside = self.dir.join("orphaned");
         std::fs::create_dir_all(&aside).map_err(io_err)?;
-        let to = aside.join(path.file_name().expect("entry file"));
-        std::fs::rename(path, &to).map_err(io_err)?;
+        let to = aside.join(name);
+        put(&to).map_err(io_err)?;
         tracing::warn!(entry = %to.display(), "journaled change set aside: {why}");
         Ok(())
     }
