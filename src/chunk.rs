@@ -106,28 +106,66 @@ pub fn store_content_seen(
         return Ok((Stored::Inline(head), stats));
     }
     let source = std::io::Cursor::new(head).chain(reader);
-    let mut refs = Vec::new();
-    let mut batch: Vec<(String, Bytes)> = Vec::new();
-    let mut batch_bytes = 0;
+    let mut uploads = Uploads::new(store.clone(), UPLOAD_BATCH);
     for chunk in fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max) {
         let chunk = chunk.map_err(|e| io(e.into()))?;
-        let hash = Hash::of(&chunk.data);
-        seen(&hash);
-        refs.push(ChunkRef {
-            hash,
-            len: chunk.length as u32,
-        });
         stats.bytes += chunk.length as u64;
-        batch_bytes += chunk.length;
-        batch.push((hash.key("chunks"), Bytes::from(chunk.data)));
-        if batch_bytes >= UPLOAD_BATCH {
-            stats.new_chunks += store.put_content_many(std::mem::take(&mut batch))?;
-            batch_bytes = 0;
+        uploads.add(chunk.data, &mut seen)?;
+    }
+    uploads.flush()?;
+    stats.new_chunks = uploads.new_chunks;
+    stats.chunks = uploads.refs.len();
+    Ok((Stored::Chunks(uploads.refs), stats))
+}
+
+/// Chunks on their way into a store, in order: their refs, and their bytes
+/// put many at a time once a batch is `limit` bytes (and at `flush`).
+pub struct Uploads {
+    store: Store,
+    limit: usize,
+    pub refs: Vec<ChunkRef>,
+    batch: Vec<(String, Bytes)>,
+    bytes: usize,
+    /// Chunks the store did not have yet.
+    pub new_chunks: usize,
+}
+
+impl Uploads {
+    pub fn new(store: Store, limit: usize) -> Uploads {
+        Uploads {
+            store,
+            limit,
+            refs: Vec::new(),
+            batch: Vec::new(),
+            bytes: 0,
+            new_chunks: 0,
         }
     }
-    stats.new_chunks += store.put_content_many(batch)?;
-    stats.chunks = refs.len();
-    Ok((Stored::Chunks(refs), stats))
+
+    /// Add the next chunk; `seen` is told its hash before it is put.
+    pub fn add(&mut self, data: Vec<u8>, seen: impl FnOnce(&Hash)) -> Result<()> {
+        let hash = Hash::of(&data);
+        seen(&hash);
+        self.refs.push(ChunkRef {
+            hash,
+            len: data.len() as u32,
+        });
+        self.bytes += data.len();
+        self.batch.push((hash.key("chunks"), Bytes::from(data)));
+        if self.bytes >= self.limit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Put what is batched.
+    pub fn flush(&mut self) -> Result<()> {
+        self.bytes = 0;
+        self.new_chunks += self
+            .store
+            .put_content_many(std::mem::take(&mut self.batch))?;
+        Ok(())
+    }
 }
 
 /// Content-defined cuts of bytes that arrive in pieces (a file written

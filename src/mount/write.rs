@@ -11,10 +11,8 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use std::sync::mpsc;
 
-use bytes::Bytes;
-
-use crate::chunk::{ChunkParams, Cutter};
-use crate::hash::{ChunkRef, Hash};
+use crate::chunk::{ChunkParams, Cutter, Uploads};
+use crate::hash::ChunkRef;
 use crate::store::Store;
 use crate::tree::Op;
 
@@ -87,40 +85,29 @@ fn gone() -> std::io::Error {
 impl Stream {
     fn start(store: Store, params: ChunkParams) -> std::io::Result<Stream> {
         let (up_tx, up_rx) = mpsc::sync_channel::<Upload>(STREAM_AHEAD);
-        let to = store.clone();
+        let mut uploads = Uploads::new(store.clone(), STREAM_BATCH);
         std::thread::Builder::new()
             .name("tarn-stream-up".into())
             .spawn(move || {
-                let (mut refs, mut batch, mut bytes) = (Vec::new(), Vec::new(), 0);
+                // The first failure is kept and told at every barrier.
                 let mut failed: Option<String> = None;
-                let put = |batch: &mut Vec<(String, Bytes)>, failed: &mut Option<String>| {
-                    if let Err(e) = to.put_content_many(std::mem::take(batch)) {
-                        failed.get_or_insert(e.to_string());
-                    }
-                };
                 for msg in up_rx {
-                    match msg {
-                        Upload::Chunk(data) => {
-                            let hash = Hash::of(&data);
-                            refs.push(ChunkRef {
-                                hash,
-                                len: data.len() as u32,
-                            });
-                            bytes += data.len();
-                            batch.push((hash.key("chunks"), Bytes::from(data)));
-                            if bytes >= STREAM_BATCH {
-                                put(&mut batch, &mut failed);
-                                bytes = 0;
-                            }
-                        }
+                    let res = match msg {
+                        Upload::Chunk(data) => uploads.add(data, |_| {}),
                         Upload::Barrier(reply) => {
-                            put(&mut batch, &mut failed);
-                            bytes = 0;
+                            let res = uploads.flush();
+                            if let Err(e) = &res {
+                                failed.get_or_insert(e.to_string());
+                            }
                             let _ = reply.send(match &failed {
                                 Some(e) => Err(e.clone()),
-                                None => Ok(refs.clone()),
+                                None => Ok(uploads.refs.clone()),
                             });
+                            continue;
                         }
+                    };
+                    if let Err(e) = res {
+                        failed.get_or_insert(e.to_string());
                     }
                 }
             })?;
@@ -177,19 +164,13 @@ impl Stream {
     /// The whole content so far as stored chunks; the stream goes on.
     fn content(&self) -> std::io::Result<Vec<ChunkRef>> {
         let (mut refs, tail) = self.stored()?;
-        let rest = Cutter::new(self.params, tail);
-        let mut objects = Vec::new();
-        for c in rest.rest() {
-            let hash = Hash::of(c);
-            refs.push(ChunkRef {
-                hash,
-                len: c.len() as u32,
-            });
-            objects.push((hash.key("chunks"), Bytes::copy_from_slice(c)));
+        let mut rest = Uploads::new(self.store.clone(), usize::MAX);
+        for c in Cutter::new(self.params, tail).rest() {
+            rest.add(c.to_vec(), |_| {})
+                .map_err(std::io::Error::other)?;
         }
-        self.store
-            .put_content_many(objects)
-            .map_err(std::io::Error::other)?;
+        rest.flush().map_err(std::io::Error::other)?;
+        refs.extend(rest.refs);
         Ok(refs)
     }
 
