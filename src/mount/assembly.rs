@@ -1,12 +1,17 @@
 //! Whole-file copies in the chunk cache. A file read from its start is
-//! copied, chunk after chunk, into one local file by a few workers at once;
-//! the daemon answers reads from that file as soon as the bytes are there,
-//! and once it is complete later opens hand it to the kernel (passthrough),
-//! which then reads at the local disk's speed without the daemon.
+//! copied, chunk after chunk, into one local file: a few workers fetch chunks
+//! at once and whichever is free appends them, in order, to the file in
+//! large aligned blocks written with `O_DIRECT` (no second copy of the bytes
+//! in the page cache, nothing left for the kernel to write back later). The
+//! daemon answers reads from the fetched chunks and the file as soon as the
+//! bytes are there, and once the copy is complete later opens hand it to the
+//! kernel (passthrough), which then reads at the local disk's speed without
+//! the daemon.
 //!
 //! Every chunk is verified before it is written; a copy found on disk by a
 //! later daemon is checked against the file's chunk list before first use.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -21,13 +26,21 @@ use crate::hash::{ChunkRef, Hash};
 /// Chunks fetched at once for one copy.
 const WORKERS: usize = 4;
 
-/// A reader this many chunks or fewer ahead of the copy waits for it; one
-/// further ahead (a random reader) reads the chunks itself.
+/// Chunks fetched but not yet in the file, at most (bounds the memory a slow
+/// chunk can make the others wait in).
+const AHEAD: usize = 32;
+
+/// A reader this many chunks or fewer ahead of the fetching waits for it;
+/// one further ahead (a random reader) reads the chunks itself.
 const WAIT_AHEAD: usize = 8;
 
 /// The newest chunks written are also kept in memory, so a reader close
 /// behind the copy is answered without reading the file back.
 const HELD: usize = 16;
+
+/// Bytes per write of the copy; a multiple of any device's block size.
+const BLOCK: usize = 4 << 20;
+const ALIGN: usize = 4096;
 
 /// The id of a file's whole-file copy: its chunk list, hashed.
 pub fn file_id(chunks: &[ChunkRef]) -> Hash {
@@ -61,24 +74,31 @@ pub fn verify(file: &fs::File, chunks: &[ChunkRef]) -> bool {
 pub struct Assembly {
     id: Hash,
     tmp: PathBuf,
+    /// Reads of written ranges go through the page cache, as usual.
     file: fs::File,
+    /// The file's writer (`O_DIRECT` where the file system allows it); only
+    /// the worker holding `State::writing` touches it.
+    writer: Mutex<BlockWriter>,
     chunks: Vec<ChunkRef>,
     starts: Vec<u64>,
+    size: u64,
     state: Mutex<State>,
     changed: Condvar,
 }
 
 #[derive(Default)]
 struct State {
-    /// Which chunks are in the file.
-    done: Vec<bool>,
-    /// Next chunk a worker will take.
+    /// Next chunk a worker will fetch.
     next: usize,
-    /// Chunks written.
+    /// Fetched chunks not yet in the file, and the newest ones that are.
+    fetched: BTreeMap<usize, Bytes>,
+    /// Chunks handed to the writer, in order.
+    staged: usize,
+    /// Chunks wholly in the file.
     written: usize,
+    /// A worker is appending to the file.
+    writing: bool,
     failed: Option<String>,
-    /// Bytes of the newest chunks written, by index.
-    held: std::collections::BTreeMap<usize, Bytes>,
     /// Workers still running; the last one out keeps or drops the file.
     workers: usize,
 }
@@ -91,29 +111,35 @@ impl Assembly {
         chunks: Vec<ChunkRef>,
         tmp: &Path,
     ) -> std::io::Result<Arc<Assembly>> {
-        let file = fs::OpenOptions::new()
-            .read(true)
+        let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(tmp)?;
+        let file = match fs::File::open(tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(tmp);
+                return Err(e);
+            }
+        };
         let mut starts = Vec::with_capacity(chunks.len());
         let mut at = 0;
         for c in &chunks {
             starts.push(at);
             at += c.len as u64;
         }
-        file.set_len(at)?;
         let a = Arc::new(Assembly {
             id,
             tmp: tmp.to_path_buf(),
             file,
+            writer: Mutex::new(BlockWriter::new(out)),
             state: Mutex::new(State {
-                done: vec![false; chunks.len()],
                 workers: WORKERS.min(chunks.len()),
                 ..State::default()
             }),
             chunks,
             starts,
+            size: at,
             changed: Condvar::new(),
         });
         let workers = a.state.lock().workers;
@@ -146,45 +172,84 @@ impl Assembly {
         }
         let complete = st.failed.is_none() && st.written == self.chunks.len();
         drop(st);
-        let size = self.starts.last().copied().unwrap_or(0)
-            + self.chunks.last().map_or(0, |c| c.len as u64);
-        cache.assembled(self.id, &self.tmp, size, complete);
+        cache.assembled(self.id, &self.tmp, self.size, complete);
     }
 
     fn work(&self, cache: &ChunkCache) {
         loop {
             let i = {
                 let mut st = self.state.lock();
+                while st.failed.is_none()
+                    && st.next < self.chunks.len()
+                    && st.next >= st.staged + AHEAD
+                {
+                    self.changed.wait(&mut st);
+                }
                 if st.failed.is_some() || st.next == self.chunks.len() {
                     return;
                 }
                 st.next += 1;
                 st.next - 1
             };
-            let c = &self.chunks[i];
-            let res = cache
-                .get_passing(&c.hash)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    self.file
-                        .write_all_at(&b, self.starts[i])
-                        .map_err(|e| format!("writing the whole-file copy: {e}"))?;
-                    Ok(b)
-                });
+            let res = cache.get_passing(&self.chunks[i].hash);
             let mut st = self.state.lock();
             match res {
                 Ok(bytes) => {
-                    st.done[i] = true;
-                    st.written += 1;
-                    st.held.insert(i, bytes);
-                    if st.held.len() > HELD {
-                        st.held.pop_first();
-                    }
+                    st.fetched.insert(i, bytes);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "whole-file copy abandoned");
-                    st.failed = Some(e);
+                    st.failed = Some(e.to_string());
                 }
+            }
+            self.changed.notify_all();
+            self.append(st);
+        }
+    }
+
+    /// Append the fetched chunks that come next to the file, unless another
+    /// worker is doing so (it will take these too before it stops).
+    fn append<'a>(&'a self, mut st: parking_lot::MutexGuard<'a, State>) {
+        if st.writing {
+            return;
+        }
+        loop {
+            let k = st.staged;
+            let Some(bytes) = st.fetched.get(&k).cloned() else {
+                return;
+            };
+            if st.failed.is_some() {
+                return;
+            }
+            st.writing = true;
+            drop(st);
+            let last = k + 1 == self.chunks.len();
+            let res = {
+                let mut w = self.writer.lock();
+                w.push(&bytes)
+                    .and_then(|()| if last { w.finish(self.size) } else { Ok(()) })
+            };
+            let flushed = self.writer.lock().flushed;
+            st = self.state.lock();
+            st.writing = false;
+            st.staged = k + 1;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "whole-file copy abandoned");
+                st.failed = Some(format!("writing the whole-file copy: {e}"));
+            }
+            // Chunks wholly on disk; keep the newest few in memory.
+            while st.written < st.staged
+                && self.starts[st.written] + self.chunks[st.written].len as u64 <= flushed
+            {
+                st.written += 1;
+            }
+            let keep_from = st.written.saturating_sub(HELD);
+            while st
+                .fetched
+                .first_key_value()
+                .is_some_and(|(i, _)| *i < keep_from)
+            {
+                st.fetched.pop_first();
             }
             self.changed.notify_all();
         }
@@ -204,40 +269,142 @@ impl Assembly {
             if st.failed.is_some() {
                 return None;
             }
-            let missing = (first..=last).find(|i| !st.done[*i]);
+            let missing = (first..=last).find(|i| *i >= st.written && !st.fetched.contains_key(i));
             match missing {
                 None => break,
                 Some(i) if i < st.next + WAIT_AHEAD => self.changed.wait(&mut st),
                 Some(_) => return None,
             }
         }
-        let held: Option<Vec<Bytes>> = (first..=last).map(|i| st.held.get(&i).cloned()).collect();
+        // Each chunk from memory if it is there, else from the file.
+        let parts: Vec<Option<Bytes>> = (first..=last)
+            .map(|i| st.fetched.get(&i).cloned())
+            .collect();
         drop(st);
-        if let Some(parts) = held {
-            // The chunks are in memory: slices of them, no copy for a read
-            // within one chunk.
-            let piece = |i: usize, b: &Bytes| {
-                let at = self.starts[first + i];
-                let from = offset.saturating_sub(at) as usize;
-                let to = ((end - at) as usize).min(b.len());
-                b.slice(from..to)
-            };
-            if let [one] = &parts[..] {
-                return Some(Ok(piece(0, one)));
-            }
-            let mut out = Vec::with_capacity((end - offset) as usize);
-            for (i, b) in parts.iter().enumerate() {
-                out.extend_from_slice(&piece(i, b));
-            }
-            return Some(Ok(Bytes::from(out)));
+        let piece = |i: usize, b: &Bytes| {
+            let at = self.starts[i];
+            let from = offset.saturating_sub(at) as usize;
+            let to = ((end - at) as usize).min(b.len());
+            b.slice(from..to)
+        };
+        if let [Some(one)] = &parts[..] {
+            // Within one chunk in memory: a slice of it, no copy.
+            return Some(Ok(piece(first, one)));
         }
-        let mut buf = vec![0; (end - offset) as usize];
-        Some(
-            self.file
-                .read_exact_at(&mut buf, offset)
-                .map(|()| Bytes::from(buf)),
-        )
+        let mut out = vec![0; (end - offset) as usize];
+        let mut filled = 0;
+        for (n, part) in parts.iter().enumerate() {
+            let i = first + n;
+            let at = self.starts[i].max(offset);
+            let to = (self.starts[i] + self.chunks[i].len as u64).min(end);
+            let len = (to - at) as usize;
+            match part {
+                Some(b) => out[filled..filled + len].copy_from_slice(&piece(i, b)),
+                None => {
+                    if let Err(e) = self.file.read_exact_at(&mut out[filled..filled + len], at) {
+                        return Some(Err(e));
+                    }
+                }
+            }
+            filled += len;
+        }
+        Some(Ok(Bytes::from(out)))
     }
+}
+
+/// Appends bytes to a file in whole aligned blocks, with `O_DIRECT` when the
+/// file system takes it (else through the page cache, as any write).
+struct BlockWriter {
+    out: fs::File,
+    /// `BLOCK + ALIGN` bytes; the block is the aligned `BLOCK` inside.
+    buf: Vec<u8>,
+    start: usize,
+    fill: usize,
+    /// Bytes in the file.
+    flushed: u64,
+    direct: bool,
+}
+
+impl BlockWriter {
+    fn new(out: fs::File) -> BlockWriter {
+        let buf = vec![0; BLOCK + ALIGN];
+        let start = buf.as_ptr().align_offset(ALIGN);
+        let direct = set_direct(&out, true).is_ok();
+        BlockWriter {
+            out,
+            buf,
+            start,
+            fill: 0,
+            flushed: 0,
+            direct,
+        }
+    }
+
+    fn push(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(BLOCK - self.fill);
+            let at = self.start + self.fill;
+            self.buf[at..at + n].copy_from_slice(&bytes[..n]);
+            self.fill += n;
+            bytes = &bytes[n..];
+            if self.fill == BLOCK {
+                self.write(BLOCK)?;
+                self.flushed += BLOCK as u64;
+                self.fill = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write what is left and cut the file to `size`.
+    fn finish(&mut self, size: u64) -> std::io::Result<()> {
+        if self.fill > 0 {
+            // A direct write is a whole number of blocks: pad, then cut.
+            let len = if self.direct {
+                self.fill.next_multiple_of(ALIGN)
+            } else {
+                self.fill
+            };
+            self.buf[self.start + self.fill..self.start + len].fill(0);
+            self.write(len)?;
+            self.flushed += self.fill as u64;
+            self.fill = 0;
+        }
+        self.out.set_len(size)
+    }
+
+    fn write(&mut self, len: usize) -> std::io::Result<()> {
+        let block = &self.buf[self.start..self.start + len];
+        match self.out.write_all_at(block, self.flushed) {
+            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                // Not for this file system after all: write as usual.
+                self.direct = false;
+                set_direct(&self.out, false)?;
+                self.out.write_all_at(block, self.flushed)
+            }
+            r => r,
+        }
+    }
+}
+
+fn set_direct(file: &fs::File, on: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a file descriptor this function borrows.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -253,7 +420,10 @@ mod tests {
         let mut content = Vec::new();
         let mut chunks = Vec::new();
         for i in 0..40u32 {
-            let bytes: Vec<u8> = (0..1000 + i * 37).map(|j| (i * 7 + j) as u8).collect();
+            // Over two blocks in all, chunk ends nowhere near alignment.
+            let bytes: Vec<u8> = (0..150_000 + i * 3701)
+                .map(|j| (i * 7 + j / 3) as u8)
+                .collect();
             let hash = Hash::of(&bytes);
             store
                 .put(&hash.key("chunks"), Bytes::from(bytes.clone()))
@@ -272,7 +442,14 @@ mod tests {
         );
         let a = cache.assembly(&chunks, true).unwrap();
         // Readers get the right bytes at once or are told to read chunks.
-        for (from, to) in [(0, 10), (999, 1001), (5000, 9000), (0, content.len())] {
+        let ranges = [
+            (0, 10),
+            (149_999, 150_001),
+            (BLOCK - 5, BLOCK + 5),
+            (5_000_000, 5_300_000),
+            (0, content.len()),
+        ];
+        for (from, to) in ranges {
             if let Some(b) = a.read(from as u64, to as u64) {
                 assert_eq!(&b.unwrap()[..], &content[from..to]);
             }
@@ -288,6 +465,11 @@ mod tests {
         let mut got = vec![0; content.len()];
         file.read_exact_at(&mut got, 0).unwrap();
         assert_eq!(got, content);
+        // Once complete, ranges come from the file and the newest chunks.
+        for (from, to) in ranges {
+            let b = a.read(from as u64, to as u64).expect("complete").unwrap();
+            assert_eq!(&b[..], &content[from..to]);
+        }
         assert!(cache.used() >= content.len() as u64, "counted in the cache");
 
         // A later daemon checks a copy before its first use.
