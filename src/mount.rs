@@ -113,11 +113,20 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
     config.mount_options = vec![
         fuser::MountOption::FSName("tarn".into()),
         fuser::MountOption::Subtype("tarn".into()),
-        fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoAtime,
     ];
+    // Only the mounting user can reach the mount unless --allow-other: the
+    // core then checks that user's permission bits itself (on open,
+    // truncate and access), so walking a directory the kernel has just
+    // seen change needs no attribute refresh first. With other users, the
+    // kernel checks modes, owners and groups.
+    if opts.allow_other {
+        config
+            .mount_options
+            .push(fuser::MountOption::DefaultPermissions);
+    }
     if opts.read_only {
         config.mount_options.push(fuser::MountOption::RO);
     }
@@ -125,8 +134,12 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));
-    let mut session = fuser::Session::new(fuse::FuseAdapter::new(core), &opts.mountpoint, &config)
-        .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
+    let mut session = fuser::Session::new(
+        fuse::FuseAdapter::new(core, !opts.allow_other),
+        &opts.mountpoint,
+        &config,
+    )
+    .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("tarn-signals".into())

@@ -75,6 +75,8 @@ pub enum FsError {
     NotSupported,
     #[error("stale file handle")]
     BadHandle,
+    #[error("permission denied")]
+    Denied,
     #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error(transparent)]
@@ -103,6 +105,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NotSupported => libc::ENOTSUP,
             FsError::BadHandle => libc::EBADF,
+            FsError::Denied => libc::EACCES,
             FsError::Control(e) => e.errno(),
             FsError::Repo(e) => match e {
                 RepoError::NoRepo(_)
@@ -190,12 +193,27 @@ pub struct FsConfig {
     pub writeback: Option<Arc<Journal>>,
 }
 
-/// Attribute changes (`chmod`, `truncate`, `touch`).
+/// Attribute changes (`chmod`, `truncate`, `touch`, `chown`).
 #[derive(Debug, Clone, Default)]
 pub struct SetAttr {
     pub mode: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SystemTime>,
+    /// Clear set-user-ID (and set-group-ID on a group-executable file), as
+    /// a local file system does on `chown`, and on a truncate by a caller
+    /// other than root; the mount tells the kernel it does this itself, so
+    /// a `chown` needs no attribute refresh first.
+    pub kill_suid: bool,
+}
+
+/// `mode` without set-user-ID, and without set-group-ID if the group may
+/// execute (without it, the bit means mandatory locking, which stays).
+pub fn killed_suid(mode: u32) -> u32 {
+    let mut m = mode & !0o4000;
+    if m & 0o010 != 0 {
+        m &= !0o2000;
+    }
+    m
 }
 
 /// The files of `.tarn/`.
@@ -965,6 +983,33 @@ impl LakeFs {
         }
     }
 
+    /// May the caller `uid`/`gid` access `ino` as `mask` asks (`access(2)`'s
+    /// `R_OK | W_OK | X_OK`; 0 only asks that it exists)? Root may do
+    /// anything but execute a file that no one may execute. Supplementary
+    /// groups are not known here: mounts shared with other users leave this
+    /// to the kernel (`default_permissions`).
+    pub fn check_access(&self, ino: u64, uid: u32, gid: u32, mask: u32) -> Result<()> {
+        let a = self.getattr(ino)?;
+        let mask = mask & 0o7;
+        let perm = u32::from(a.perm);
+        if uid == 0 {
+            let exec = mask & 0o1 != 0 && a.kind == Kind::File && perm & 0o111 == 0;
+            return if exec { Err(FsError::Denied) } else { Ok(()) };
+        }
+        let bits = if uid == a.uid {
+            perm >> 6
+        } else if gid == a.gid {
+            perm >> 3
+        } else {
+            perm
+        } & 0o7;
+        if mask & !bits == 0 {
+            Ok(())
+        } else {
+            Err(FsError::Denied)
+        }
+    }
+
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         if let Some(wf) = self.writes.lock().get(&ino).cloned() {
             let Node::File { view, .. } = self.node(ino)? else {
@@ -1435,6 +1480,18 @@ impl LakeFs {
     }
 
     /// Write to an open file (or run control commands written to `ctl`).
+    /// A write by a caller other than root clears set-user-ID and
+    /// set-group-ID, as on a local file system.
+    pub fn kill_suid(&self, fh: u64) {
+        if let Some(Handle::Write(wf, _)) = self.handles.lock().get(&fh) {
+            let mut m = wf.meta.lock();
+            if killed_suid(m.mode) != m.mode {
+                m.mode = killed_suid(m.mode);
+                m.dirty = true;
+            }
+        }
+    }
+
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let (wf, view_for_ctl) = match self.handles.lock().get(&fh) {
             Some(Handle::Write(wf, _)) => (Some(wf.clone()), None),
@@ -1952,6 +2009,9 @@ impl LakeFs {
             if let Some(mode) = set.mode {
                 m.mode = mode & 0o7777;
                 m.dirty = true;
+            } else if set.kill_suid && killed_suid(m.mode) != m.mode {
+                m.mode = killed_suid(m.mode);
+                m.dirty = true;
             }
             if let Some(t) = set.mtime {
                 m.mtime = ns_of(t);
@@ -1987,6 +2047,8 @@ impl LakeFs {
         let mut changed = current.clone();
         if let Some(mode) = set.mode {
             changed.mode = mode & 0o7777;
+        } else if set.kill_suid {
+            changed.mode = killed_suid(changed.mode);
         }
         if let Some(t) = set.mtime {
             changed.mtime = ns_of(t);
@@ -2213,6 +2275,54 @@ mod tests {
         let data = fs.read(fh, 0, 1 << 20).unwrap().to_vec();
         fs.release(fh).unwrap();
         data
+    }
+
+    #[test]
+    fn permissions_are_checked_for_the_caller_and_chown_clears_set_id_bits() {
+        let (_d, fs, main) = setup();
+        let f = write(&fs, main, "f", b"x");
+        let set_mode = |mode| {
+            let set = SetAttr {
+                mode: Some(mode),
+                ..SetAttr::default()
+            };
+            fs.setattr(f, None, set).unwrap()
+        };
+        set_mode(0o640);
+        let (r, w, x) = (libc::R_OK as u32, libc::W_OK as u32, libc::X_OK as u32);
+        let denied =
+            |uid, gid, mask| matches!(fs.check_access(f, uid, gid, mask), Err(FsError::Denied));
+        // Files belong to the mounting user (uid 0 here): root reads and
+        // writes anything, but executes only what someone may execute.
+        assert!(!denied(0, 0, r | w));
+        assert!(denied(0, 0, x));
+        // Group bits for the file's group, the rest for anyone else.
+        assert!(!denied(1000, 0, r));
+        assert!(denied(1000, 0, w));
+        assert!(denied(1000, 1000, r));
+        assert!(!denied(1000, 1000, 0), "existence only");
+        set_mode(0o755);
+        assert!(!denied(0, 0, x));
+        assert!(!denied(1000, 1000, r | x));
+        assert!(denied(1000, 1000, w));
+        // chown clears set-user-ID, and set-group-ID where the group may
+        // execute; a mode set with it is taken as given.
+        set_mode(0o6755);
+        let chown = SetAttr {
+            kill_suid: true,
+            ..SetAttr::default()
+        };
+        assert_eq!(fs.setattr(f, None, chown.clone()).unwrap().perm, 0o755);
+        set_mode(0o6745);
+        assert_eq!(fs.setattr(f, None, chown).unwrap().perm, 0o2745);
+        // A write by someone other than root clears them on an open file.
+        set_mode(0o4644);
+        let (fh, _) = fs.open(f, true, false).unwrap();
+        fs.kill_suid(fh);
+        fs.write(fh, 0, b"y").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.getattr(f).unwrap().perm, 0o644);
     }
 
     #[test]

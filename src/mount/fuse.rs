@@ -31,12 +31,16 @@ pub struct FuseAdapter {
     pub backing: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
     /// Which inode each passthrough handle belongs to.
     pub backed_handles: Mutex<HashMap<u64, u64>>,
+    /// Mounted without `default_permissions`: opens and truncates are
+    /// checked here (`LakeFs::check_access`), not by the kernel.
+    pub check_permissions: bool,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: LakeFs) -> FuseAdapter {
+    pub fn new(fs: LakeFs, check_permissions: bool) -> FuseAdapter {
         FuseAdapter {
             fs,
+            check_permissions,
             passthrough: AtomicBool::new(false),
             backing: Mutex::new(HashMap::new()),
             backed_handles: Mutex::new(HashMap::new()),
@@ -150,6 +154,10 @@ impl Filesystem for FuseAdapter {
         // not the kernel's "auto" mode: a walker reads whole directories
         // before it opens anything in them.
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // The core clears set-user-ID on chown, truncate and write (see
+        // `SetAttr::kill_suid`), so the kernel need not fetch attributes
+        // before each chown to do it (tar chowns every file it extracts).
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV);
         // Passthrough lets the kernel read verified cache files directly.
         let passthrough = std::env::var_os("TARN_NO_PASSTHROUGH").is_none()
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -182,10 +190,23 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _span = tracing::debug_span!("open", ino = ino.0).entered();
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        if self.check_permissions {
+            let mask = match flags.0 & libc::O_ACCMODE {
+                libc::O_RDONLY => libc::R_OK,
+                libc::O_WRONLY => libc::W_OK,
+                _ => libc::R_OK | libc::W_OK,
+            };
+            if let Err(e) = self
+                .fs
+                .check_access(ino.0, req.uid(), req.gid(), mask as u32)
+            {
+                return reply.error(errno(&e));
+            }
+        }
         match self.fs.open_with_backing(ino.0, write, truncate) {
             Ok((fh, cache, backing)) => {
                 // Snapshot handles are read-only: closing one needs no FLUSH.
@@ -242,7 +263,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -254,6 +275,9 @@ impl Filesystem for FuseAdapter {
     ) {
         let _span = tracing::debug_span!("write", ino = ino.0, fh = fh.0, offset, len = data.len())
             .entered();
+        if req.uid() != 0 {
+            self.fs.kill_suid(fh.0);
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
@@ -286,11 +310,11 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
         _atime: Option<fuser::TimeOrNow>,
         mtime: Option<fuser::TimeOrNow>,
@@ -303,6 +327,16 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         let _span = tracing::debug_span!("setattr", ino = ino.0, ?mode, ?size).entered();
+        if self.check_permissions && size.is_some() && fh.is_none() {
+            // truncate(2) needs write permission; ftruncate, a handle open
+            // for writing (checked at its open).
+            if let Err(e) = self
+                .fs
+                .check_access(ino.0, req.uid(), req.gid(), libc::W_OK as u32)
+            {
+                return reply.error(errno(&e));
+            }
+        }
         let set = SetAttr {
             mode,
             size,
@@ -310,6 +344,7 @@ impl Filesystem for FuseAdapter {
                 fuser::TimeOrNow::SpecificTime(t) => t,
                 fuser::TimeOrNow::Now => std::time::SystemTime::now(),
             }),
+            kill_suid: uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0),
         };
         match self.fs.setattr(ino.0, fh.map(|f| f.0), set) {
             Ok(a) => reply.attr(&a.ttl, &file_attr(&a)),
@@ -585,10 +620,11 @@ impl Filesystem for FuseAdapter {
         reply.error(Errno::from_i32(libc::EPERM));
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        match self.fs.getattr(ino.0) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+    fn access(&self, req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.fs
+                .check_access(ino.0, req.uid(), req.gid(), mask.bits() as u32),
+        );
     }
 }
