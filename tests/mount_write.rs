@@ -241,6 +241,64 @@ fn mode_and_times_set_on_an_open_file_are_staged_at_its_close() {
 }
 
 #[test]
+fn a_users_own_mount_checks_their_permission_bits() {
+    if !fuse_available() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root (to mount as another user) and /dev/fuse: skipped");
+        return;
+    }
+    let s = branch_setup();
+    let d = s.dir.path();
+    // An unprivileged user mounts the lake and works in it, inside a mount
+    // namespace of its own where /dev/fuse is open to everyone (as on a
+    // stock system; this machine's may be root's only). Leaving the
+    // namespace ends the mount even if the test fails.
+    let script = r#"
+        set -e
+        D=$1; TARN=$2; as_user() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+        mkdir "$D/m"
+        chown -R 65534:65534 "$D"
+        mknod "$D/fuse" c 10 229; chmod 666 "$D/fuse"; mount --bind "$D/fuse" /dev/fuse
+        as_user "$TARN" mount "$D/m" --cache-dir "$D/c" 2>"$D/mount.log" &
+        daemon=$!
+        trap 'fusermount3 -uz "$D/m" 2>/dev/null; kill $daemon 2>/dev/null' EXIT
+        # (root may not even stat it: the mount table says when it is up)
+        up() { grep -q " $D/m " /proc/self/mountinfo; }
+        for _ in $(seq 250); do up && break; sleep 0.02; done
+        up || { echo "not mounted: $(cat "$D/mount.log")"; exit 1; }
+        if stat "$D/m/sales" >/dev/null 2>&1; then echo "root reached another user's mount"; exit 1; fi
+        as_user sh -c '
+            cd "$1/m/sales/main"
+            echo one > f
+            chmod 444 f
+            if echo two > f 2>/dev/null; then echo "wrote a read-only file"; exit 1; fi
+            if truncate -s 0 f 2>/dev/null; then echo "truncated a read-only file"; exit 1; fi
+            if [ -w f ]; then echo "access(W_OK) said yes"; exit 1; fi
+            [ -r f ] && [ "$(cat f)" = one ]
+            chmod 200 f
+            if cat f >/dev/null 2>&1; then echo "read a write-only file"; exit 1; fi
+            chmod 644 f
+            echo three > f
+            [ "$(cat f)" = three ]
+            if ./f 2>/dev/null; then echo "ran a file without x bits"; exit 1; fi
+            echo ok
+        ' sh "$D"
+    "#;
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(d)
+        .arg(TARN)
+        .env("TARN_LAKE", &s.lake)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn closed_files_survive_kill_9() {
     if !fuse_available() {
         return;
