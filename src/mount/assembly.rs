@@ -28,7 +28,7 @@ const WORKERS: usize = 4;
 
 /// Chunks fetched but not yet in the file, at most (bounds the memory a slow
 /// chunk can make the others wait in).
-const AHEAD: usize = 32;
+const AHEAD: usize = 16;
 
 /// A reader this many chunks or fewer ahead of the fetching waits for it;
 /// one further ahead (a random reader) reads the chunks itself.
