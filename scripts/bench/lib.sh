@@ -5,6 +5,13 @@ now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", b - a}'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN {printf "%.2f", x / y}'; }
+# pair_ratio "B1 B2 ..." "T1 T2 ...": the median of Bi / Ti over paired runs
+# (baseline time / tarn time of runs made side by side)
+pair_ratio() {
+  local b=($1) t=($2) r=() i
+  for i in "${!b[@]}"; do r+=("$(awk -v x="${b[$i]}" -v y="${t[$i]}" 'BEGIN {printf "%.4f", x / y}')"); done
+  printf '%.2f' "$(median "${r[@]}")"
+}
 # mbps SECONDS BYTES
 mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
 ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }
