@@ -70,8 +70,12 @@ pub fn block_signals() -> libc::sigset_t {
 }
 
 /// Mount and serve until unmounted or signalled.
-pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<(), MountError> {
+pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Result<(), MountError> {
     let lake = Arc::new(lake);
+    // The journal opens its store by URL: a relative cache dir must not
+    // become one (nor change meaning if the daemon's directory does).
+    opts.cache_dir = std::path::absolute(&opts.cache_dir)
+        .map_err(io(format!("cache dir {}", opts.cache_dir.display())))?;
     let cache = cache::ChunkCache::open(lake.store().clone(), &opts.cache_dir, opts.cache_size)
         .map_err(io(format!("chunk cache {}", opts.cache_dir.display())))?;
     // SAFETY: getuid/getgid cannot fail.
@@ -96,6 +100,7 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
     journal
         .spawn_uploader(lake.clone())
         .map_err(io("uploader thread"))?;
+    let copies = cache.clone();
     let core = fs::LakeFs::new(
         lake,
         cache,
@@ -155,6 +160,7 @@ pub fn run(lake: Lake, opts: MountOptions, signals: libc::sigset_t) -> Result<()
         .map_err(io("signal thread"))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
     session.run().map_err(io("FUSE session"))?;
+    copies.finish_copies(std::time::Duration::from_secs(60));
     Ok(())
 }
 

@@ -176,16 +176,20 @@ fn chunk_cache_survives_remount_and_corruption_is_eio() {
     }
     let (s, big, _) = setup();
     {
-        let m = Mount::new(&s, "c", &["--ref", "sales/v1"]);
+        let mut m = Mount::new(&s, "c", &["--ref", "sales/v1"]);
         assert_eq!(std::fs::read(m.p("data/big.bin")).unwrap(), big);
-        // Read from its start, the multi-chunk file is copied whole into
-        // the cache (kept once its last chunk is in).
-        wait_until("a whole-file copy", Duration::from_secs(10), || {
-            std::fs::read_dir(s.path("c-cache/files"))
-                .unwrap()
-                .any(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp"))
-        });
+        // Read whole, the multi-chunk file is copied whole into the cache
+        // (on a local lake, after the read; a mount ending lets it finish).
+        s.ok(&["umount", m.dir.to_str().unwrap()]);
+        assert!(m.child.wait().unwrap().success());
     }
+    assert!(
+        std::fs::read_dir(s.path("c-cache/chunks"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "a local lake's chunks are not copied into the cache"
+    );
     let whole: Vec<_> = std::fs::read_dir(s.path("c-cache/files"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -227,6 +231,39 @@ fn chunk_cache_survives_remount_and_corruption_is_eio() {
     let m = Mount::new(&s, "cold", &["--ref", "sales/v1"]);
     let err = std::fs::read(m.p("data/big.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
+}
+
+#[test]
+fn a_relative_cache_dir_is_taken_from_where_tarn_was_run() {
+    if !fuse_available() {
+        return;
+    }
+    let s = Scratch::new();
+    s.ok(&["repo", "create", "r"]);
+    let dir = s.path("rel");
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = s
+        .cmd(&[
+            "mount",
+            dir.to_str().unwrap(),
+            "--cache-dir",
+            "relative-cache",
+        ])
+        .current_dir(s.dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut m = Mount { dir, child };
+    wait_until("the mount", Duration::from_secs(10), || {
+        mounted(&m.dir) || m.child.try_wait().unwrap().is_some()
+    });
+    assert!(
+        mounted(&m.dir),
+        "the daemon exited: {:?}",
+        m.child.try_wait()
+    );
+    std::fs::write(m.p("r/main/f"), b"x").unwrap();
+    assert!(s.path("relative-cache/journal").is_dir());
 }
 
 #[test]

@@ -40,6 +40,11 @@ struct Cached {
 
 pub struct ChunkCache {
     store: Store,
+    /// The lake is a local directory: its chunk files are as near as the
+    /// cache's, so chunks are not copied into the cache, and whole-file
+    /// copies are made after a file has been read whole rather than while
+    /// it is read (the reader is not made to share the disk with them).
+    local_lake: bool,
     dir: PathBuf,
     /// Whole-file copies, `files/<id>`.
     files: PathBuf,
@@ -51,6 +56,8 @@ pub struct ChunkCache {
     verified: Mutex<HashSet<Hash>>,
     /// Whole-file copies being written, by file id.
     assembling: Mutex<HashMap<Hash, Arc<Assembly>>>,
+    /// Signalled as each copy ends.
+    copy_ended: Condvar,
     memory: Mutex<lru::LruCache<Hash, Bytes>>,
     inflight: Mutex<HashMap<Hash, Slot>>,
     prefetch: Mutex<Option<mpsc::Sender<Hash>>>,
@@ -106,6 +113,8 @@ impl ChunkCache {
             used += len;
         }
         let cache = Arc::new(ChunkCache {
+            local_lake: store.local_path("").is_some(),
+            copy_ended: Condvar::new(),
             store,
             dir: chunks,
             files,
@@ -215,6 +224,9 @@ impl ChunkCache {
         }
         let bytes = self.read_store(h)?;
         self.memory.lock().put(*h, bytes.clone());
+        if self.local_lake {
+            return Ok(bytes);
+        }
         if let Err(e) = self.write_disk(h, &bytes) {
             tracing::warn!(chunk = %h, %e, "cannot write the chunk cache");
         }
@@ -303,15 +315,31 @@ impl ChunkCache {
     /// (FUSE passthrough). Fetches it into the disk cache first if needed;
     /// `None` when the cache could not keep it on disk.
     pub fn local_file(&self, h: &Hash) -> Result<Option<fs::File>, StoreError> {
-        if !self.disk.lock().contains(h) {
-            self.get(h)?;
-        }
-        let path = self.path(h);
+        let path = match self.store.local_path(&h.key("chunks")) {
+            // A local lake's own chunk file (not there: the chunk is still
+            // in the write-back journal, read through the daemon).
+            Some(p) if self.local_lake => {
+                if !p.exists() {
+                    return Ok(None);
+                }
+                p
+            }
+            _ => {
+                if !self.disk.lock().contains(h) {
+                    self.get(h)?;
+                }
+                self.path(h)
+            }
+        };
         if !self.verified.lock().contains(h) {
             let Ok(bytes) = fs::read(&path) else {
                 return Ok(None);
             };
             if &Hash::of(&bytes) != h {
+                if self.local_lake {
+                    // Reading it through the daemon reports the damage.
+                    return Ok(None);
+                }
                 tracing::warn!(chunk = %h, "cached chunk is corrupt; dropping it");
                 self.forget(h);
                 return Ok(None);
@@ -320,6 +348,29 @@ impl ChunkCache {
         }
         self.disk.lock().promote(h);
         Ok(fs::File::open(&path).ok())
+    }
+
+    /// Are whole-file copies made while a file is read from its start
+    /// (remote lakes), or once it has been read whole (local lakes)?
+    pub fn copies_while_reading(&self) -> bool {
+        !self.local_lake
+    }
+
+    /// Let the whole-file copies being made finish, for at most `max`
+    /// (when the mount ends: a copy left half-made is wasted work).
+    pub fn finish_copies(&self, max: std::time::Duration) {
+        let deadline = std::time::Instant::now() + max;
+        let mut running = self.assembling.lock();
+        while !running.is_empty() {
+            if self
+                .copy_ended
+                .wait_until(&mut running, deadline)
+                .timed_out()
+            {
+                tracing::info!("whole-file copies left unfinished");
+                return;
+            }
+        }
     }
 
     /// The whole-file copy of a file made of `chunks`, verified, if the
@@ -373,12 +424,13 @@ impl ChunkCache {
 
     /// An assembly ended: keep its file (complete) or drop it (failed).
     pub(super) fn assembled(&self, id: Hash, tmp: &Path, size: u64, complete: bool) {
-        self.assembling.lock().remove(&id);
         if complete && fs::rename(tmp, self.whole_path(&id)).is_ok() {
             self.admit(id, size, true);
         } else {
             let _ = fs::remove_file(tmp);
         }
+        self.assembling.lock().remove(&id);
+        self.copy_ended.notify_all();
     }
 
     /// Piece `index` (of `EXTERNAL_PIECE` bytes) of an imported object, read

@@ -406,6 +406,8 @@ pub struct FileHandle {
 struct ReadAhead {
     next: u64,
     window: usize,
+    /// Read in order from the start so far.
+    from_start: bool,
 }
 
 pub struct LakeFs {
@@ -2132,7 +2134,7 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
         whole.read_exact_at(&mut buf, offset)?;
         return Ok(Bytes::from(buf));
     }
-    if h.chunks.len() > 1 {
+    if h.chunks.len() > 1 && cache.copies_while_reading() {
         // A reader from the start gets a whole-file copy made for it.
         let assembly = {
             let mut a = h.assembly.lock();
@@ -2162,6 +2164,18 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
         ra.next = ra.next.max(end);
         if !near && offset != 0 {
             ra.next = end;
+        }
+        ra.from_start = offset == 0 || (ra.from_start && near);
+        if ra.from_start
+            && end == h.file.size
+            && h.chunks.len() > 1
+            && !cache.copies_while_reading()
+        {
+            // Read whole: copy it now (in the background) for later readers.
+            let mut a = h.assembly.lock();
+            if a.is_none() {
+                *a = cache.assembly(&h.chunks, true);
+            }
         }
         ra.window
     };
