@@ -139,12 +139,17 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));
+    let mountpoint = opts
+        .mountpoint
+        .canonicalize()
+        .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
     let mut session = fuser::Session::new(
         fuse::FuseAdapter::new(core, !opts.allow_other),
         &opts.mountpoint,
         &config,
     )
     .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
+    raise_readahead(&mountpoint);
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("tarn-signals".into())
@@ -162,6 +167,28 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
     session.run().map_err(io("FUSE session"))?;
     copies.finish_copies(std::time::Duration::from_secs(60));
     Ok(())
+}
+
+/// Kernel read-ahead for the mount, in KiB: sequential readers keep this
+/// much in flight as concurrent FUSE reads, served by the worker threads in
+/// parallel from the daemon's own read-ahead.
+const KERNEL_READAHEAD_KB: u32 = 8192;
+
+/// Raise the kernel's read-ahead for this mount (its "backing device",
+/// `/sys/class/bdi/MAJOR:MINOR`). FUSE caps it at 128 KiB and lets a daemon
+/// only lower it in the protocol, which keeps one sequential reader to about
+/// one request in flight; root can raise it here. Best effort: without the
+/// permission reads still work, with less in flight.
+fn raise_readahead(mountpoint: &Path) {
+    // Not a stat of the mountpoint: the session does not answer yet.
+    let Some(dev) = mount_device(mountpoint) else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, KERNEL_READAHEAD_KB.to_string()) {
+        Ok(()) => tracing::info!(kb = KERNEL_READAHEAD_KB, "kernel read-ahead raised"),
+        Err(e) => tracing::debug!(%path, %e, "kernel read-ahead left as it is"),
+    }
 }
 
 /// This daemon's spool directory, `<cache>/spool/<pid>`. Spools of daemons
@@ -188,16 +215,20 @@ fn spool_dir(cache_dir: &Path) -> std::io::Result<PathBuf> {
 
 /// Is `dir` a mountpoint right now?
 pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(dir) = dir.canonicalize() else {
-        return false;
-    };
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    mounts
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| Path::new(&m.replace("\\040", " ")) == dir)
+    dir.canonicalize()
+        .is_ok_and(|dir| mount_device(&dir).is_some())
+}
+
+/// The `MAJOR:MINOR` of what is mounted at `dir` (an absolute, resolved
+/// path), from the mount table: nothing is asked of the mount itself.
+fn mount_device(dir: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last mount at a path is the one in effect.
+    mounts.lines().rev().find_map(|l| {
+        let fields: Vec<&str> = l.split(' ').collect();
+        let at = fields.get(4)?.replace("\\040", " ");
+        (Path::new(&at) == dir).then(|| fields.get(2).map(|d| d.to_string()))?
+    })
 }
 
 /// Unmount a tarn mount (as its owner through fusermount3, or as root).

@@ -34,6 +34,19 @@ fn whole_lake_mount_reads_repos_branches_and_refs() {
     }
     let (s, big, first) = setup();
     let m = Mount::new(&s, "mnt", &[]);
+    if unsafe { libc::geteuid() } == 0 {
+        // Root raises the kernel's read-ahead for the mount past FUSE's
+        // 128 KiB, so a sequential reader keeps several reads in flight.
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(&m.dir).unwrap().dev();
+        let ra = std::fs::read_to_string(format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        ))
+        .unwrap();
+        assert_eq!(ra.trim(), "8192");
+    }
     let names = |p: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(p)
             .unwrap()
