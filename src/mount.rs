@@ -172,7 +172,7 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
 /// Kernel read-ahead for the mount, in KiB: sequential readers keep this
 /// much in flight as concurrent FUSE reads, served by the worker threads in
 /// parallel from the daemon's own read-ahead.
-const KERNEL_READAHEAD_KB: u32 = 8192;
+const KERNEL_READAHEAD_KB: u32 = 4096;
 
 /// Raise the kernel's read-ahead for this mount (its "backing device",
 /// `/sys/class/bdi/MAJOR:MINOR`). FUSE caps it at 128 KiB and lets a daemon

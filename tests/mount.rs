@@ -45,7 +45,7 @@ fn whole_lake_mount_reads_repos_branches_and_refs() {
             libc::minor(dev)
         ))
         .unwrap();
-        assert_eq!(ra.trim(), "8192");
+        assert_eq!(ra.trim(), "4096");
     }
     let names = |p: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(p)
