@@ -170,8 +170,11 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
 }
 
 /// Kernel read-ahead for the mount, in KiB: sequential readers keep this
-/// much in flight as concurrent FUSE reads, served by the worker threads in
-/// parallel from the daemon's own read-ahead.
+/// much in flight as concurrent FUSE reads (up to 1 MiB each), served by the
+/// worker threads in parallel from the daemon's own read-ahead. By hand, a
+/// 2 GiB cold read took 2.5 s at FUSE's 128 KiB and 1.6–1.7 s at anything
+/// from 1 to 8 MiB; not more, as a page fault of a file mapped in memory
+/// reads around it by this much.
 const KERNEL_READAHEAD_KB: u32 = 4096;
 
 /// Raise the kernel's read-ahead for this mount (its "backing device",
