@@ -18,10 +18,6 @@ use parking_lot::Mutex;
 
 use super::fs::{Attr, FsError, Kind, LakeFs, PageCache, SetAttr};
 
-/// Largest read the kernel sends at once: fewer, bigger requests for the
-/// sequential readers this mount is built for.
-const MAX_READAHEAD: u32 = 1 << 20;
-
 pub struct FuseAdapter {
     pub fs: LakeFs,
     /// Did the kernel accept FUSE passthrough (root, recent kernel)?
@@ -147,7 +143,8 @@ fn reply_empty(reply: ReplyEmpty, res: Result<(), FsError>) {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(MAX_READAHEAD);
+        // (Read-ahead: the kernel offers 128 KiB here and takes no more;
+        // `mount::raise_readahead` raises it through sysfs.)
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // Directory listings carry each entry's attributes, so walking a
         // tree (find, ls -l, tar, cp -r) needs no LOOKUP per entry. Always,
