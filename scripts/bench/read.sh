@@ -77,12 +77,22 @@ for i in 1 2 3 4 5; do
 done
 mount_pinned bench/v1
 dd if="$MNT/big.bin" of=/dev/null bs=1M status=none
-base_warm=(); warm=()
+# The warm read is a read of the cache's copy of the file, which sits where
+# ext4 put the cache's files/ directory. Regions of this VM's disk read at
+# different speeds (by hand, a `cp` of big.bin into the cache's directory
+# read in 1.7-2.3 s while big.bin read in 1.2-2.2 s), so the warm row's
+# baseline is a plain local copy of the same bytes written beside the cache
+# copy; big.bin's own times are recorded too.
+NEAR=$WORK/cache/files/baseline.bin   # after the mount indexed the cache
+cp "$BIG" "$NEAR"; sync
+base_warm=(); warm=(); far_warm=()
 for i in 1 2 3 4 5; do
   [ $((i % 2)) = 0 ] && { drop; warm+=("$(dd_time "$MNT/big.bin")"); }
-  drop; base_warm+=("$(dd_time "$BIG")")
+  drop; base_warm+=("$(dd_time "$NEAR")")
   [ $((i % 2)) = 1 ] && { drop; warm+=("$(dd_time "$MNT/big.bin")"); }
+  drop; far_warm+=("$(dd_time "$BIG")")
 done
+rm -f "$NEAR"
 dd if="$MNT/big.bin" of=/dev/null bs=1M status=none
 hot=(); for i in 1 2 3; do hot+=("$(dd_time "$MNT/big.bin")"); done
 base_hot=(); dd if="$BIG" of=/dev/null bs=1M status=none; for i in 1 2 3; do base_hot+=("$(dd_time "$BIG")"); done
@@ -132,13 +142,13 @@ m_small=$(median "${small_t[@]}"); m_bsmall=$(median "${small_b[@]}")
   echo "| read | tarn | local disk | ratio | target |"
   echo "|---|---|---|---|---|"
   echo "| 2 GiB cold (empty chunk cache, caches dropped) vs local cold | $(mbps "$m_cold" "$SIZE") MB/s | $(mbps "$m_bcold" "$SIZE") MB/s | $(pair_ratio "${base_cold[*]}" "${cold[*]}") | ≥ 0.6 |"
-  echo "| 2 GiB warm chunk cache, kernel caches dropped, vs local cold | $(mbps "$m_warm" "$SIZE") MB/s | $(mbps "$m_bwarm" "$SIZE") MB/s | $(pair_ratio "${base_warm[*]}" "${warm[*]}") | ≥ 0.8 |"
+  echo "| 2 GiB warm chunk cache, kernel caches dropped, vs local cold (a copy beside the cache's) | $(mbps "$m_warm" "$SIZE") MB/s | $(mbps "$m_bwarm" "$SIZE") MB/s | $(pair_ratio "${base_warm[*]}" "${warm[*]}") | ≥ 0.8 |"
   echo "| 2 GiB re-read, kernel cache kept, vs local page cache | $(mbps "$m_hot" "$SIZE") MB/s | $(mbps "$m_bhot" "$SIZE") MB/s | $(ratio "$m_bhot" "$m_hot") | ≥ 0.9 |"
   echo "| 20k × 16 KiB, find \| xargs cat, warm chunk cache, caches dropped | ${m_small} s | ${m_bsmall} s | $(ratio "$m_bsmall" "$m_small") | ≥ 0.5 |"
   echo "| fio 4 KiB random read, 2 jobs, both files in the page cache | ${fio_tarn} IOPS | ${fio_base} IOPS | $(ratio "$fio_tarn" "$fio_base") | ≥ 0.5 |"
   echo "| daemon peak RSS listing + reading $FILES files | $((rss_kb / 1024)) MiB | — | — | < 500 MiB |"
   echo
-  echo "(Each run, in order: cold tarn ${cold[*]} s, local ${base_cold[*]} s; warm tarn ${warm[*]} s, local ${base_warm[*]} s — pairs alternate which goes first.)"
+  echo "(Each run, in order: cold tarn ${cold[*]} s, local ${base_cold[*]} s; warm tarn ${warm[*]} s, local copy beside the cache's ${base_warm[*]} s, big.bin ${far_warm[*]} s — pairs alternate which goes first.)"
   echo
   echo "(RSS run: \`ls -lR\` of all $FILES files plus \`cat\` of 200k of them took $(secs "$t0" "$t1") s.)"
 } | tee -a docs/BENCHMARKS.md
