@@ -34,18 +34,25 @@ fn whole_lake_mount_reads_repos_branches_and_refs() {
     }
     let (s, big, first) = setup();
     let m = Mount::new(&s, "mnt", &[]);
-    if unsafe { libc::geteuid() } == 0 {
+    {
         // Root raises the kernel's read-ahead for the mount past FUSE's
-        // 128 KiB, so a sequential reader keeps several reads in flight.
+        // 128 KiB, so a sequential reader keeps several reads in flight
+        // (where sysfs is writable: not in every container).
         use std::os::unix::fs::MetadataExt;
         let dev = std::fs::metadata(&m.dir).unwrap().dev();
-        let ra = std::fs::read_to_string(format!(
+        let path = format!(
             "/sys/class/bdi/{}:{}/read_ahead_kb",
             libc::major(dev),
             libc::minor(dev)
-        ))
-        .unwrap();
-        assert_eq!(ra.trim(), "4096");
+        );
+        let c_path = std::ffi::CString::new(path.clone()).unwrap();
+        // SAFETY: plain syscalls on a NUL-terminated path.
+        let can = unsafe { libc::geteuid() == 0 && libc::access(c_path.as_ptr(), libc::W_OK) == 0 };
+        if can {
+            assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), "4096");
+        } else {
+            eprintln!("{path} not writable here: read-ahead not checked");
+        }
     }
     let names = |p: &Path| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(p)
