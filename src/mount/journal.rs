@@ -309,6 +309,17 @@ impl Journal {
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&Hash::of(&payload).0[..8]);
         record.extend_from_slice(&payload);
+        // Counted before it can be read: the uploader may stage it and
+        // count it off before this call returns.
+        self.count(1);
+        let res = self.append_record(&record);
+        if res.is_err() {
+            self.count(-1);
+        }
+        res
+    }
+
+    fn append_record(&self, record: &[u8]) -> Result<(), String> {
         let mut a = self.append.lock();
         let limit = self
             .segment_bytes
@@ -323,15 +334,13 @@ impl Journal {
             a.segment = Some((seq, f, 0));
         }
         let (_, f, size) = a.segment.as_mut().expect("opened");
-        if let Err(e) = f.write_all(&record) {
+        if let Err(e) = f.write_all(record) {
             // A torn record ends its segment: the next append starts another.
             a.segment = None;
             return Err(io_err(e));
         }
         *size += record.len() as u64;
         a.next += 1;
-        drop(a);
-        self.count(1);
         Ok(())
     }
 
@@ -406,6 +415,13 @@ impl Journal {
                 };
             }
             loop {
+                // Was the segment closed (no more appends) before this read?
+                let closed = !self
+                    .append
+                    .lock()
+                    .segment
+                    .as_ref()
+                    .is_some_and(|s| s.0 == seg);
                 let (records, torn) = read_records(&path, pos.offset).map_err(io_err)?;
                 let mut i = 0;
                 while i < records.len() {
@@ -455,10 +471,13 @@ impl Journal {
                     if open.is_some() {
                         break; // closes are appending: the next pass goes on
                     }
-                    if !records.is_empty() {
-                        continue; // appended before the segment was closed
+                    if !records.is_empty() || !closed {
+                        // Appended before the segment was closed (maybe
+                        // after this read): read it again, now settled.
+                        continue;
                     }
-                    // Only a torn tail is left: an append that never returned.
+                    // Read after it was closed, and no whole record: only
+                    // a torn tail is left, an append that never returned.
                 }
                 if open.is_some() {
                     a.segment = None;
