@@ -416,12 +416,12 @@ impl Journal {
             }
             loop {
                 // Was the segment closed (no more appends) before this read?
-                let closed = !self
+                let closed = self
                     .append
                     .lock()
                     .segment
                     .as_ref()
-                    .is_some_and(|s| s.0 == seg);
+                    .is_none_or(|s| s.0 != seg);
                 let (records, torn) = read_records(&path, pos.offset).map_err(io_err)?;
                 let mut i = 0;
                 while i < records.len() {
