@@ -426,6 +426,10 @@ pub struct LakeFs {
     next_handle: AtomicU64,
     /// Files open for writing, by inode.
     writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
+    /// Write handles not closed (flushed) since they last wrote, counted in
+    /// their file's `writing`: a file whose writers have all closed is read
+    /// as a snapshot even before the kernel's (asynchronous) release.
+    writers: Mutex<HashSet<u64>>,
     /// Rename counts per (view, old path): see `generation`.
     moved_away: Mutex<HashMap<(u64, String), u64>>,
     /// Each repository's configuration (protected branches, read-only),
@@ -496,6 +500,7 @@ impl LakeFs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             writes: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashSet::new()),
             moved_away: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
         };
@@ -1337,13 +1342,22 @@ impl LakeFs {
                         wf.truncate(0)?;
                     }
                     open_ref(&wf);
-                    return Ok((self.add_handle(Handle::Write(wf, ino)), PageCache::Bypass));
+                    wf.writing.fetch_add(1, Ordering::AcqRel);
+                    let fh = self.add_handle(Handle::Write(wf, ino));
+                    self.writers.lock().insert(fh);
+                    return Ok((fh, PageCache::Bypass));
                 }
-                if let Some(wf) = self.writes.lock().get(&ino).cloned() {
-                    // Reading a file someone has open for writing: see the spool.
+                let live =
+                    self.writes.lock().get(&ino).cloned().filter(|wf| {
+                        wf.writing.load(Ordering::Acquire) > 0 || wf.meta.lock().dirty
+                    });
+                if let Some(wf) = live {
+                    // Reading a file someone is writing: see the spool.
                     open_ref(&wf);
                     return Ok((self.add_handle(Handle::Write(wf, ino)), PageCache::Bypass));
                 }
+                // (Written and closed, maybe not yet released: the node is
+                // the version its close staged.)
                 Ok((
                     self.add_handle(Handle::File(Arc::new(self.snapshot(file)?))),
                     PageCache::Keep,
@@ -1503,6 +1517,9 @@ impl LakeFs {
         };
         if let Some(wf) = wf {
             wf.write(offset, data)?;
+            if self.writers.lock().insert(fh) {
+                wf.writing.fetch_add(1, Ordering::AcqRel); // writing again after a close
+            }
             return Ok(data.len());
         }
         let view = view_for_ctl.expect("ctl handle");
@@ -1591,7 +1608,11 @@ impl LakeFs {
             None => return Err(FsError::BadHandle),
         };
         match pending {
-            Pending::Write(wf, ino) => self.commit_write(ino, &wf),
+            Pending::Write(wf, ino) => {
+                self.commit_write(ino, &wf)?;
+                self.stop_writing(fh, &wf);
+                Ok(())
+            }
             Pending::Command(view, line) if !line.trim().is_empty() => {
                 self.run_control(fh, &view, &line)
             }
@@ -1684,11 +1705,19 @@ impl LakeFs {
         Ok(())
     }
 
+    /// Handle `fh` on `wf` is closed (or gone): no longer counted as writing.
+    fn stop_writing(&self, fh: u64, wf: &WriteFile) {
+        if self.writers.lock().remove(&fh) {
+            wf.writing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     pub fn release(&self, fh: u64) -> Result<()> {
         let Some(h) = self.handles.lock().remove(&fh) else {
             return Ok(());
         };
         if let Handle::Write(wf, ino) = h {
+            self.stop_writing(fh, &wf);
             let last = close_ref(&wf);
             // Normally flushed already; writes through mmap may not be.
             let res = self.commit_write(ino, &wf);

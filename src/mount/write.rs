@@ -34,6 +34,9 @@ pub struct WriteFile {
     spool_path: Mutex<Option<PathBuf>>,
     pub meta: Mutex<WriteMeta>,
     pub opens: AtomicUsize,
+    /// Handles open for writing that were not closed since they last
+    /// wrote (`LakeFs::writers` says which).
+    pub writing: AtomicUsize,
 }
 
 enum Spool {
@@ -227,6 +230,7 @@ impl WriteFile {
                 unlinked: false,
             }),
             opens: AtomicUsize::new(0),
+            writing: AtomicUsize::new(0),
         };
         let size = initial(&|at, data| wf.put(at, data))?;
         wf.resize(size)?;
