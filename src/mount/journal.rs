@@ -170,9 +170,15 @@ impl Journal {
         Ok(Arc::new(j))
     }
 
+    /// Log segments, oldest first.
     fn segments(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        self.numbered("log")
+    }
+
+    /// The files of `dir` named by a number, in order.
+    fn numbered(&self, dir: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
         let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.join("log"))? {
+        for e in std::fs::read_dir(self.dir.join(dir))? {
             let e = e?;
             if let Some(seq) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
                 out.push((seq, e.path()));
@@ -217,16 +223,9 @@ impl Journal {
         &self.objects
     }
 
+    /// Entry files of the older one-file-per-entry layout, oldest first.
     fn entries(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.join("entries"))? {
-            let e = e?;
-            if let Some(seq) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
-                out.push((seq, e.path()));
-            }
-        }
-        out.sort();
-        Ok(out)
+        self.numbered("entries")
     }
 
     fn read(path: &Path) -> Result<JournalEntry, String> {
