@@ -23,7 +23,7 @@ use super::assembly::Assembly;
 use super::cache::ChunkCache;
 use super::control;
 use super::journal::{Journal, JournalEntry};
-use super::write::{close_ref, now_ns, open_ref, StageQueue, WriteFile};
+use super::write::{close_ref, killed_suid, now_ns, open_ref, StageQueue, WriteFile};
 use crate::hash::{ChunkRef, Hash};
 use crate::repo::{BranchRef, Lake, RepoConfig, RepoError, StageHint};
 use crate::tree::{Content, Entry, File, Op, TreeError, Trees};
@@ -206,16 +206,6 @@ pub struct SetAttr {
     pub kill_suid: bool,
 }
 
-/// `mode` without set-user-ID, and without set-group-ID if the group may
-/// execute (without it, the bit means mandatory locking, which stays).
-pub fn killed_suid(mode: u32) -> u32 {
-    let mut m = mode & !0o4000;
-    if m & 0o010 != 0 {
-        m &= !0o2000;
-    }
-    m
-}
-
 /// The files of `.tarn/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ControlFile {
@@ -338,6 +328,16 @@ fn is_file_put(op: &Op) -> bool {
     )
 }
 
+impl ViewState {
+    /// The entry at `path`, counting puts still pending.
+    fn entry_at(&self, path: &str) -> Result<Option<Entry>> {
+        match self.pending.files.get(path) {
+            Some(e) => Ok(Some(e.clone())),
+            None => Ok(self.trees.lookup(&self.root, path)?),
+        }
+    }
+}
+
 impl View {
     fn note_latest(&self, id: Option<&String>) {
         let mut latest = self.latest_seen.lock();
@@ -426,10 +426,6 @@ pub struct LakeFs {
     next_handle: AtomicU64,
     /// Files open for writing, by inode.
     writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
-    /// Write handles not closed (flushed) since they last wrote, counted in
-    /// their file's `writing`: a file whose writers have all closed is read
-    /// as a snapshot even before the kernel's (asynchronous) release.
-    writers: Mutex<HashSet<u64>>,
     /// Rename counts per (view, old path): see `generation`.
     moved_away: Mutex<HashMap<(u64, String), u64>>,
     /// Each repository's configuration (protected branches, read-only),
@@ -500,7 +496,6 @@ impl LakeFs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             writes: Mutex::new(HashMap::new()),
-            writers: Mutex::new(HashSet::new()),
             moved_away: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
         };
@@ -1037,11 +1032,7 @@ impl LakeFs {
                 // Metadata (mode, mtime) of the same content follows the
                 // branch; another version keeps what it had.
                 let state = self.state_with_pending(&view)?;
-                let now = match state.pending.files.get(&path) {
-                    Some(e) => Some(e.clone()),
-                    None => state.trees.lookup(&state.root, &path)?,
-                };
-                let entry = match now {
+                let entry = match state.entry_at(&path)? {
                     Some(Entry::File(f)) if f.content == file.content && f.size == file.size => {
                         Entry::File(f)
                     }
@@ -1051,13 +1042,7 @@ impl LakeFs {
             }
             Node::Tree { view, path } => {
                 let state = self.state_with_pending(&view)?;
-                let entry = match state.pending.files.get(&path) {
-                    Some(e) => e.clone(),
-                    None => state
-                        .trees
-                        .lookup(&state.root, &path)?
-                        .ok_or(FsError::NotFound)?,
-                };
+                let entry = state.entry_at(&path)?.ok_or(FsError::NotFound)?;
                 Ok(self.entry_attr(ino, &view, &state, &entry))
             }
         }
@@ -1084,13 +1069,7 @@ impl LakeFs {
         if let Some(ino) = state.creating.get(path) {
             return Ok(Some((*ino, None)));
         }
-        if let Some(e) = state.pending.files.get(path) {
-            return Ok(Some((
-                self.entry_node(view, path.to_string(), e),
-                Some(e.clone()),
-            )));
-        }
-        match state.trees.lookup(&state.root, path)? {
+        match state.entry_at(path)? {
             Some(e) => Ok(Some((self.entry_node(view, path.to_string(), &e), Some(e)))),
             None => Ok(None),
         }
@@ -1342,15 +1321,16 @@ impl LakeFs {
                         wf.truncate(0)?;
                     }
                     open_ref(&wf);
-                    wf.writing.fetch_add(1, Ordering::AcqRel);
-                    let fh = self.add_handle(Handle::Write(wf, ino));
-                    self.writers.lock().insert(fh);
+                    let fh = self.add_handle(Handle::Write(wf.clone(), ino));
+                    wf.writers.lock().insert(fh);
                     return Ok((fh, PageCache::Bypass));
                 }
-                let live =
-                    self.writes.lock().get(&ino).cloned().filter(|wf| {
-                        wf.writing.load(Ordering::Acquire) > 0 || wf.meta.lock().dirty
-                    });
+                let live = self
+                    .writes
+                    .lock()
+                    .get(&ino)
+                    .cloned()
+                    .filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty);
                 if let Some(wf) = live {
                     // Reading a file someone is writing: see the spool.
                     open_ref(&wf);
@@ -1495,19 +1475,15 @@ impl LakeFs {
         read_file(&self.cache, &handle, offset, size)
     }
 
-    /// Write to an open file (or run control commands written to `ctl`).
     /// A write by a caller other than root clears set-user-ID and
     /// set-group-ID, as on a local file system.
     pub fn kill_suid(&self, fh: u64) {
         if let Some(Handle::Write(wf, _)) = self.handles.lock().get(&fh) {
-            let mut m = wf.meta.lock();
-            if killed_suid(m.mode) != m.mode {
-                m.mode = killed_suid(m.mode);
-                m.dirty = true;
-            }
+            wf.meta.lock().kill_suid();
         }
     }
 
+    /// Write to an open file (or run control commands written to `ctl`).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let (wf, view_for_ctl) = match self.handles.lock().get(&fh) {
             Some(Handle::Write(wf, _)) => (Some(wf.clone()), None),
@@ -1517,9 +1493,7 @@ impl LakeFs {
         };
         if let Some(wf) = wf {
             wf.write(offset, data)?;
-            if self.writers.lock().insert(fh) {
-                wf.writing.fetch_add(1, Ordering::AcqRel); // writing again after a close
-            }
+            wf.writers.lock().insert(fh); // again, if written after a close
             return Ok(data.len());
         }
         let view = view_for_ctl.expect("ctl handle");
@@ -1610,7 +1584,7 @@ impl LakeFs {
         match pending {
             Pending::Write(wf, ino) => {
                 self.commit_write(ino, &wf)?;
-                self.stop_writing(fh, &wf);
+                wf.writers.lock().remove(&fh);
                 Ok(())
             }
             Pending::Command(view, line) if !line.trim().is_empty() => {
@@ -1705,19 +1679,12 @@ impl LakeFs {
         Ok(())
     }
 
-    /// Handle `fh` on `wf` is closed (or gone): no longer counted as writing.
-    fn stop_writing(&self, fh: u64, wf: &WriteFile) {
-        if self.writers.lock().remove(&fh) {
-            wf.writing.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
     pub fn release(&self, fh: u64) -> Result<()> {
         let Some(h) = self.handles.lock().remove(&fh) else {
             return Ok(());
         };
         if let Handle::Write(wf, ino) = h {
-            self.stop_writing(fh, &wf);
+            wf.writers.lock().remove(&fh);
             let last = close_ref(&wf);
             // Normally flushed already; writes through mmap may not be.
             let res = self.commit_write(ino, &wf);
@@ -2040,9 +2007,8 @@ impl LakeFs {
             if let Some(mode) = set.mode {
                 m.mode = mode & 0o7777;
                 m.dirty = true;
-            } else if set.kill_suid && killed_suid(m.mode) != m.mode {
-                m.mode = killed_suid(m.mode);
-                m.dirty = true;
+            } else if set.kill_suid {
+                m.kill_suid();
             }
             if let Some(t) = set.mtime {
                 m.mtime = ns_of(t);

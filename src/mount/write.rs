@@ -34,9 +34,11 @@ pub struct WriteFile {
     spool_path: Mutex<Option<PathBuf>>,
     pub meta: Mutex<WriteMeta>,
     pub opens: AtomicUsize,
-    /// Handles open for writing that were not closed since they last
-    /// wrote (`LakeFs::writers` says which).
-    pub writing: AtomicUsize,
+    /// Handles on it open for writing that were not closed (flushed) since
+    /// they last wrote: while there are none, a new reader gets a snapshot
+    /// of what the closes staged, even before the kernel's (asynchronous)
+    /// release of the last handle.
+    pub writers: Mutex<std::collections::HashSet<u64>>,
 }
 
 enum Spool {
@@ -204,6 +206,27 @@ pub struct WriteMeta {
     pub unlinked: bool,
 }
 
+/// `mode` without set-user-ID, and without set-group-ID if the group may
+/// execute (without it, the bit means mandatory locking, which stays).
+pub fn killed_suid(mode: u32) -> u32 {
+    let mut m = mode & !0o4000;
+    if m & 0o010 != 0 {
+        m &= !0o2000;
+    }
+    m
+}
+
+impl WriteMeta {
+    /// Clear set-user-ID (and set-group-ID where the group may execute).
+    pub fn kill_suid(&mut self) {
+        let mode = killed_suid(self.mode);
+        if mode != self.mode {
+            self.mode = mode;
+            self.dirty = true;
+        }
+    }
+}
+
 impl WriteFile {
     /// A spool (in memory, spilling to a file under `dir`), filled by
     /// `initial` (given a function writing bytes at an offset) with the
@@ -230,7 +253,7 @@ impl WriteFile {
                 unlinked: false,
             }),
             opens: AtomicUsize::new(0),
-            writing: AtomicUsize::new(0),
+            writers: Mutex::default(),
         };
         let size = initial(&|at, data| wf.put(at, data))?;
         wf.resize(size)?;
