@@ -312,19 +312,14 @@ impl ChunkCache {
     }
 
     /// The chunk as a verified local file, for the kernel to read directly
-    /// (FUSE passthrough). Fetches it into the disk cache first if needed;
-    /// `None` when the cache could not keep it on disk.
+    /// (FUSE passthrough): a local lake's own chunk file, else the disk
+    /// cache's copy, fetched first if needed. `None` when there is no such
+    /// file (a local lake's chunk still in the write-back journal, a cache
+    /// that could not keep it) or it is damaged: the daemon reads it then.
     pub fn local_file(&self, h: &Hash) -> Result<Option<fs::File>, StoreError> {
         let path = match self.store.local_path(&h.key("chunks")) {
-            // A local lake's own chunk file (not there: the chunk is still
-            // in the write-back journal, read through the daemon).
-            Some(p) if self.local_lake => {
-                if !p.exists() {
-                    return Ok(None);
-                }
-                p
-            }
-            _ => {
+            Some(p) => p,
+            None => {
                 if !self.disk.lock().contains(h) {
                     self.get(h)?;
                 }
