@@ -195,14 +195,12 @@ impl Cutter {
         }
         let mut out = Vec::new();
         let mut used = 0;
-        let p = self.params;
-        for c in fastcdc::v2020::FastCDC::new(&self.tail, p.min, p.avg, p.max) {
-            let end = c.offset + c.length;
-            if end >= self.tail.len() {
+        for piece in self.cuts() {
+            if used + piece.len() >= self.tail.len() {
                 break; // more bytes may still move this cut
             }
-            out.push(self.tail[c.offset..end].to_vec());
-            used = end;
+            used += piece.len();
+            out.push(piece.to_vec());
         }
         self.tail.drain(..used);
         out
@@ -210,13 +208,14 @@ impl Cutter {
 
     /// The chunks of what is not cut yet, were the stream to end now.
     pub fn rest(&self) -> Vec<&[u8]> {
-        if self.tail.is_empty() {
-            return Vec::new();
-        }
+        self.cuts().collect()
+    }
+
+    /// The content-defined chunks of the bytes not cut yet.
+    fn cuts(&self) -> impl Iterator<Item = &[u8]> {
         let p = self.params;
         fastcdc::v2020::FastCDC::new(&self.tail, p.min, p.avg, p.max)
             .map(|c| &self.tail[c.offset..c.offset + c.length])
-            .collect()
     }
 
     /// The bytes not cut yet.

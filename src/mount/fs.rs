@@ -2112,6 +2112,15 @@ impl LakeFs {
     }
 }
 
+/// The handle's whole-file copy, started if it has none yet.
+fn start_copy(cache: &Arc<ChunkCache>, h: &FileHandle) -> Option<Arc<Assembly>> {
+    let mut a = h.assembly.lock();
+    if a.is_none() {
+        *a = cache.assembly(&h.chunks, true);
+    }
+    a.clone()
+}
+
 /// Read from a file snapshot, fetching chunks through the cache and
 /// scheduling read-ahead for sequential readers.
 fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) -> Result<Bytes> {
@@ -2131,12 +2140,10 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
     }
     if h.chunks.len() > 1 && cache.copies_while_reading() {
         // A reader from the start gets a whole-file copy made for it.
-        let assembly = {
-            let mut a = h.assembly.lock();
-            if a.is_none() && offset == 0 {
-                *a = cache.assembly(&h.chunks, true);
-            }
-            a.clone()
+        let assembly = if offset == 0 {
+            start_copy(cache, h)
+        } else {
+            h.assembly.lock().clone()
         };
         if let Some(bytes) = assembly.and_then(|a| a.read(offset, end)) {
             return Ok(bytes?);
@@ -2167,10 +2174,7 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
             && !cache.copies_while_reading()
         {
             // Read whole: copy it now (in the background) for later readers.
-            let mut a = h.assembly.lock();
-            if a.is_none() {
-                *a = cache.assembly(&h.chunks, true);
-            }
+            start_copy(cache, h);
         }
         ra.window
     };
