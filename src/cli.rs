@@ -238,6 +238,10 @@ enum Command {
         /// after a crash). Control-file commands wait for them.
         #[arg(long)]
         writeback: bool,
+        /// Serve requests through /dev/fuse only, not the per-CPU io_uring
+        /// queues a recent kernel offers.
+        #[arg(long)]
+        no_io_uring: bool,
     },
     /// Unmount a tarn mount.
     Umount { dir: PathBuf },
@@ -966,6 +970,7 @@ fn run(cli: Cli) -> Result<()> {
             daemon,
             threads,
             writeback,
+            no_io_uring,
         } => {
             let (source, dir) = match args.as_slice() {
                 [dir] => (pinned, dir.clone()),
@@ -1025,6 +1030,7 @@ fn run(cli: Cli) -> Result<()> {
                     allow_other,
                     threads,
                     writeback,
+                    io_uring: !no_io_uring,
                 },
                 signals,
             )?;

@@ -10,6 +10,7 @@ pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod uring;
 pub mod write;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,9 @@ pub struct MountOptions {
     /// close() returns once the change is journaled on the cache disk;
     /// uploads happen in the background.
     pub writeback: bool,
+    /// Serve requests through per-CPU io_uring queues where the kernel
+    /// offers them (Linux 6.14+).
+    pub io_uring: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,13 +147,27 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
         .mountpoint
         .canonicalize()
         .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
-    let mut session = fuser::Session::new(
-        fuse::FuseAdapter::new(core, !opts.allow_other),
-        &opts.mountpoint,
-        &config,
-    )
-    .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
+    let adapter = Arc::new(fuse::FuseAdapter::new(
+        core,
+        !opts.allow_other,
+        opts.io_uring && allow_io_uring(),
+    ));
+    let mut session =
+        fuser::Session::new(fuse::Classic(adapter.clone()), &opts.mountpoint, &config)
+            .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
     raise_readahead(&mountpoint);
+    let dev = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .map_err(io("FUSE device"))?;
+    let queues = if adapter.io_uring.load(std::sync::atomic::Ordering::Relaxed) {
+        Some(
+            uring::Queues::start(adapter.clone(), &dev, opts.threads)
+                .map_err(io("io_uring queues"))?,
+        )
+    } else {
+        None
+    };
+    let _ = adapter.dev.set(dev);
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("tarn-signals".into())
@@ -165,8 +183,32 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
         .map_err(io("signal thread"))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
     session.run().map_err(io("FUSE session"))?;
+    if let Some(q) = queues {
+        q.join(std::time::Duration::from_secs(5));
+    }
     copies.finish_copies(std::time::Duration::from_secs(60));
     Ok(())
+}
+
+/// May this daemon ask for FUSE over io_uring? The kernel offers it only
+/// while the `fuse` module's `enable_uring` parameter is set; root sets it
+/// (it lets FUSE daemons use io_uring, nothing more).
+fn allow_io_uring() -> bool {
+    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+    match std::fs::read_to_string(PARAM) {
+        Ok(v) if v.trim() == "Y" => true,
+        Ok(_) => match std::fs::write(PARAM, "Y") {
+            Ok(()) => {
+                tracing::info!("enabled FUSE over io_uring ({PARAM})");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(%e, "FUSE over io_uring not enabled; serving /dev/fuse");
+                false
+            }
+        },
+        Err(_) => false,
+    }
 }
 
 /// Kernel read-ahead for the mount, in KiB: sequential readers keep this

@@ -24,6 +24,22 @@ fn branch_setup() -> Scratch {
     s
 }
 
+/// Does this kernel offer FUSE over io_uring to this (root) daemon?
+fn io_uring_offered() -> bool {
+    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
+    // SAFETY: geteuid cannot fail.
+    param.exists() && unsafe { libc::geteuid() } == 0
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 #[test]
 fn posix_operations_and_their_errors() {
     if !fuse_available() {
@@ -31,6 +47,34 @@ fn posix_operations_and_their_errors() {
     }
     let s = branch_setup();
     let m = Mount::new(&s, "mnt", &[]);
+    // Where the kernel offers it, requests come through per-CPU io_uring
+    // queues, each served by a thread of its own.
+    let uring = || {
+        thread_names(m.child.id())
+            .iter()
+            .any(|n| n.starts_with("tarn-uring-0"))
+    };
+    if io_uring_offered() {
+        wait_until("io_uring queue threads", Duration::from_secs(10), uring);
+    }
+    posix_operations(&s, &m);
+    assert_eq!(uring(), io_uring_offered());
+}
+
+#[test]
+fn posix_operations_through_dev_fuse() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let m = Mount::new(&s, "mnt", &["--no-io-uring"]);
+    posix_operations(&s, &m);
+    assert!(!thread_names(m.child.id())
+        .iter()
+        .any(|n| n.starts_with("tarn-uring")));
+}
+
+fn posix_operations(s: &Scratch, m: &Mount) {
     let d = m.p("sales/dev");
     std::fs::write(d.join("a.txt"), "one\n").unwrap();
     assert_eq!(std::fs::read_to_string(d.join("a.txt")).unwrap(), "one\n");

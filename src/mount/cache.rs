@@ -351,6 +351,11 @@ impl ChunkCache {
         !self.local_lake
     }
 
+    /// Is the lake a local directory (its objects read as local files)?
+    pub fn local_lake(&self) -> bool {
+        self.local_lake
+    }
+
     /// Let the whole-file copies being made finish, for at most `max`
     /// (when the mount ends: a copy left half-made is wasted work).
     pub fn finish_copies(&self, max: std::time::Duration) {

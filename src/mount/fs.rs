@@ -379,6 +379,14 @@ enum Handle {
     Ctl(Arc<View>, Mutex<CtlState>),
 }
 
+/// What a request does with a handle (see `LakeFs::may_wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandleOp {
+    Read,
+    Write,
+    Flush,
+}
+
 #[derive(Default)]
 struct CtlState {
     pending: Vec<u8>,
@@ -2104,6 +2112,19 @@ impl LakeFs {
             ControlFile::Result => view.last_result.lock().clone(),
             ControlFile::Ctl => String::new(),
         })
+    }
+
+    /// May a request on this handle wait long: a control-file command, an
+    /// upload before a synchronous close returns, a read that fetches from
+    /// a remote store? A transport serving one queue per CPU hands those to
+    /// helper threads, so they never hold up the other callers on that CPU.
+    pub fn may_wait(&self, fh: u64, op: HandleOp) -> bool {
+        match (self.handles.lock().get(&fh), op) {
+            (Some(Handle::Ctl(..)), _) => true,
+            (Some(Handle::Write(..)), HandleOp::Flush) => self.cfg.writeback.is_none(),
+            (Some(Handle::File(_)), HandleOp::Read) => !self.cache.local_lake(),
+            _ => false,
+        }
     }
 
     /// Numbers for `statfs`: the lake has no fixed size, so report plenty.
