@@ -230,7 +230,8 @@ enum Command {
         /// Detach once mounted.
         #[arg(long)]
         daemon: bool,
-        /// FUSE worker threads.
+        /// Threads serving /dev/fuse, and helpers for requests that may wait
+        /// (control commands, uploads, remote reads) with io_uring queues.
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// close() returns once the change is in a journal on the cache

@@ -232,6 +232,8 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
         )?;
     }
     push(&mut ring, wake_read(&done, &mut wake_buf), WAKE)?;
+    // Was an entry's last command REGISTER (else COMMIT_AND_FETCH)?
+    let mut registering = [true; ENTRIES];
     let mut live = ENTRIES;
     while live > 0 {
         match ring.submit_and_wait(1) {
@@ -248,23 +250,41 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
                 let answered = std::mem::take(&mut *done.list.lock());
                 for i in answered {
                     let commit_id = entries[i].lock().header.commit_id;
+                    registering[i] = false;
                     push(
                         &mut ring,
                         command(fd, CMD_COMMIT_AND_FETCH, qid, commit_id, None),
                         i as u64,
                     )?;
                 }
-                push(&mut ring, wake_read(&done, &mut wake_buf), WAKE)?;
+                if res >= 0 {
+                    push(&mut ring, wake_read(&done, &mut wake_buf), WAKE)?;
+                } else {
+                    tracing::warn!(qid, errno = -res, "io_uring queue: helper wakeups failed");
+                }
                 continue;
             }
             let i = user_data as usize;
             if res < 0 {
-                // The connection ended (ENOTCONN on unmount), or the kernel
-                // refused the entry: it takes no more requests.
-                if ![libc::ENOTCONN, libc::ECONNABORTED, libc::ENODEV].contains(&-res) {
-                    tracing::warn!(qid, errno = -res, "io_uring queue entry failed");
+                if [libc::ENOTCONN, libc::ECONNABORTED, libc::ENODEV].contains(&-res) {
+                    // The connection ended (unmounted, or aborted).
+                    live -= 1;
+                } else if registering[i] {
+                    tracing::warn!(qid, errno = -res, "io_uring queue entry refused");
+                    live -= 1;
+                } else {
+                    // The kernel no longer knew the request answered (it
+                    // ended meanwhile): the entry went with it, so the
+                    // buffers are registered again as a new one.
+                    tracing::debug!(qid, errno = -res, "io_uring commit refused");
+                    registering[i] = true;
+                    let iov = entries[i].lock().iov.as_ptr() as u64;
+                    push(
+                        &mut ring,
+                        command(fd, CMD_REGISTER, qid, 0, Some(iov)),
+                        i as u64,
+                    )?;
                 }
-                live -= 1;
                 continue;
             }
             let entry = &entries[i];
@@ -287,6 +307,7 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
                 handle(adapter, &mut bufs);
                 bufs.header.commit_id
             };
+            registering[i] = false;
             push(
                 &mut ring,
                 command(fd, CMD_COMMIT_AND_FETCH, qid, commit_id, None),
@@ -675,4 +696,90 @@ fn dirent(out: &mut Vec<u8>, ino: u64, next: u64, kind: Kind, name: &str) {
     out.extend_from_slice(&(dt as u32).to_ne_bytes());
     out.extend_from_slice(name.as_bytes());
     out.resize(out.len().next_multiple_of(8), 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> Attr {
+        Attr {
+            ino: 42,
+            kind: Kind::File,
+            size: 5000,
+            perm: 0o640,
+            nlink: 1,
+            mtime: UNIX_EPOCH + Duration::new(1_700_000_000, 5),
+            uid: 1000,
+            gid: 100,
+            ttl: Duration::from_millis(1500),
+        }
+    }
+
+    #[test]
+    fn replies_are_laid_out_as_the_kernel_reads_them() {
+        assert_eq!(std::mem::size_of::<Header>(), 288);
+        let mut out = Vec::new();
+        entry_out(&mut out, &file());
+        assert_eq!(out.len(), 128, "fuse_entry_out");
+        assert_eq!(u64_at(&out, 0), 42, "nodeid");
+        assert_eq!(u64_at(&out, 16), 1, "entry_valid");
+        assert_eq!(u32_at(&out, 32), 500_000_000, "entry_valid_nsec");
+        let attr = &out[40..];
+        assert_eq!(u64_at(attr, 8), 5000, "size");
+        assert_eq!(u64_at(attr, 16), 10, "blocks");
+        assert_eq!(u64_at(attr, 32), 1_700_000_000, "mtime");
+        assert_eq!(u32_at(attr, 52), 5, "mtimensec");
+        assert_eq!(u32_at(attr, 60), libc::S_IFREG | 0o640, "mode");
+        assert_eq!((u32_at(attr, 68), u32_at(attr, 72)), (1000, 100));
+
+        out.clear();
+        attr_out(&mut out, &file());
+        assert_eq!(out.len(), 104, "fuse_attr_out");
+        out.clear();
+        open_out(&mut out, 7, 0, Some(3));
+        assert_eq!(out.len(), 16, "fuse_open_out");
+        assert_eq!(u32_at(&out, 8), fuser::FopenFlags::FOPEN_PASSTHROUGH.bits());
+        assert_eq!(u32_at(&out, 12), 3, "backing_id");
+        out.clear();
+        dirent(&mut out, 9, 3, Kind::Symlink, "abc");
+        assert_eq!(out.len(), 32, "fuse_dirent padded to 8 bytes");
+        assert_eq!(u32_at(&out, 20), libc::DT_LNK as u32);
+        assert_eq!(&out[24..27], b"abc");
+    }
+
+    #[test]
+    fn payload_names_are_split_at_their_nuls() {
+        let req = |payload: &'static [u8]| Req {
+            opcode: op::RENAME,
+            nodeid: 1,
+            uid: 0,
+            gid: 0,
+            op: &[],
+            payload,
+        };
+        let r = req(b"old\0new name\0");
+        assert_eq!(r.names().collect::<Vec<_>>(), [&b"old"[..], b"new name"]);
+        assert_eq!(req(b"a.txt\0").name(), b"a.txt");
+        assert_eq!(req(b"").name(), b"");
+    }
+
+    #[test]
+    fn every_possible_cpu_gets_a_queue() {
+        assert!(possible_cpus() >= std::thread::available_parallelism().unwrap().get());
+    }
+
+    #[test]
+    fn a_register_command_points_at_two_iovecs() {
+        let bufs = Bufs::new();
+        let iov = bufs.iov.as_ptr() as u64;
+        let e = command(5, CMD_REGISTER, 1, 0, Some(iov));
+        // SAFETY: Entry128 is 128 plain bytes (asserted in `command`).
+        let raw: [u8; 128] = unsafe { std::mem::transmute(e) };
+        assert_eq!(u64_at(&raw, 16), iov, "addr");
+        assert_eq!(u32_at(&raw, 24), 2, "len");
+        // struct fuse_uring_cmd_req at the command area (offset 48).
+        assert_eq!(u16::from_ne_bytes([raw[64], raw[65]]), 1, "qid");
+        assert_eq!(bufs.iov[1].iov_len, PAYLOAD);
+    }
 }
