@@ -200,9 +200,44 @@ struct Done {
     event: OwnedFd,
 }
 
+/// One queue's ring and entries, as its thread sees them.
+struct Queue {
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    dev: OwnedFd,
+    qid: u16,
+    entries: Vec<Entry>,
+    /// Was an entry's last command REGISTER (else COMMIT_AND_FETCH)?
+    registering: [bool; ENTRIES],
+}
+
+impl Queue {
+    /// Hand an entry's buffers to the kernel, as a new entry.
+    fn register(&mut self, i: usize) -> io::Result<()> {
+        self.registering[i] = true;
+        let iov = self.entries[i].lock().iov.as_ptr() as u64;
+        let cmd = command(self.dev.as_raw_fd(), CMD_REGISTER, self.qid, 0, Some(iov));
+        push(&mut self.ring, cmd, i as u64)
+    }
+
+    /// Send the reply in an entry's buffers; the entry then waits for its
+    /// next request.
+    fn commit(&mut self, i: usize) -> io::Result<()> {
+        self.registering[i] = false;
+        let commit_id = self.entries[i].lock().header.commit_id;
+        let cmd = command(
+            self.dev.as_raw_fd(),
+            CMD_COMMIT_AND_FETCH,
+            self.qid,
+            commit_id,
+            None,
+        );
+        push(&mut self.ring, cmd, i as u64)
+    }
+}
+
 fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>) -> io::Result<()> {
     pin_to_cpu(qid as usize);
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
+    let ring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .build(2 * ENTRIES as u32 + 2)
@@ -219,29 +254,28 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
         event,
     });
     let mut wake_buf = Box::new(0u64);
-    let entries: Vec<Entry> = (0..ENTRIES)
-        .map(|_| Arc::new(Mutex::new(Bufs::new())))
-        .collect();
-    let fd = dev.as_raw_fd();
-    for (i, e) in entries.iter().enumerate() {
-        let iov = e.lock().iov.as_ptr() as u64;
-        push(
-            &mut ring,
-            command(fd, CMD_REGISTER, qid, 0, Some(iov)),
-            i as u64,
-        )?;
+    let mut q = Queue {
+        ring,
+        dev,
+        qid,
+        entries: (0..ENTRIES)
+            .map(|_| Arc::new(Mutex::new(Bufs::new())))
+            .collect(),
+        registering: [true; ENTRIES],
+    };
+    for i in 0..ENTRIES {
+        q.register(i)?;
     }
-    push(&mut ring, wake_read(&done, &mut wake_buf), WAKE)?;
-    // Was an entry's last command REGISTER (else COMMIT_AND_FETCH)?
-    let mut registering = [true; ENTRIES];
+    push(&mut q.ring, wake_read(&done, &mut wake_buf), WAKE)?;
     let mut live = ENTRIES;
     while live > 0 {
-        match ring.submit_and_wait(1) {
+        match q.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
         }
-        let completed: Vec<(u64, i32)> = ring
+        let completed: Vec<(u64, i32)> = q
+            .ring
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
@@ -249,16 +283,10 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
             if user_data == WAKE {
                 let answered = std::mem::take(&mut *done.list.lock());
                 for i in answered {
-                    let commit_id = entries[i].lock().header.commit_id;
-                    registering[i] = false;
-                    push(
-                        &mut ring,
-                        command(fd, CMD_COMMIT_AND_FETCH, qid, commit_id, None),
-                        i as u64,
-                    )?;
+                    q.commit(i)?;
                 }
                 if res >= 0 {
-                    push(&mut ring, wake_read(&done, &mut wake_buf), WAKE)?;
+                    push(&mut q.ring, wake_read(&done, &mut wake_buf), WAKE)?;
                 } else {
                     tracing::warn!(qid, errno = -res, "io_uring queue: helper wakeups failed");
                 }
@@ -269,7 +297,7 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
                 if [libc::ENOTCONN, libc::ECONNABORTED, libc::ENODEV].contains(&-res) {
                     // The connection ended (unmounted, or aborted).
                     live -= 1;
-                } else if registering[i] {
+                } else if q.registering[i] {
                     tracing::warn!(qid, errno = -res, "io_uring queue entry refused");
                     live -= 1;
                 } else {
@@ -277,42 +305,24 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
                     // ended meanwhile): the entry went with it, so the
                     // buffers are registered again as a new one.
                     tracing::debug!(qid, errno = -res, "io_uring commit refused");
-                    registering[i] = true;
-                    let iov = entries[i].lock().iov.as_ptr() as u64;
-                    push(
-                        &mut ring,
-                        command(fd, CMD_REGISTER, qid, 0, Some(iov)),
-                        i as u64,
-                    )?;
+                    q.register(i)?;
                 }
                 continue;
             }
-            let entry = &entries[i];
-            let offload = {
-                let bufs = entry.lock();
-                may_wait(adapter, &bufs)
-            };
-            if offload {
+            let entry = q.entries[i].clone();
+            if may_wait(adapter, &entry.lock()) {
                 let job = Job {
-                    entry: entry.clone(),
+                    entry,
                     index: i,
                     done: done.clone(),
                 };
-                if jobs.send(job).is_ok() {
-                    continue;
+                if let Err(mpsc::SendError(job)) = jobs.send(job) {
+                    job.run(adapter);
                 }
+                continue;
             }
-            let commit_id = {
-                let mut bufs = entry.lock();
-                handle(adapter, &mut bufs);
-                bufs.header.commit_id
-            };
-            registering[i] = false;
-            push(
-                &mut ring,
-                command(fd, CMD_COMMIT_AND_FETCH, qid, commit_id, None),
-                i as u64,
-            )?;
+            handle(adapter, &mut entry.lock());
+            q.commit(i)?;
         }
     }
     Ok(())
