@@ -1151,6 +1151,7 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
             "ro" => args.push("--read-only".into()),
             "allow_other" => args.push("--allow-other".into()),
             "writeback" => args.push("--writeback".into()),
+            "no_io_uring" => args.push("--no-io-uring".into()),
             "ref" => args.extend(flag("ref")?),
             "cache_dir" => args.extend(flag("cache-dir")?),
             "cache_size" => args.extend(flag("cache-size")?),
@@ -1158,7 +1159,7 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
             "threads" => args.extend(flag("threads")?),
             k if IGNORED_MOUNT_OPTIONS.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ if sloppy => {}
-            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, writeback, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
+            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, writeback, no_io_uring, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
         }
     }
     Ok(args)
@@ -2017,7 +2018,7 @@ mod tests {
         let a = mount_helper_args(
             "file:///srv/lake",
             Path::new("/mnt/lake"),
-            "rw,_netdev,nofail,x-systemd.automount,ref=sales/v1,cache_dir=/var/cache/tarn,cache_size=20G,allow_other,ro",
+            "rw,_netdev,nofail,x-systemd.automount,ref=sales/v1,cache_dir=/var/cache/tarn,cache_size=20G,allow_other,ro,no_io_uring",
             false,
         )
         .unwrap();
@@ -2036,7 +2037,8 @@ mod tests {
                 "--cache-size",
                 "20G",
                 "--allow-other",
-                "--read-only"
+                "--read-only",
+                "--no-io-uring"
             ]
         );
         // fuse-style spec (tarn#URL) and empty options
