@@ -24,11 +24,14 @@ fn branch_setup() -> Scratch {
     s
 }
 
-/// Does this kernel offer FUSE over io_uring to this (root) daemon?
+/// Does this kernel offer FUSE over io_uring to this (root) daemon, and
+/// io_uring to processes at all?
 fn io_uring_offered() -> bool {
     let param = Path::new("/sys/module/fuse/parameters/enable_uring");
+    let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .is_ok_and(|v| v.trim() != "0");
     // SAFETY: geteuid cannot fail.
-    param.exists() && unsafe { libc::geteuid() } == 0
+    param.exists() && !io_uring_disabled && unsafe { libc::geteuid() } == 0
 }
 
 /// The names of a process's threads.
