@@ -24,14 +24,15 @@ fn branch_setup() -> Scratch {
     s
 }
 
-/// Does this kernel offer FUSE over io_uring to this (root) daemon, and
-/// io_uring to processes at all?
+/// Does this kernel offer FUSE over io_uring, and io_uring to processes at
+/// all? Asked once a daemon is up: a root daemon turns the module parameter
+/// on where it can (in a container it may not).
 fn io_uring_offered() -> bool {
-    let param = Path::new("/sys/module/fuse/parameters/enable_uring");
+    let enabled = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
     let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .is_ok_and(|v| v.trim() != "0");
-    // SAFETY: geteuid cannot fail.
-    param.exists() && !io_uring_disabled && unsafe { libc::geteuid() } == 0
+    enabled && !io_uring_disabled
 }
 
 /// The names of a process's threads.
