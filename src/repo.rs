@@ -1637,7 +1637,7 @@ impl Lake {
         let (stored, stats) =
             chunk::store_content(&self.store, self.config.chunking, reader, what)?;
         let content = match stored {
-            Stored::Inline(b) => Content::Inline(b),
+            Stored::Inline(b) => Content::Inline(b.into()),
             Stored::Chunks(refs) => self.trees.pack_chunks(refs),
         };
         Ok((
@@ -1725,7 +1725,7 @@ mod tests {
             size: data.len() as u64,
             mode: 0o644,
             mtime: 0,
-            content: Content::Inline(data.to_vec()),
+            content: Content::Inline(data.to_vec().into()),
         });
         l.stage(
             repo,

@@ -68,8 +68,10 @@ pub struct External {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Content {
     /// Small files live in the directory node itself. Encoded as bytes, not
-    /// a sequence of u8 (the same bytes in postcard, written in one copy).
-    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// a sequence of u8 (the same bytes in postcard, written in one copy);
+    /// shared, not copied, as an entry passes through staging, journal and
+    /// tree updates.
+    Inline(bytes::Bytes),
     /// Chunks in file order.
     Chunks(Vec<ChunkRef>),
     /// A long chunk list, moved to its own node.
@@ -1111,7 +1113,7 @@ mod tests {
             size: 8,
             mode: 0o644,
             mtime: 0,
-            content: Content::Inline(n.to_le_bytes().to_vec()),
+            content: Content::Inline(n.to_le_bytes().to_vec().into()),
         })
     }
 
@@ -1131,7 +1133,7 @@ mod tests {
     fn inline_content_encodes_as_a_length_and_the_bytes() {
         // Stored nodes depend on it: the same bytes as postcard's encoding
         // of a Vec<u8> as a sequence, which older nodes were written with.
-        let inline = Content::Inline(vec![7, 8, 9]);
+        let inline = Content::Inline(vec![7, 8, 9].into());
         let bytes = postcard::to_allocvec(&inline).unwrap();
         assert_eq!(bytes, [0, 3, 7, 8, 9]);
         let as_seq = postcard::to_allocvec(&(0u8, vec![7u8, 8, 9])).unwrap();
@@ -1387,7 +1389,7 @@ mod tests {
             let mut all = Vec::new();
             t.walk(&root, "", &mut all).unwrap();
             let files: BTreeMap<String, u64> = all.into_iter().filter_map(|(p, e)| match e {
-                Entry::File(File { content: Content::Inline(b), .. }) => Some((p, u64::from_le_bytes(b.try_into().unwrap()))),
+                Entry::File(File { content: Content::Inline(b), .. }) => Some((p, u64::from_le_bytes(b[..].try_into().unwrap()))),
                 _ => None,
             }).collect();
             prop_assert_eq!(files, model);

@@ -1765,7 +1765,7 @@ impl LakeFs {
             size: 0,
             mode: mode & 0o7777,
             mtime: now,
-            content: Content::Inline(Vec::new()),
+            content: Content::Inline(bytes::Bytes::new()),
         };
         let ino = ino_of(&[
             b"new",

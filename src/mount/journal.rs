@@ -279,7 +279,7 @@ impl Journal {
             hashes.push(*h);
         });
         match stored {
-            Ok((Stored::Inline(b), stats)) => Ok((Content::Inline(b), stats.bytes, hashes)),
+            Ok((Stored::Inline(b), stats)) => Ok((Content::Inline(b.into()), stats.bytes, hashes)),
             Ok((Stored::Chunks(refs), stats)) => Ok((Content::Chunks(refs), stats.bytes, hashes)),
             Err(e) => {
                 self.release(&hashes);

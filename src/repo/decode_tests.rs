@@ -17,7 +17,7 @@ fn sample_node() -> Vec<u8> {
                 size: 3,
                 mode: 0o644,
                 mtime: 1,
-                content: Content::Inline(b"abc".to_vec()),
+                content: Content::Inline(b"abc".to_vec().into()),
             }),
         ),
     ])

@@ -572,7 +572,7 @@ mod tests {
             size: 1,
             mode: 0o644,
             mtime: 0,
-            content: Content::Inline(vec![b]),
+            content: Content::Inline(vec![b].into()),
         })
     }
 
