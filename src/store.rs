@@ -228,6 +228,12 @@ impl Store {
         &self.url
     }
 
+    /// Is the lake a directory on this machine (its objects plain files,
+    /// read and written on the calling thread: see `mod local`)?
+    pub fn is_local(&self) -> bool {
+        self.local_path("").is_some()
+    }
+
     /// Where an object lives on this machine's disk, for a local-directory
     /// lake (`None` for any other store).
     pub fn local_path(&self, key: &str) -> Option<PathBuf> {
@@ -298,16 +304,7 @@ impl Store {
             Ok((r.bytes().await?, v))
         }));
         match res {
-            Ok((bytes, mut v)) => {
-                if let RefCas::LocalLock { .. } = self.refs {
-                    // Local CAS compares content, not inode/mtime e-tags.
-                    v = Version {
-                        e_tag: Some(Hash::of(&bytes).to_hex()),
-                        version: None,
-                    };
-                }
-                Ok(Some((bytes, v)))
-            }
+            Ok((bytes, v)) => Ok(Some((bytes, v))),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Self::backend(key, e)),
         }
@@ -315,20 +312,6 @@ impl Store {
 
     /// Read a content-addressed object and verify that its bytes hash to `hash`.
     pub fn get_verified(&self, key: &str, hash: &Hash) -> Result<Bytes> {
-        if let Some(path) = self.local_path(key) {
-            // Content-addressed objects never change once written: a local
-            // lake's are read straight from their files.
-            return match fs::read(&path) {
-                Ok(b) => verify(key, hash, Bytes::from(b)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Err(StoreError::Missing(key.to_string()))
-                }
-                Err(e) => Err(StoreError::Io {
-                    path: path.display().to_string(),
-                    source: e,
-                }),
-            };
-        }
         let bytes = self
             .get(key)?
             .ok_or_else(|| StoreError::Missing(key.to_string()))?;
@@ -410,7 +393,7 @@ impl Store {
     /// Existing objects are skipped without re-sending their bytes.
     /// Returns how many were new.
     pub fn put_content_many(&self, objects: Vec<(String, Bytes)>) -> Result<usize> {
-        if objects.len() <= LOCAL_INLINE_PUTS && self.local_path("").is_some() {
+        if objects.len() <= LOCAL_INLINE_PUTS && self.is_local() {
             let mut new = 0;
             for (key, bytes) in objects {
                 let path = self.local_path(&key).expect("a local lake");

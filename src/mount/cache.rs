@@ -113,7 +113,7 @@ impl ChunkCache {
             used += len;
         }
         let cache = Arc::new(ChunkCache {
-            local_lake: store.local_path("").is_some(),
+            local_lake: store.is_local(),
             copy_ended: Condvar::new(),
             store,
             dir: chunks,
@@ -345,13 +345,9 @@ impl ChunkCache {
         Ok(fs::File::open(&path).ok())
     }
 
-    /// Are whole-file copies made while a file is read from its start
-    /// (remote lakes), or once it has been read whole (local lakes)?
-    pub fn copies_while_reading(&self) -> bool {
-        !self.local_lake
-    }
-
-    /// Is the lake a local directory (its objects read as local files)?
+    /// Is the lake a local directory? Its chunks are then read (and passed
+    /// through) from its own files, and whole-file copies are made once a
+    /// file has been read whole, not while it is read (see `local_lake`).
     pub fn local_lake(&self) -> bool {
         self.local_lake
     }

@@ -2157,7 +2157,7 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
         return Ok(Bytes::new());
     }
     match &h.file.content {
-        Content::Inline(b) => return Ok(Bytes::copy_from_slice(&b[offset as usize..end as usize])),
+        Content::Inline(b) => return Ok(b.slice(offset as usize..end as usize)),
         Content::External(ext) => return read_external(cache, &h.file, ext, offset, end),
         Content::Chunks(_) | Content::Manifest(_) => {}
     }
@@ -2166,8 +2166,9 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
         whole.read_exact_at(&mut buf, offset)?;
         return Ok(Bytes::from(buf));
     }
-    if h.chunks.len() > 1 && cache.copies_while_reading() {
-        // A reader from the start gets a whole-file copy made for it.
+    if h.chunks.len() > 1 && !cache.local_lake() {
+        // A reader from the start of a remote lake's file gets a whole-file
+        // copy made for it as it reads.
         let assembly = if offset == 0 {
             start_copy(cache, h)
         } else {
@@ -2196,11 +2197,7 @@ fn read_file(cache: &Arc<ChunkCache>, h: &FileHandle, offset: u64, size: usize) 
             ra.next = end;
         }
         ra.from_start = offset == 0 || (ra.from_start && near);
-        if ra.from_start
-            && end == h.file.size
-            && h.chunks.len() > 1
-            && !cache.copies_while_reading()
-        {
+        if ra.from_start && end == h.file.size && h.chunks.len() > 1 && cache.local_lake() {
             // Read whole: copy it now (in the background) for later readers.
             start_copy(cache, h);
         }
