@@ -212,8 +212,9 @@ fn allow_io_uring() -> bool {
 }
 
 /// Kernel read-ahead for the mount, in KiB: sequential readers keep this
-/// much in flight as concurrent FUSE reads (up to 1 MiB each), served by the
-/// worker threads in parallel from the daemon's own read-ahead. By hand, a
+/// much in flight as concurrent FUSE reads (up to 1 MiB each), answered from
+/// the daemon's own read-ahead (by the `/dev/fuse` threads in parallel, or
+/// by the reader's CPU's io_uring queue). By hand, a
 /// 2 GiB cold read took 2.5 s at FUSE's 128 KiB and 1.6–1.7 s at anything
 /// from 1 to 8 MiB; not more, as a page fault of a file mapped in memory
 /// reads around it by this much.

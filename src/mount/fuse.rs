@@ -216,13 +216,20 @@ impl FuseAdapter {
         mode: u32,
         umask: u32,
         flags: i32,
-    ) -> Result<(Attr, u64), FsError> {
-        self.fs.create(
+    ) -> Result<(Attr, Opened), FsError> {
+        let (attr, fh) = self.fs.create(
             parent,
             name_str(name)?,
             mode & !umask,
             flags & libc::O_EXCL != 0,
-        )
+        )?;
+        // A new file is written through the spool, never the page cache.
+        let opened = Opened {
+            fh,
+            flags: FopenFlags::FOPEN_DIRECT_IO,
+            backing_id: None,
+        };
+        Ok((attr, opened))
     }
 
     pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, umask: u32) -> Result<Attr, FsError> {
@@ -629,12 +636,12 @@ impl Filesystem for Classic {
     ) {
         let _span = tracing::debug_span!("create", parent = parent.0, ?name).entered();
         match self.0.create(parent.0, name.as_bytes(), mode, umask, flags) {
-            Ok((a, fh)) => reply.created(
+            Ok((a, o)) => reply.created(
                 &a.ttl,
                 &file_attr(&a),
                 Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO,
+                FileHandle(o.fh),
+                o.flags,
             ),
             Err(e) => reply.error(fuser_errno(&e)),
         }

@@ -58,53 +58,61 @@ struct Header {
     reserved: u64,
 }
 
-/// One queue entry's buffers, registered with the kernel. Boxed so they
-/// stay where the kernel was told they are.
+/// One queue entry's buffers: the two registered with the kernel, and the
+/// reply being built (kept, so requests reuse its allocation).
 struct Bufs {
-    header: Box<Header>,
+    header: Header,
     payload: Vec<u8>,
+    out: Vec<u8>,
     iov: [libc::iovec; 2],
 }
 
-impl Bufs {
-    fn new() -> Box<Bufs> {
-        let mut b = Box::new(Bufs {
-            header: Box::new(Header {
-                in_out: [0; 128],
-                op_in: [0; 128],
-                flags: 0,
-                commit_id: 0,
-                payload_sz: 0,
-                padding: 0,
-                reserved: 0,
-            }),
-            payload: vec![0; PAYLOAD],
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 2],
-        });
+// SAFETY: the iovecs point into the entry's own buffers, which stay where
+// they are (inside its `Arc`, and the payload's heap block); only whoever
+// holds the entry's lock touches them.
+unsafe impl Send for Bufs {}
+
+type Entry = Arc<Mutex<Bufs>>;
+
+/// A new entry, its iovecs pointing at its header and payload.
+fn new_entry() -> Entry {
+    let entry = Arc::new(Mutex::new(Bufs {
+        header: Header {
+            in_out: [0; 128],
+            op_in: [0; 128],
+            flags: 0,
+            commit_id: 0,
+            payload_sz: 0,
+            padding: 0,
+            reserved: 0,
+        },
+        payload: vec![0; PAYLOAD],
+        out: Vec::new(),
+        iov: [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2],
+    }));
+    {
+        let mut b = entry.lock();
+        let b = &mut *b;
         b.iov[0] = libc::iovec {
-            iov_base: (&mut *b.header as *mut Header).cast(),
+            iov_base: (&mut b.header as *mut Header).cast(),
             iov_len: std::mem::size_of::<Header>(),
         };
         b.iov[1] = libc::iovec {
             iov_base: b.payload.as_mut_ptr().cast(),
             iov_len: b.payload.len(),
         };
-        b
     }
+    entry
 }
-
-// SAFETY: the iovecs point into the entry's own boxed buffers, which move
-// with it; only whoever holds the entry's lock touches them.
-unsafe impl Send for Bufs {}
-
-type Entry = Arc<Mutex<Box<Bufs>>>;
 
 /// Serving threads of a connection's io_uring queues.
 pub struct Queues {
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// How many queue threads were started; each says when it ends.
+    threads: usize,
+    ended: mpsc::Receiver<()>,
 }
 
 impl Queues {
@@ -125,33 +133,33 @@ impl Queues {
                     job.run(&adapter);
                 })?;
         }
-        let mut threads = Vec::new();
-        for qid in 0..possible_cpus() {
+        let (end, ended) = mpsc::channel();
+        let threads = possible_cpus();
+        for qid in 0..threads {
             let dev = dev.try_clone()?;
             let adapter = adapter.clone();
             let jobs = jobs.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("tarn-uring-{qid}"))
-                    .spawn(move || {
-                        if let Err(e) = serve(&adapter, dev, qid as u16, jobs) {
-                            tracing::warn!(qid, %e, "io_uring queue ended");
-                        }
-                    })?,
-            );
+            let end = end.clone();
+            std::thread::Builder::new()
+                .name(format!("tarn-uring-{qid}"))
+                .spawn(move || {
+                    if let Err(e) = serve(&adapter, dev, qid as u16, jobs) {
+                        tracing::warn!(qid, %e, "io_uring queue ended");
+                    }
+                    let _ = end.send(());
+                })?;
         }
-        Ok(Queues { threads })
+        Ok(Queues { threads, ended })
     }
 
-    /// Wait (a little) for the queues to end once the connection has.
+    /// Wait (at most `max`) for the queues to end once the connection has.
     pub fn join(self, max: Duration) {
         let deadline = std::time::Instant::now() + max;
-        for t in self.threads {
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if t.is_finished() {
-                let _ = t.join();
+        for _ in 0..self.threads {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.ended.recv_timeout(left).is_err() {
+                tracing::info!("io_uring queues still busy at exit");
+                return;
             }
         }
     }
@@ -259,9 +267,7 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
         ring,
         dev,
         qid,
-        entries: (0..ENTRIES)
-            .map(|_| Arc::new(Mutex::new(Bufs::new())))
-            .collect(),
+        entries: (0..ENTRIES).map(|_| new_entry()).collect(),
         registering: [true; ENTRIES],
     };
     for i in 0..ENTRIES {
@@ -429,6 +435,17 @@ mod op {
     pub const RENAME2: u32 = 45;
 }
 
+/// `fuse_setattr_in.valid`: which attributes a SETATTR sets.
+mod fattr {
+    pub const MODE: u32 = 1 << 0;
+    pub const UID: u32 = 1 << 1;
+    pub const GID: u32 = 1 << 2;
+    pub const SIZE: u32 = 1 << 3;
+    pub const MTIME: u32 = 1 << 5;
+    pub const FH: u32 = 1 << 6;
+    pub const MTIME_NOW: u32 = 1 << 8;
+}
+
 /// Fields of the FUSE structs, in native byte order.
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -475,7 +492,10 @@ fn may_wait(adapter: &FuseAdapter, bufs: &Bufs) -> bool {
 /// Serve the request in `bufs` and leave its reply there.
 fn handle(adapter: &FuseAdapter, bufs: &mut Bufs) {
     let Bufs {
-        header, payload, ..
+        header,
+        payload,
+        out,
+        ..
     } = bufs;
     let h = &header.in_out;
     let unique = u64_at(h, 8);
@@ -488,8 +508,8 @@ fn handle(adapter: &FuseAdapter, bufs: &mut Bufs) {
         op: &header.op_in,
         payload: &payload[..size],
     };
-    let mut out = Vec::new();
-    let error = match dispatch(adapter, &req, &mut out) {
+    out.clear();
+    let error = match dispatch(adapter, &req, out) {
         Ok(()) => 0,
         Err(e) => {
             out.clear();
@@ -521,19 +541,19 @@ fn dispatch(a: &FuseAdapter, r: &Req, out: &mut Vec<u8>) -> Result<(), i32> {
         op::SETATTR => {
             let valid = u32_at(r.op, 0);
             let has = |bit: u32| valid & bit != 0;
-            let mtime = if has(1 << 8) {
+            let mtime = if has(fattr::MTIME_NOW) {
                 Some(SystemTime::now())
-            } else if has(1 << 5) {
+            } else if has(fattr::MTIME) {
                 Some(UNIX_EPOCH + Duration::new(u64_at(r.op, 40), u32_at(r.op, 60)))
             } else {
                 None
             };
             let set = SetAttrIn {
-                mode: has(1 << 0).then(|| u32_at(r.op, 68)),
-                owner_changed: has(1 << 1) || has(1 << 2),
-                size: has(1 << 3).then(|| u64_at(r.op, 16)),
+                mode: has(fattr::MODE).then(|| u32_at(r.op, 68)),
+                owner_changed: has(fattr::UID) || has(fattr::GID),
+                size: has(fattr::SIZE).then(|| u64_at(r.op, 16)),
                 mtime,
-                fh: has(1 << 6).then(|| u64_at(r.op, 8)),
+                fh: has(fattr::FH).then(|| u64_at(r.op, 8)),
             };
             attr_out(out, &fs(a.setattr(r.uid, r.gid, ino, set))?)
         }
@@ -626,9 +646,9 @@ fn dispatch(a: &FuseAdapter, r: &Req, out: &mut Vec<u8>) -> Result<(), i32> {
         op::ACCESS => fs(a.access(r.uid, r.gid, ino, u32_at(r.op, 0)))?,
         op::CREATE => {
             let (flags, mode, umask) = (u32_at(r.op, 0), u32_at(r.op, 4), u32_at(r.op, 8));
-            let (attr, fh) = fs(a.create(ino, r.name(), mode, umask, flags as i32))?;
+            let (attr, o) = fs(a.create(ino, r.name(), mode, umask, flags as i32))?;
             entry_out(out, &attr);
-            open_out(out, fh, fuser::FopenFlags::FOPEN_DIRECT_IO.bits(), None)
+            open_out(out, o.fh, o.flags.bits(), o.backing_id)
         }
         // What fuser answers for operations tarn leaves out (xattrs,
         // locks, fallocate, ...): the kernel stops asking.
@@ -782,7 +802,8 @@ mod tests {
 
     #[test]
     fn a_register_command_points_at_two_iovecs() {
-        let bufs = Bufs::new();
+        let entry = new_entry();
+        let bufs = entry.lock();
         let iov = bufs.iov.as_ptr() as u64;
         let e = command(5, CMD_REGISTER, 1, 0, Some(iov));
         // SAFETY: Entry128 is 128 plain bytes (asserted in `command`).
