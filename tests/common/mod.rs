@@ -249,8 +249,14 @@ impl Mount {
             cache.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let child = s
-            .cmd(&args)
+        let cmd = s.cmd(&args);
+        Mount::start(dir, cmd)
+    }
+
+    /// Run a `tarn mount` command of the caller's making and wait for its
+    /// mount at `dir` to come up.
+    pub fn start(dir: PathBuf, mut cmd: Command) -> Mount {
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
