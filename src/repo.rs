@@ -186,7 +186,7 @@ pub struct Commit {
 
 impl Commit {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_extend(self, vec![COMMIT_FORMAT]).expect("commit encodes")
+        crate::tree::encode_tagged(COMMIT_FORMAT, self, 512)
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Commit> {
@@ -210,7 +210,7 @@ pub struct StagingBatch {
 
 impl StagingBatch {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_extend(self, vec![BATCH_FORMAT]).expect("batch encodes")
+        crate::tree::encode_tagged(BATCH_FORMAT, self, 256 * self.ops.len())
     }
 
     pub fn decode(bytes: &[u8]) -> Option<StagingBatch> {

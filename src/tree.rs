@@ -134,9 +134,99 @@ pub enum Node {
     Manifest(Vec<ChunkRef>),
 }
 
+/// Where postcard output goes: a buffer, or straight into a hash.
+trait Sink {
+    fn put(&mut self, data: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, data: &[u8]) {
+        self.extend_from_slice(data);
+    }
+}
+
+/// Hashes an encoding as it is produced, gathered into runs of `GATHER`
+/// bytes first: the hasher works on many 1 KiB blocks at once only when it
+/// is handed them together (several times faster than piece by piece).
+const GATHER: usize = 64 << 10;
+
+struct Hashing {
+    hasher: blake3::Hasher,
+    gathered: Vec<u8>,
+}
+
+impl Hashing {
+    fn new() -> Hashing {
+        Hashing {
+            hasher: blake3::Hasher::new(),
+            gathered: Vec::with_capacity(GATHER),
+        }
+    }
+
+    fn finish(mut self) -> Hash {
+        self.hasher.update(&self.gathered);
+        Hash(*self.hasher.finalize().as_bytes())
+    }
+}
+
+impl Sink for Hashing {
+    fn put(&mut self, data: &[u8]) {
+        if self.gathered.len() + data.len() > GATHER {
+            self.hasher.update(&self.gathered);
+            self.gathered.clear();
+        }
+        if data.len() >= GATHER {
+            self.hasher.update(data);
+        } else {
+            self.gathered.extend_from_slice(data);
+        }
+    }
+}
+
+/// A postcard flavor over a sink. Byte runs (inline file content) go in
+/// whole; `postcard::to_extend` pushes them a byte at a time.
+struct Flavored<S>(S);
+
+impl<S: Sink> postcard::ser_flavors::Flavor for Flavored<S> {
+    type Output = S;
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.put(data);
+        Ok(())
+    }
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put(&[data]);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<S> {
+        Ok(self.0)
+    }
+}
+
+/// `value` in postcard after a format byte, into `sink`.
+fn encode_into<S: Sink, T: Serialize + ?Sized>(format: u8, value: &T, mut sink: S) -> S {
+    sink.put(&[format]);
+    postcard::serialize_with_flavor(value, Flavored(sink)).expect("in-memory encoding cannot fail")
+}
+
+/// `value` in postcard after a format byte, in a buffer of about
+/// `size_hint` bytes.
+pub fn encode_tagged<T: Serialize + ?Sized>(format: u8, value: &T, size_hint: usize) -> Vec<u8> {
+    encode_into(format, value, Vec::with_capacity(size_hint.max(64)))
+}
+
 impl Node {
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_extend(self, vec![NODE_FORMAT]).expect("node encodes")
+        let size_hint = match self {
+            Node::Leaf(items) => items.iter().map(Item::weight).sum(),
+            Node::Internal { children, .. } => children.iter().map(Item::weight).sum(),
+            Node::Manifest(refs) => refs.len() * 40,
+        };
+        encode_tagged(NODE_FORMAT, self, size_hint + 16)
+    }
+
+    /// The hash of `encode()`, without keeping the encoding.
+    pub fn hash(&self) -> Hash {
+        encode_into(NODE_FORMAT, self, Hashing::new()).finish()
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<Node, postcard::Error> {
@@ -451,8 +541,8 @@ const MANIFEST_AFTER: usize = 64;
 pub struct Trees {
     store: Store,
     cache: Arc<Mutex<lru::LruCache<Hash, Arc<Node>>>>,
-    /// Nodes saved but not yet written: their bytes, and decoded.
-    pending: Mutex<HashMap<Hash, (Bytes, Arc<Node>)>>,
+    /// Nodes saved but not yet written.
+    pending: Mutex<HashMap<Hash, Arc<Node>>>,
 }
 
 impl Trees {
@@ -492,10 +582,10 @@ impl Trees {
         let mut keep = kept.pending.lock();
         let mut stack: Vec<Hash> = roots.to_vec();
         while let Some(h) = stack.pop() {
-            let Some((bytes, node)) = pending.get(&h) else {
+            let Some(node) = pending.get(&h) else {
                 continue;
             };
-            if keep.insert(h, (bytes.clone(), node.clone())).is_some() {
+            if keep.insert(h, node.clone()).is_some() {
                 continue;
             }
             match &**node {
@@ -530,7 +620,7 @@ impl Trees {
         }
         // Unwritten nodes stay out of the shared cache: another handle must
         // never find a node it could not load again.
-        if let Some((_, n)) = self.pending.lock().get(hash) {
+        if let Some(n) = self.pending.lock().get(hash) {
             return Ok(n.clone());
         }
         let bytes = self.store.get_verified(&hash.key("nodes"), hash)?;
@@ -539,33 +629,37 @@ impl Trees {
         Ok(node)
     }
 
-    /// Encode a node and queue it for writing; returns its hash.
+    /// Queue a node for writing; returns its hash (of its encoding, which
+    /// is hashed as it is produced: only `flush` keeps the bytes).
     pub fn save(&self, node: Node) -> Hash {
-        let bytes = node.encode();
-        let hash = Hash::of(&bytes);
+        let hash = node.hash();
         self.pending
             .lock()
             .entry(hash)
-            .or_insert_with(|| (Bytes::from(bytes), Arc::new(node)));
+            .or_insert_with(|| Arc::new(node));
         hash
     }
 
     /// Write every queued node to the store.
     pub fn flush(&self) -> Result<usize> {
-        let (hashes, objects): (Vec<Hash>, Vec<(String, Bytes)>) = self
+        let nodes: Vec<(Hash, Arc<Node>)> = self
             .pending
             .lock()
             .iter()
-            .map(|(h, (b, _))| (*h, (h.key("nodes"), b.clone())))
-            .unzip();
-        if objects.is_empty() {
+            .map(|(h, n)| (*h, n.clone()))
+            .collect();
+        if nodes.is_empty() {
             return Ok(0);
         }
+        let objects = nodes
+            .iter()
+            .map(|(h, n)| (h.key("nodes"), Bytes::from(n.encode())))
+            .collect();
         let n = self.store.put_content_many(objects)?;
         // Only what was written: nodes saved meanwhile wait for the next flush.
         let mut pending = self.pending.lock();
-        for h in hashes {
-            if let Some((_, node)) = pending.remove(&h) {
+        for (h, _) in nodes {
+            if let Some(node) = pending.remove(&h) {
                 self.cache.lock().put(h, node);
             }
         }
@@ -1141,6 +1235,47 @@ mod tests {
         assert_eq!(postcard::from_bytes::<Content>(&bytes).unwrap(), inline);
         let json = serde_json::to_string(&inline).unwrap();
         assert_eq!(json, r#"{"Inline":[7,8,9]}"#);
+    }
+
+    #[test]
+    fn a_node_hash_is_the_hash_of_its_encoding() {
+        // `save` hashes the encoding as it is made; stored nodes are checked
+        // against the hash of their bytes. Contents short and long (gathered
+        // or handed to the hasher whole), names, levels, manifests.
+        let inline = |n: usize| {
+            Entry::File(File {
+                size: n as u64,
+                mode: 0o644,
+                mtime: -(n as i64),
+                content: Content::Inline((0..n).map(|i| (i * 31 % 251) as u8).collect()),
+            })
+        };
+        let leaf = Node::Leaf(
+            [0, 1, 5, 1023, 1024, 4096, 5000, 70_000]
+                .iter()
+                .map(|&n| (format!("f{n}"), inline(n)))
+                .chain([
+                    ("d".to_string(), Entry::Dir(Hash::of(b"x"))),
+                    ("s".to_string(), Entry::Symlink("../t".repeat(300))),
+                ])
+                .collect(),
+        );
+        let internal = Node::Internal {
+            level: 3,
+            children: (0..100)
+                .map(|i| Child {
+                    first: format!("k{i:04}"),
+                    hash: Hash::of(&[i as u8]),
+                    count: i,
+                })
+                .collect(),
+        };
+        let manifest = Node::Manifest(vec![]);
+        for node in [leaf, internal, manifest, Node::Leaf(vec![])] {
+            let bytes = node.encode();
+            assert_eq!(node.hash(), Hash::of(&bytes));
+            assert_eq!(Node::decode(&bytes).unwrap(), node);
+        }
     }
 
     #[test]

@@ -438,7 +438,7 @@ pub struct LakeFs {
     moved_away: Mutex<HashMap<(u64, String), u64>>,
     /// Each repository's configuration (protected branches, read-only),
     /// re-read once its metadata TTL has passed.
-    policies: Mutex<HashMap<String, (RepoConfig, Instant)>>,
+    policies: Mutex<HashMap<String, (Arc<RepoConfig>, Instant)>>,
 }
 
 /// Inode numbers are a hash of what the inode is, so they are stable within
@@ -805,6 +805,7 @@ impl LakeFs {
             Some((cfg, at)) if at.elapsed() < self.cfg.metadata_ttl => cfg,
             stale => match self.lake.repo_config(&view.repo) {
                 Ok(cfg) => {
+                    let cfg = Arc::new(cfg);
                     self.policies
                         .lock()
                         .insert(view.repo.clone(), (cfg.clone(), Instant::now()));
