@@ -536,13 +536,20 @@ type Edits<I> = Vec<(String, Option<I>)>;
 /// nodes stay small whatever the file sizes.
 const MANIFEST_AFTER: usize = 64;
 
+/// A saved node not yet in the store: its encoding (when kept) and itself.
+type Unwritten = (Option<Bytes>, Arc<Node>);
+
 /// A handle for reading and writing trees in one lake. New nodes are kept
 /// in memory until `flush` writes them (in parallel) to the store.
 pub struct Trees {
     store: Store,
     cache: Arc<Mutex<lru::LruCache<Hash, Arc<Node>>>>,
-    /// Nodes saved but not yet written.
-    pending: Mutex<HashMap<Hash, Arc<Node>>>,
+    /// Nodes saved but not yet written, and their encoding when they are
+    /// meant to be written (see `scratch`).
+    pending: Mutex<HashMap<Hash, Unwritten>>,
+    /// Keep the encoding of saved nodes for `flush` (a scratch handle only
+    /// needs their hashes).
+    keeps_bytes: bool,
 }
 
 impl Trees {
@@ -553,6 +560,7 @@ impl Trees {
                 NonZeroUsize::new(NODE_CACHE).expect("non-zero"),
             ))),
             pending: Mutex::new(HashMap::new()),
+            keeps_bytes: true,
         }
     }
 
@@ -564,6 +572,7 @@ impl Trees {
             store: self.store.clone(),
             cache: self.cache.clone(),
             pending: Mutex::new(HashMap::new()),
+            keeps_bytes: false,
         }
     }
 
@@ -582,10 +591,10 @@ impl Trees {
         let mut keep = kept.pending.lock();
         let mut stack: Vec<Hash> = roots.to_vec();
         while let Some(h) = stack.pop() {
-            let Some(node) = pending.get(&h) else {
+            let Some((bytes, node)) = pending.get(&h) else {
                 continue;
             };
-            if keep.insert(h, node.clone()).is_some() {
+            if keep.insert(h, (bytes.clone(), node.clone())).is_some() {
                 continue;
             }
             match &**node {
@@ -620,7 +629,7 @@ impl Trees {
         }
         // Unwritten nodes stay out of the shared cache: another handle must
         // never find a node it could not load again.
-        if let Some(n) = self.pending.lock().get(hash) {
+        if let Some((_, n)) = self.pending.lock().get(hash) {
             return Ok(n.clone());
         }
         let bytes = self.store.get_verified(&hash.key("nodes"), hash)?;
@@ -629,37 +638,45 @@ impl Trees {
         Ok(node)
     }
 
-    /// Queue a node for writing; returns its hash (of its encoding, which
-    /// is hashed as it is produced: only `flush` keeps the bytes).
+    /// Queue a node for writing; returns its hash (of its encoding). A
+    /// scratch handle hashes the encoding as it is produced and keeps none.
     pub fn save(&self, node: Node) -> Hash {
-        let hash = node.hash();
+        let (hash, bytes) = if self.keeps_bytes {
+            let bytes = node.encode();
+            (Hash::of(&bytes), Some(Bytes::from(bytes)))
+        } else {
+            (node.hash(), None)
+        };
         self.pending
             .lock()
             .entry(hash)
-            .or_insert_with(|| Arc::new(node));
+            .or_insert_with(|| (bytes, Arc::new(node)));
         hash
     }
 
     /// Write every queued node to the store.
     pub fn flush(&self) -> Result<usize> {
-        let nodes: Vec<(Hash, Arc<Node>)> = self
+        let nodes: Vec<(Hash, Option<Bytes>, Arc<Node>)> = self
             .pending
             .lock()
             .iter()
-            .map(|(h, n)| (*h, n.clone()))
+            .map(|(h, (b, n))| (*h, b.clone(), n.clone()))
             .collect();
         if nodes.is_empty() {
             return Ok(0);
         }
         let objects = nodes
             .iter()
-            .map(|(h, n)| (h.key("nodes"), Bytes::from(n.encode())))
+            .map(|(h, b, n)| {
+                let bytes = b.clone().unwrap_or_else(|| Bytes::from(n.encode()));
+                (h.key("nodes"), bytes)
+            })
             .collect();
         let n = self.store.put_content_many(objects)?;
         // Only what was written: nodes saved meanwhile wait for the next flush.
         let mut pending = self.pending.lock();
-        for (h, _) in nodes {
-            if let Some(node) = pending.remove(&h) {
+        for (h, _, _) in nodes {
+            if let Some((_, node)) = pending.remove(&h) {
                 self.cache.lock().put(h, node);
             }
         }
