@@ -9,9 +9,7 @@
 #     and kernel (the transport); elapsed minus the queue threads' user time
 #     is what the untar would take if tarn's work cost nothing.
 # Needs root (tracefs, mount) and the io_uring transport (Linux 6.14+).
-# The local baseline is only meaningful with no mass deletes on the disk in
-# the last ~5 minutes (see write.sh: ext4 then skips recently freed inodes
-# one by one and the same local untar takes seconds).
+# Runs on a freshly made file system when it can (see fresh_fs in lib.sh).
 # Appends a table to docs/BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +17,7 @@ cargo build --release -q
 T=$PWD/target/release/tarn
 . scripts/bench/lib.sh
 WORK=$(mktemp -d /tmp/tarn-bench-rt.XXXXXX)
+fresh_fs "$WORK"
 MNT=$WORK/mnt
 mkdir -p "$MNT" "$WORK/local"
 PID=
@@ -27,6 +26,7 @@ cleanup() {
   echo 0 >"$TR/events/fuse/fuse_request_send/enable" 2>/dev/null || true
   fusermount3 -uz "$MNT" 2>/dev/null || true
   if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+  fresh_fs_done "$WORK"
   rm -rf "$WORK" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -116,7 +116,7 @@ floor=$(awk -v e="$m_el" -v u="$m_qu" 'BEGIN {printf "%.2f", e - u}')
   echo
   echo "## roundtrip.sh — $(machine)"
   echo
-  echo "A --writeback mount, io_uring transport; callers pinned to CPU 0 (their requests are served on that CPU's queue). Medians of 3."
+  echo "Run ${FS_NOTE}. A --writeback mount, io_uring transport; callers pinned to CPU 0 (their requests are served on that CPU's queue). Medians of 3."
   echo
   echo "| measure | value |"
   echo "|---|---|"

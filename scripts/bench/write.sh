@@ -14,10 +14,11 @@ cargo build --release -q
 T=$PWD/target/release/tarn
 . scripts/bench/lib.sh
 WORK=$(mktemp -d /tmp/tarn-bench-write.XXXXXX)
+fresh_fs "$WORK"
 MNT=$WORK/mnt
 mkdir -p "$MNT" "$WORK/local"
 PID=
-cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; rm -rf "$WORK" 2>/dev/null || true; }
+cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; fresh_fs_done "$WORK"; rm -rf "$WORK" 2>/dev/null || true; }
 trap cleanup EXIT
 export TARN_LAKE=file://$WORK/lake
 
@@ -115,7 +116,7 @@ fastest_local=$(printf '%s\n' "${tar_local[@]}" "${wb_local[@]}" | sort -g | hea
   echo
   echo "## write.sh — $(machine)"
   echo
-  echo "Medians of 3; synchronous mode (close returns once the file is staged in the lake) unless the row says --writeback. Ratio = local time / tarn time."
+  echo "Run ${FS_NOTE}. Medians of 3; synchronous mode (close returns once the file is staged in the lake) unless the row says --writeback. Ratio = local time / tarn time."
   echo
   echo "| write | tarn | local disk | ratio | target |"
   echo "|---|---|---|---|---|"
