@@ -18,16 +18,17 @@ ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }
 # machine: the description every recorded table starts with
 machine() { echo "$(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"; }
 
-make_tree() { # DIR N: N tiny files in directories of 1000
-  python3 - "$1" "$2" <<'PY'
+make_tree() { # DIR N [BYTES]: N files in directories of 1000, each its
+  # number as text, or BYTES random bytes
+  python3 - "$1" "$2" "${3:-0}" <<'PY'
 import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
+root, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 for i in range(n):
     d = f"{root}/d{i // 1000:04d}"
     if i % 1000 == 0:
         os.makedirs(d, exist_ok=True)
-    with open(f"{d}/f{i % 1000:04d}.txt", "w") as f:
-        f.write(f"{i}\n")
+    with open(f"{d}/f{i % 1000:04d}.txt", "wb") as f:
+        f.write(os.urandom(size) if size else f"{i}\n".encode())
 PY
 }
 

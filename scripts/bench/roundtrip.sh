@@ -33,16 +33,7 @@ trap cleanup EXIT
 export TARN_LAKE=file://$WORK/lake
 
 for n in 20000 2000; do
-  python3 - "$WORK/tree$n" "$n" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-for i in range(n):
-    d = f"{root}/d{i // 1000:02d}"
-    if i % 1000 == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(f"{d}/f{i:05d}", "wb") as f:
-        f.write(os.urandom(4096))
-PY
+  make_tree "$WORK/tree$n" "$n" 4096
   tar -C "$WORK/tree$n" -cf "$WORK/tree$n.tar" .
 done
 

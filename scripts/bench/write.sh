@@ -51,16 +51,7 @@ after_append=$(chunks)
 
 echo "== untar 20k x 4 KiB" >&2
 TREE=$WORK/tree
-python3 - "$TREE" <<'PY'
-import os, sys
-root = sys.argv[1]
-for i in range(20000):
-    d = f"{root}/d{i // 1000:02d}"
-    if i % 1000 == 0:
-        os.makedirs(d, exist_ok=True)
-    with open(f"{d}/f{i:05d}", "wb") as f:
-        f.write(os.urandom(4096))
-PY
+make_tree "$TREE" 20000 4096
 tar -C "$TREE" -cf "$WORK/tree.tar" .
 # Local trees are kept until the end: for a few minutes after many files are
 # deleted, ext4's inode allocator skips their recently freed inodes one by
