@@ -637,10 +637,10 @@ const LOCAL_INLINE_PUTS: usize = 8;
 /// and written here on the calling thread. object_store's local backend
 /// runs every call on a blocking-pool thread: two thread switches a call,
 /// about ten per synchronous close of a small file in a mount, which were
-/// most of that close's time. Same layout and same staging as that backend
-/// (`KEY#N`, published by a hard link when create-only, else a rename), so
-/// both can be used on one lake; keys are names and hashes that need no
-/// escaping.
+/// most of that close's time. Same layout as that backend, and its staging
+/// (`KEY#N`, published by a hard link when create-only, else a rename)
+/// where a create-only put cannot use a nameless file, so both can be used
+/// on one lake; keys are names and hashes that need no escaping.
 mod local {
     use super::{io_err, Result};
     use bytes::Bytes;
