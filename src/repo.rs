@@ -186,7 +186,7 @@ pub struct Commit {
 
 impl Commit {
     pub fn encode(&self) -> Vec<u8> {
-        crate::tree::encode_tagged(COMMIT_FORMAT, self, 512)
+        tree::encode_tagged(COMMIT_FORMAT, self, 512)
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Commit> {
@@ -210,7 +210,11 @@ pub struct StagingBatch {
 
 impl StagingBatch {
     pub fn encode(&self) -> Vec<u8> {
-        crate::tree::encode_tagged(BATCH_FORMAT, self, 256 * self.ops.len())
+        tree::encode_tagged(
+            BATCH_FORMAT,
+            self,
+            64 + self.ops.iter().map(Op::encoded_size).sum::<usize>(),
+        )
     }
 
     pub fn decode(bytes: &[u8]) -> Option<StagingBatch> {

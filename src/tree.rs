@@ -111,6 +111,28 @@ impl Entry {
             Entry::Symlink(t) => t.len() as u64,
         }
     }
+
+    /// About how many bytes the entry takes encoded (what buffers for
+    /// encodings are sized by, and where nodes are cut).
+    fn encoded_size(&self) -> usize {
+        let content = match self {
+            Entry::File(File {
+                content: Content::Inline(b),
+                ..
+            }) => b.len(),
+            Entry::File(File {
+                content: Content::Chunks(c),
+                ..
+            }) => c.len() * 36,
+            Entry::File(File {
+                content: Content::External(e),
+                ..
+            }) => e.url.len() + 64,
+            Entry::Symlink(t) => t.len(),
+            _ => 0,
+        };
+        content + 48
+    }
 }
 
 /// A child pointer in an internal node: the child's first key, its hash,
@@ -156,10 +178,11 @@ struct Hashing {
 }
 
 impl Hashing {
-    fn new() -> Hashing {
+    /// For an encoding of about `size` bytes.
+    fn new(size: usize) -> Hashing {
         Hashing {
             hasher: blake3::Hasher::new(),
-            gathered: Vec::with_capacity(GATHER),
+            gathered: Vec::with_capacity(size.min(GATHER)),
         }
     }
 
@@ -202,31 +225,45 @@ impl<S: Sink> postcard::ser_flavors::Flavor for Flavored<S> {
     }
 }
 
-/// `value` in postcard after a format byte, into `sink`.
-fn encode_into<S: Sink, T: Serialize + ?Sized>(format: u8, value: &T, mut sink: S) -> S {
-    sink.put(&[format]);
+/// `value` in postcard after `prefix`, into `sink`.
+fn encode_into<S: Sink, T: Serialize + ?Sized>(prefix: &[u8], value: &T, mut sink: S) -> S {
+    sink.put(prefix);
     postcard::serialize_with_flavor(value, Flavored(sink)).expect("in-memory encoding cannot fail")
 }
 
-/// `value` in postcard after a format byte, in a buffer of about
+/// `value` in postcard after `prefix` (a header to fill in later), in a
+/// buffer sized for about `size_hint` bytes of encoding.
+pub fn encode_after<T: Serialize + ?Sized>(prefix: &[u8], value: &T, size_hint: usize) -> Vec<u8> {
+    encode_into(
+        prefix,
+        value,
+        Vec::with_capacity(prefix.len() + size_hint.max(64)),
+    )
+}
+
+/// `value` in postcard after a format byte, in a buffer sized for about
 /// `size_hint` bytes.
 pub fn encode_tagged<T: Serialize + ?Sized>(format: u8, value: &T, size_hint: usize) -> Vec<u8> {
-    encode_into(format, value, Vec::with_capacity(size_hint.max(64)))
+    encode_after(&[format], value, size_hint)
 }
 
 impl Node {
     pub fn encode(&self) -> Vec<u8> {
-        let size_hint = match self {
-            Node::Leaf(items) => items.iter().map(Item::weight).sum(),
-            Node::Internal { children, .. } => children.iter().map(Item::weight).sum(),
-            Node::Manifest(refs) => refs.len() * 40,
-        };
-        encode_tagged(NODE_FORMAT, self, size_hint + 16)
+        encode_tagged(NODE_FORMAT, self, self.encoded_size())
     }
 
     /// The hash of `encode()`, without keeping the encoding.
     pub fn hash(&self) -> Hash {
-        encode_into(NODE_FORMAT, self, Hashing::new()).finish()
+        encode_into(&[NODE_FORMAT], self, Hashing::new(self.encoded_size())).finish()
+    }
+
+    /// About how many bytes `encode()` makes.
+    fn encoded_size(&self) -> usize {
+        16 + match self {
+            Node::Leaf(items) => items.iter().map(Item::weight).sum(),
+            Node::Internal { children, .. } => children.iter().map(Item::weight).sum::<usize>(),
+            Node::Manifest(refs) => refs.len() * 40,
+        }
     }
 
     pub fn decode(bytes: &[u8]) -> std::result::Result<Node, postcard::Error> {
@@ -282,6 +319,19 @@ pub enum Op {
         commit: Hash,
         source: String,
     },
+}
+
+impl Op {
+    /// About how many bytes the op takes encoded (see `Entry::encoded_size`).
+    pub fn encoded_size(&self) -> usize {
+        match self {
+            Op::Put { path, entry } | Op::Graft { path, entry, .. } => {
+                path.len() + entry.encoded_size() + 80
+            }
+            Op::Delete { path } => path.len() + 8,
+            Op::Move { from, to } => from.len() + to.len() + 8,
+        }
+    }
 }
 
 /// Validate and normalise a path inside a tree: no empty, `.` or `..`
@@ -349,23 +399,7 @@ impl Item for (String, Entry) {
         &self.0
     }
     fn weight(&self) -> usize {
-        let content = match &self.1 {
-            Entry::File(File {
-                content: Content::Inline(b),
-                ..
-            }) => b.len(),
-            Entry::File(File {
-                content: Content::Chunks(c),
-                ..
-            }) => c.len() * 36,
-            Entry::File(File {
-                content: Content::External(e),
-                ..
-            }) => e.url.len() + 64,
-            Entry::Symlink(t) => t.len(),
-            _ => 0,
-        };
-        self.0.len() + content + 48
+        self.0.len() + self.1.encoded_size()
     }
     fn items(node: &Node) -> &[Self] {
         match node {

@@ -303,11 +303,12 @@ impl Journal {
     /// chunks must be in `objects`, counted as needed (by `store_file`);
     /// they stay until the entry is uploaded.
     pub fn append(&self, entry: &JournalEntry) -> Result<(), String> {
-        let payload = postcard::to_allocvec(entry).map_err(|e| e.to_string())?;
-        let mut record = Vec::with_capacity(RECORD_HEAD + payload.len());
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&Hash::of(&payload).0[..8]);
-        record.extend_from_slice(&payload);
+        let size = 256 + entry.ops.iter().map(Op::encoded_size).sum::<usize>();
+        // Encoded after room for its head: the record is built in place.
+        let mut record = crate::tree::encode_after(&[0; RECORD_HEAD], entry, size);
+        let (head, payload) = record.split_at_mut(RECORD_HEAD);
+        head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        head[4..].copy_from_slice(&Hash::of(payload).0[..8]);
         // Counted before it can be read: the uploader may stage it and
         // count it off before this call returns.
         self.count(1);
