@@ -173,9 +173,21 @@ pub struct Attr {
 }
 
 impl Attr {
+    /// The block size reported for files and by `statfs`.
+    pub const BLOCK_SIZE: u32 = 4096;
+
     pub fn blocks(&self) -> u64 {
         self.size.div_ceil(512)
     }
+}
+
+/// What `statfs` reports.
+pub struct StatFs {
+    /// Blocks of `Attr::BLOCK_SIZE`, all free.
+    pub blocks: u64,
+    /// Inodes, all free.
+    pub files: u64,
+    pub name_max: u32,
 }
 
 /// Mount settings the core needs.
@@ -2136,8 +2148,12 @@ impl LakeFs {
     }
 
     /// Numbers for `statfs`: the lake has no fixed size, so report plenty.
-    pub fn statfs(&self) -> (u64, u64) {
-        (1 << 40, 1 << 30)
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: 1 << 40,
+            files: 1 << 30,
+            name_max: 255,
+        }
     }
 }
 

@@ -365,7 +365,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
-        blksize: 4096,
+        blksize: Attr::BLOCK_SIZE,
         flags: 0,
     }
 }
@@ -620,8 +620,18 @@ impl Filesystem for Classic {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (blocks, files) = self.0.fs.statfs();
-        reply.statfs(blocks, blocks, blocks, files, files, 4096, 255, 4096);
+        let st = self.0.fs.statfs();
+        let bsize = Attr::BLOCK_SIZE;
+        reply.statfs(
+            st.blocks,
+            st.blocks,
+            st.blocks,
+            st.files,
+            st.files,
+            bsize,
+            st.name_max,
+            bsize,
+        );
     }
 
     fn create(

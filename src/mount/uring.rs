@@ -607,12 +607,13 @@ fn dispatch(a: &FuseAdapter, r: &Req, out: &mut Vec<u8>) -> Result<(), i32> {
             out.extend_from_slice(&0u32.to_ne_bytes());
         }
         op::STATFS => {
-            let (blocks, files) = a.fs.statfs();
-            for v in [blocks, blocks, blocks, files, files] {
+            let st = a.fs.statfs();
+            for v in [st.blocks, st.blocks, st.blocks, st.files, st.files] {
                 out.extend_from_slice(&v.to_ne_bytes());
             }
             // bsize, namelen, frsize, padding, spare[6]
-            for v in [4096u32, 255, 4096, 0, 0, 0, 0, 0, 0, 0] {
+            let bsize = Attr::BLOCK_SIZE;
+            for v in [bsize, st.name_max, bsize, 0, 0, 0, 0, 0, 0, 0] {
                 out.extend_from_slice(&v.to_ne_bytes());
             }
         }
@@ -677,7 +678,19 @@ fn attr(out: &mut Vec<u8>, a: &Attr) {
     for v in [a.ino, a.size, a.blocks(), t, t, t] {
         out.extend_from_slice(&v.to_ne_bytes());
     }
-    for v in [ns, ns, ns, mode_bits(a), a.nlink, a.uid, a.gid, 0, 4096, 0] {
+    let rdev = 0;
+    for v in [
+        ns,
+        ns,
+        ns,
+        mode_bits(a),
+        a.nlink,
+        a.uid,
+        a.gid,
+        rdev,
+        Attr::BLOCK_SIZE,
+        0,
+    ] {
         out.extend_from_slice(&v.to_ne_bytes());
     }
 }
