@@ -55,3 +55,22 @@ fresh_fs_done() {
   umount "$1" 2>/dev/null || umount -l "$1" 2>/dev/null || true
   rm -f "$FRESH_IMG"; FRESH_IMG=
 }
+
+# bench_dirs NAME: a work directory on a fresh file system when it can be
+# had (see fresh_fs), with a mount point and a lake path; sets WORK, MNT,
+# PID (the mount daemon, once started) and TARN_LAKE. bench_cleanup undoes
+# it all, even after a failure.
+bench_dirs() {
+  WORK=$(mktemp -d "/tmp/tarn-bench-$1.XXXXXX")
+  fresh_fs "$WORK"
+  MNT=$WORK/mnt
+  mkdir -p "$MNT" "$WORK/local"
+  PID=
+  export TARN_LAKE=file://$WORK/lake
+}
+bench_cleanup() {
+  fusermount3 -uz "$MNT" 2>/dev/null || true
+  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
+  fresh_fs_done "$WORK"
+  rm -rf "$WORK" 2>/dev/null || true
+}

@@ -16,21 +16,13 @@ cd "$(dirname "$0")/../.."
 cargo build --release -q
 T=$PWD/target/release/tarn
 . scripts/bench/lib.sh
-WORK=$(mktemp -d /tmp/tarn-bench-rt.XXXXXX)
-fresh_fs "$WORK"
-MNT=$WORK/mnt
-mkdir -p "$MNT" "$WORK/local"
-PID=
+bench_dirs rt
 TR=/sys/kernel/tracing
 cleanup() {
   echo 0 >"$TR/events/fuse/fuse_request_send/enable" 2>/dev/null || true
-  fusermount3 -uz "$MNT" 2>/dev/null || true
-  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
-  fresh_fs_done "$WORK"
-  rm -rf "$WORK" 2>/dev/null || true
+  bench_cleanup
 }
 trap cleanup EXIT
-export TARN_LAKE=file://$WORK/lake
 
 for n in 20000 2000; do
   make_tree "$WORK/tree$n" "$n" 4096

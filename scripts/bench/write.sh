@@ -13,14 +13,8 @@ cd "$(dirname "$0")/../.."
 cargo build --release -q
 T=$PWD/target/release/tarn
 . scripts/bench/lib.sh
-WORK=$(mktemp -d /tmp/tarn-bench-write.XXXXXX)
-fresh_fs "$WORK"
-MNT=$WORK/mnt
-mkdir -p "$MNT" "$WORK/local"
-PID=
-cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; fresh_fs_done "$WORK"; rm -rf "$WORK" 2>/dev/null || true; }
-trap cleanup EXIT
-export TARN_LAKE=file://$WORK/lake
+bench_dirs write
+trap bench_cleanup EXIT
 
 chunks() { find "$WORK/lake/chunks" -type f | wc -l; }
 
