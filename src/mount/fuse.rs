@@ -31,7 +31,8 @@ pub struct FuseAdapter {
     passthrough: AtomicBool,
     /// Did the kernel accept FUSE over io_uring for this connection?
     pub io_uring: AtomicBool,
-    /// Ask for io_uring at INIT (the module allows it, `--io-uring`).
+    /// Ask for io_uring at INIT (the module allows it, and the mount was
+    /// not told `--no-io-uring`).
     want_io_uring: bool,
     /// The connection's `/dev/fuse`, for registering backing files.
     pub dev: OnceLock<OwnedFd>,
