@@ -304,20 +304,21 @@ struct ViewState {
 }
 
 /// Ops staged by this mount and not yet applied to its view's tree: closes
-/// wait here (applying each on its own rewrites and hashes the directory's
-/// tree leaf every time; applied together, once per leaf); any other op is
-/// applied, with the closes before it, as soon as it is queued.
+/// and new empty directories wait here (applying each on its own rewrites
+/// and hashes the directory's tree leaf every time; applied together, once
+/// per leaf); any other op is applied, with those before it, as soon as it
+/// is queued (see `Pends`).
 #[derive(Clone, Default)]
 struct Pending {
     ops: Vec<Op>,
     /// The newest entry each path is put with in `ops`.
-    files: HashMap<String, Entry>,
+    entries: HashMap<String, Entry>,
 }
 
 impl Pending {
     fn push(&mut self, op: Op) {
         if let Op::Put { path, entry } = &op {
-            self.files.insert(path.clone(), entry.clone());
+            self.entries.insert(path.clone(), entry.clone());
         }
         self.ops.push(op);
     }
@@ -339,7 +340,8 @@ const PENDING_MAX: usize = 256;
 /// last of them: the applier thread has fallen behind.
 const PENDING_LIMIT: usize = 16 * PENDING_MAX;
 
-/// Is this op the staging of a closed file (the only kind left pending)?
+/// Is this op the staging of a closed file? (A put of the same file twice
+/// is the same tree: it can be applied again after a reload.)
 fn is_file_put(op: &Op) -> bool {
     matches!(
         op,
@@ -350,10 +352,30 @@ fn is_file_put(op: &Op) -> bool {
     )
 }
 
+/// Which ops may wait in `Pending`: those whose effect a lookup sees in
+/// `Pending::entries` alone. A closed file, and a new empty directory
+/// (nothing under it but what is put after it); not a directory with
+/// content, which lookups below it would miss until applied.
+struct Pends {
+    empty_dir: Hash,
+}
+
+impl Pends {
+    fn may_wait(&self, op: &Op) -> bool {
+        match op {
+            Op::Put {
+                entry: Entry::Dir(h),
+                ..
+            } => *h == self.empty_dir,
+            op => is_file_put(op),
+        }
+    }
+}
+
 impl ViewState {
     /// The entry at `path`, counting puts still pending.
     fn entry_at(&self, path: &str) -> Result<Option<Entry>> {
-        match self.pending.files.get(path) {
+        match self.pending.entries.get(path) {
             Some(e) => Ok(Some(e.clone())),
             None => Ok(self.trees.lookup(&self.root, path)?),
         }
@@ -502,6 +524,7 @@ pub struct LakeFs {
     policies: Mutex<HashMap<String, (Arc<RepoConfig>, Instant)>>,
     /// The applier thread: views whose pending closes are to be applied.
     applier: mpsc::Sender<Weak<View>>,
+    pends: Pends,
 }
 
 /// Inode numbers are a hash of what the inode is, so they are stable within
@@ -555,6 +578,7 @@ fn check_name(name: &str) -> Result<()> {
 
 impl LakeFs {
     pub fn new(lake: Arc<Lake>, cache: Arc<ChunkCache>, cfg: FsConfig) -> Result<LakeFs> {
+        let empty_dir = lake.trees().scratch().empty_dir();
         let (applier, views) = mpsc::channel::<Weak<View>>();
         // Ends once this `LakeFs` (the only sender) is dropped.
         std::thread::Builder::new()
@@ -586,6 +610,7 @@ impl LakeFs {
             moved_away: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             applier,
+            pends: Pends { empty_dir },
         };
         let root = match fs.cfg.pinned.clone() {
             Some((repo, reference)) => {
@@ -963,7 +988,7 @@ impl LakeFs {
             view.seen.lock().insert(id.to_string());
             // Closes wait to be applied together; anything else goes now,
             // after them.
-            if ops.iter().all(is_file_put) {
+            if ops.iter().all(|op| self.pends.may_wait(op)) {
                 p.ops.len()
             } else {
                 usize::MAX
@@ -1119,7 +1144,7 @@ impl LakeFs {
 
     /// The directory at `path` in a view (its tree hash), or an error.
     fn dir_at(&self, state: &ViewState, path: &str) -> Result<Hash> {
-        match state.trees.lookup(&state.root, path)? {
+        match state.entry_at(path)? {
             Some(Entry::Dir(h)) => Ok(h),
             Some(_) => Err(FsError::NotADirectory),
             None => Err(FsError::NotFound),
@@ -2475,7 +2500,10 @@ mod tests {
         for i in 0..10 {
             write(&fs, dir, &format!("f{i}"), format!("{i}\n").as_bytes());
         }
-        assert_eq!(pending(), 10, "staged, not applied yet");
+        // The new directory and its files: staged, not applied yet.
+        assert_eq!(pending(), 11);
+        assert_eq!(fs.lookup(main, "d").unwrap().kind, Kind::Dir);
+        assert_eq!(fs.getattr(dir).unwrap().kind, Kind::Dir);
         // Lookups, attributes and reads see them meanwhile.
         let f3 = fs.lookup(dir, "f3").unwrap();
         assert_eq!(f3.size, 2);
@@ -2483,7 +2511,7 @@ mod tests {
         assert_eq!(read_all(&fs, f3.ino), b"3\n");
         write(&fs, dir, "f3", b"again\n");
         assert_eq!(read_all(&fs, fs.lookup(dir, "f3").unwrap().ino), b"again\n");
-        assert_eq!(pending(), 11);
+        assert_eq!(pending(), 12);
         // Listing applies them, in order, at once.
         assert_eq!(names(&fs, dir).len(), 10);
         assert_eq!(pending(), 0);
@@ -2518,6 +2546,49 @@ mod tests {
         }
         assert!(!view.apply_queued.load(Ordering::Acquire));
         assert_eq!(names(&fs, dir).len(), 10 + PENDING_MAX + 5);
+    }
+
+    #[test]
+    fn new_directories_wait_with_the_files_put_in_them() {
+        let (_d, fs, main) = setup();
+        let view = fs.views.lock().values().next().unwrap().clone();
+        let pending = || view.state.lock().pending.ops.len();
+        let d = fs.mkdir(main, "d").unwrap().ino;
+        let e = fs.mkdir(d, "e").unwrap().ino;
+        write(&fs, e, "f", b"f\n");
+        assert_eq!(pending(), 3, "staged, not applied yet");
+        assert_eq!(fs.mkdir(main, "d").unwrap_err().errno(), libc::EEXIST);
+        assert_eq!(fs.mkdir(d, "e").unwrap_err().errno(), libc::EEXIST);
+        assert_eq!(fs.lookup(d, "e").unwrap().ino, e);
+        assert_eq!(read_all(&fs, fs.lookup(e, "f").unwrap().ino), b"f\n");
+        assert_eq!(fs.lookup(d, "f").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(fs.rmdir(main, "d").unwrap_err().errno(), libc::ENOTEMPTY);
+        assert_eq!(pending(), 0, "removing applies what is pending first");
+        assert_eq!(names(&fs, e), ["f"]);
+        // Pending again, when another writer puts a file in the new
+        // directory and the branch moves: the reload keeps that file (the
+        // directory is not put again, empty, over it).
+        let g = fs.mkdir(main, "g").unwrap().ino;
+        write(&fs, g, "mine", b"1\n");
+        assert_eq!(pending(), 2);
+        let other = |path: &str| Op::Put {
+            path: path.to_string(),
+            entry: Entry::File(File {
+                size: 0,
+                mode: 0o644,
+                mtime: 0,
+                content: Content::Inline(bytes::Bytes::new()),
+            }),
+        };
+        fs.lake.stage("r", "main", vec![other("g/theirs")]).unwrap();
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        // Past the metadata TTL, the view reloads the branch.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(fs.lookup(g, "theirs").unwrap().size, 0);
+        assert_eq!(names(&fs, g), ["mine", "theirs"]);
+        assert_eq!(names(&fs, main), ["d", "g"]);
     }
 
     #[test]
