@@ -534,6 +534,9 @@ impl Store {
 
     /// The immediate object names under `prefix`, sorted.
     pub fn list_files(&self, prefix: &str) -> Result<Vec<String>> {
+        if let Some(dir) = self.local_path(prefix) {
+            return local::list_files(&dir);
+        }
         let path = self.path(prefix);
         let res = block_on(retry(|| self.inner.list_with_delimiter(Some(&path))))
             .map_err(|e| Self::backend(prefix, e))?;
@@ -656,6 +659,36 @@ mod local {
             }
             Err(e) => Err(io_err(path)(e)),
         }
+    }
+
+    /// The names of the objects in a directory, sorted, as object_store's
+    /// backend lists them (files, not a put's `KEY#N` staging file) but
+    /// without its `stat` of every one: a mount refreshing a branch lists
+    /// its staged batches, one per synchronous close.
+    pub fn list_files(dir: &Path) -> Result<Vec<String>> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(dir)(e)),
+        };
+        let mut names = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err(dir))?;
+            if !e.file_type().map_err(io_err(dir))?.is_file() {
+                continue;
+            }
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            let staging = name
+                .split_once('#')
+                .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !staging {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
     }
 
     pub fn size(path: &Path) -> Result<Option<u64>> {
@@ -1009,6 +1042,23 @@ mod tests {
             Bytes::from_static(b"4")
         );
         assert_eq!(s.list("").unwrap(), ["x/four", "x/one", "x/two", "y/three"]);
+        // Listing one directory reads names only; it lists what the
+        // backend lists (not a subdirectory, not a put's staging file).
+        fs::create_dir(dir.path().join("x/sub")).unwrap();
+        fs::write(dir.path().join("x/sub/five"), b"5").unwrap();
+        fs::write(dir.path().join("x/six#12"), b"6").unwrap();
+        let listed = block_on(s.inner.list_with_delimiter(Some(&Path::from("x")))).unwrap();
+        let mut backend: Vec<_> = listed
+            .objects
+            .iter()
+            .map(|m| m.location.filename().unwrap().to_string())
+            .collect();
+        backend.sort();
+        assert_eq!(backend, ["four", "one", "two"]);
+        assert_eq!(s.list_files("x").unwrap(), backend);
+        assert_eq!(s.list_files("none").unwrap(), Vec::<String>::new());
+        fs::remove_dir_all(dir.path().join("x/sub")).unwrap();
+        fs::remove_file(dir.path().join("x/six#12")).unwrap();
         let mut files: Vec<_> = walkdir(dir.path());
         files.sort();
         assert_eq!(files, ["x/four", "x/one", "x/two", "y/three"]);
