@@ -241,6 +241,17 @@ pub fn encode_after<T: Serialize + ?Sized>(prefix: &[u8], value: &T, size_hint: 
     )
 }
 
+/// `encode_after`, in `buf` (emptied first; it grows as needed): for
+/// callers that encode one value after another.
+pub fn encode_after_in<T: Serialize + ?Sized>(
+    prefix: &[u8],
+    value: &T,
+    mut buf: Vec<u8>,
+) -> Vec<u8> {
+    buf.clear();
+    encode_into(prefix, value, buf)
+}
+
 /// `value` in postcard after a format byte, in a buffer sized for about
 /// `size_hint` bytes.
 pub fn encode_tagged<T: Serialize + ?Sized>(format: u8, value: &T, size_hint: usize) -> Vec<u8> {

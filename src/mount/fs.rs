@@ -292,13 +292,15 @@ struct ViewState {
     commit: Hash,
     root: Hash,
     time: SystemTime,
-    branch_ref: Option<BranchRef>,
+    /// Shared, like `creating` and `pending`: a state is cloned on every
+    /// lookup.
+    branch_ref: Option<Arc<BranchRef>>,
     checked: Instant,
     /// Holds the nodes of `root` that are not in the store (staged changes
     /// applied locally); replaced, with its nodes, on every full refresh.
     trees: Arc<Trees>,
     /// Files created and still open, not yet staged: path → inode.
-    creating: BTreeMap<String, u64>,
+    creating: Arc<BTreeMap<String, u64>>,
     /// Ops staged but not applied to `root` yet (see `apply_local`).
     pending: Arc<Pending>,
 }
@@ -422,10 +424,10 @@ impl View {
         }
     }
 
-    fn note_latest(&self, id: Option<&String>) {
+    fn note_latest(&self, id: Option<&str>) {
         let mut latest = self.latest_seen.lock();
-        if id > latest.as_ref() {
-            *latest = id.cloned();
+        if id > latest.as_deref() {
+            *latest = id.map(str::to_string);
         }
     }
 }
@@ -744,7 +746,7 @@ impl LakeFs {
                     branch_ref: None,
                     checked: Instant::now(),
                     trees: Arc::new(self.lake.trees().scratch()),
-                    creating: BTreeMap::new(),
+                    creating: Arc::default(),
                     pending: Arc::default(),
                 }
             }
@@ -776,10 +778,10 @@ impl LakeFs {
             commit: w.head,
             root: w.root,
             time: UNIX_EPOCH + Duration::from_millis(w.commit_time.max(0) as u64),
-            branch_ref: Some(w.branch_ref),
+            branch_ref: Some(Arc::new(w.branch_ref)),
             checked: Instant::now(),
             trees,
-            creating: BTreeMap::new(),
+            creating: Arc::default(),
             pending: Arc::default(),
         };
         Ok((state, w.batches))
@@ -816,7 +818,7 @@ impl LakeFs {
         view.apply_pending()?;
         let current = view.state.lock().clone();
         let (r, _) = self.lake.branch(&view.repo, branch)?;
-        if Some(&r) != current.branch_ref.as_ref() {
+        if Some(&r) != current.branch_ref.as_deref() {
             let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
             let mut st = view.state.lock();
             fresh.creating = std::mem::take(&mut st.creating);
@@ -855,7 +857,7 @@ impl LakeFs {
             // Local writes landed meanwhile: apply on top of them.
             st.root = st.trees.apply(&st.root, &ops)?;
         }
-        view.note_latest(new.iter().max());
+        view.note_latest(new.iter().max().map(String::as_str));
         view.seen.lock().extend(new);
         st.checked = Instant::now();
         Ok(st.clone())
@@ -943,13 +945,14 @@ impl LakeFs {
                 .submit(ops, |batch| {
                     let latest = view.latest_seen.lock().clone();
                     let id = Lake::new_batch_id(latest.as_deref());
-                    journal.append(&JournalEntry {
+                    let entry = JournalEntry {
                         repo: view.repo.clone(),
                         branch: branch.clone(),
-                        batch: id.clone(),
-                        ops: batch.clone(),
-                    })?;
-                    self.apply_local(view, &id, &batch)
+                        batch: id,
+                        ops: batch,
+                    };
+                    journal.append(&entry)?;
+                    self.apply_local(view, &entry.batch, entry.ops)
                         .map_err(|e| e.to_string())
                 })
                 .map_err(FsError::Stage);
@@ -968,27 +971,28 @@ impl LakeFs {
                     .lake
                     .stage_known(&view.repo, &branch, batch.clone(), &hint)
                     .map_err(|e| e.to_string())?;
-                self.apply_local(view, &id, &batch)
+                self.apply_local(view, &id, batch)
                     .map_err(|e| e.to_string())
             })
             .map_err(FsError::Stage)
     }
 
-    fn apply_local(&self, view: &Arc<View>, id: &str, ops: &[Op]) -> Result<()> {
+    fn apply_local(&self, view: &Arc<View>, id: &str, ops: Vec<Op>) -> Result<()> {
         let pending = {
             let mut st = view.state.lock();
             if view.seen.lock().contains(id) {
                 return Ok(()); // a refresh already picked it up
             }
-            let p = Arc::make_mut(&mut st.pending);
-            for op in ops {
-                p.push(op.clone());
-            }
-            view.note_latest(Some(&id.to_string()));
-            view.seen.lock().insert(id.to_string());
             // Closes wait to be applied together; anything else goes now,
             // after them.
-            if ops.iter().all(|op| self.pends.may_wait(op)) {
+            let all_wait = ops.iter().all(|op| self.pends.may_wait(op));
+            let p = Arc::make_mut(&mut st.pending);
+            for op in ops {
+                p.push(op);
+            }
+            view.note_latest(Some(id));
+            view.seen.lock().insert(id.to_string());
+            if all_wait {
                 p.ops.len()
             } else {
                 usize::MAX
@@ -1285,7 +1289,7 @@ impl LakeFs {
                         (name, v)
                     })
                     .collect();
-                for (p, ino) in &state.creating {
+                for (p, ino) in state.creating.iter() {
                     if parent_of(p) == path {
                         let name = p.rsplit('/').next().unwrap_or(p);
                         out.insert(name.to_string(), (Kind::File, *ino));
@@ -1759,7 +1763,7 @@ impl LakeFs {
                 }),
             );
         }
-        view.state.lock().creating.remove(&path);
+        Arc::make_mut(&mut view.state.lock().creating).remove(&path);
         Ok(())
     }
 
@@ -1785,7 +1789,7 @@ impl LakeFs {
                 if let Ok(Node::File { view, path, .. }) = self.node(ino) {
                     let mut st = view.state.lock();
                     if st.creating.get(&path) == Some(&ino) {
-                        st.creating.remove(&path);
+                        Arc::make_mut(&mut st.creating).remove(&path);
                     }
                 }
             }
@@ -1876,7 +1880,7 @@ impl LakeFs {
             }),
         );
         self.writes.lock().insert(ino, wf.clone());
-        view.state.lock().creating.insert(child, ino);
+        Arc::make_mut(&mut view.state.lock().creating).insert(child, ino);
         let fh = self.add_handle(Handle::Write(wf, ino));
         Ok((self.getattr(ino)?, fh))
     }
@@ -1942,7 +1946,7 @@ impl LakeFs {
     /// A file being written at `path` was removed or replaced: its pending
     /// content must not be staged there any more.
     fn forget_writer_at(&self, view: &View, path: &str, ino: u64) {
-        view.state.lock().creating.remove(path);
+        Arc::make_mut(&mut view.state.lock().creating).remove(path);
         if let Some(wf) = self.writes.lock().get(&ino) {
             wf.meta.lock().unlinked = true;
         }
@@ -2042,9 +2046,10 @@ impl LakeFs {
                 .filter(|(p, _)| rebase(p).is_some())
                 .map(|(p, i)| (p.clone(), *i))
                 .collect();
+            let creating = Arc::make_mut(&mut st.creating);
             for (p, i) in moved {
-                st.creating.remove(&p);
-                st.creating.insert(rebase(&p).expect("filtered"), i);
+                creating.remove(&p);
+                creating.insert(rebase(&p).expect("filtered"), i);
             }
         }
         for wf in self.writes.lock().values() {

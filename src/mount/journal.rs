@@ -80,7 +80,12 @@ struct Appender {
     next: u64,
     /// The open segment: its number, file and size.
     segment: Option<(u64, std::fs::File, u64)>,
+    /// The last record's buffer, for the next one.
+    buffer: Vec<u8>,
 }
+
+/// A record buffer bigger than this is not kept for the next record.
+const KEEP_BUFFER: usize = 1 << 20;
 
 /// Where uploading the log has got to (`upload.pos`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -303,33 +308,45 @@ impl Journal {
     /// chunks must be in `objects`, counted as needed (by `store_file`);
     /// they stay until the entry is uploaded.
     pub fn append(&self, entry: &JournalEntry) -> Result<(), String> {
-        let size = 256 + entry.ops.iter().map(Op::encoded_size).sum::<usize>();
-        // Encoded after room for its head: the record is built in place.
-        let mut record = crate::tree::encode_after(&[0; RECORD_HEAD], entry, size);
-        let (head, payload) = record.split_at_mut(RECORD_HEAD);
-        head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        head[4..].copy_from_slice(&record_check(payload));
         // Counted before it can be read: the uploader may stage it and
         // count it off before this call returns.
         self.count(1);
-        let res = self.append_record(&record);
+        let res = self.append_record(entry);
         if res.is_err() {
             self.count(-1);
         }
         res
     }
 
-    fn append_record(&self, record: &[u8]) -> Result<(), String> {
+    fn append_record(&self, entry: &JournalEntry) -> Result<(), String> {
         let mut a = self.append.lock();
-        let limit = self
-            .segment_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        // Encoded after room for its head: the record is built in place,
+        // in the last record's buffer.
+        let mut record =
+            crate::tree::encode_after_in(&[0; RECORD_HEAD], entry, std::mem::take(&mut a.buffer));
+        let (head, payload) = record.split_at_mut(RECORD_HEAD);
+        head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        head[4..].copy_from_slice(&record_check(payload));
+        let res = Self::write_record(&mut a, &self.dir, &self.segment_bytes, &record);
+        if record.capacity() <= KEEP_BUFFER {
+            a.buffer = record;
+        }
+        res
+    }
+
+    fn write_record(
+        a: &mut Appender,
+        dir: &Path,
+        segment_bytes: &std::sync::atomic::AtomicU64,
+        record: &[u8],
+    ) -> Result<(), String> {
+        let limit = segment_bytes.load(std::sync::atomic::Ordering::Relaxed);
         if a.segment.as_ref().is_none_or(|s| s.2 >= limit) {
             let seq = a.next;
             let f = std::fs::OpenOptions::new()
                 .append(true)
                 .create_new(true)
-                .open(self.dir.join("log").join(format!("{seq:020}")))
+                .open(dir.join("log").join(format!("{seq:020}")))
                 .map_err(io_err)?;
             a.segment = Some((seq, f, 0));
         }
