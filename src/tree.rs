@@ -40,8 +40,50 @@ const MAX_ITEMS: usize = 1024;
 /// encoded size), so directories of inline files keep small nodes too.
 const MAX_NODE_BYTES: usize = 64 << 10;
 
-/// Decoded nodes kept in memory per `Trees` handle.
+/// Decoded nodes kept in memory per `Trees` handle (and its scratch
+/// handles): at most this many...
 const NODE_CACHE: usize = 16 * 1024;
+
+/// ...weighing at most this much (`Node::encoded_size`): leaves of small
+/// files hold their content, up to `MAX_NODE_BYTES` each.
+const NODE_CACHE_BYTES: usize = 128 << 20;
+
+/// Decoded nodes by hash, least recently used dropped first, bounded in
+/// count and in bytes.
+struct NodeCache {
+    nodes: lru::LruCache<Hash, (Arc<Node>, usize)>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl NodeCache {
+    fn new(max_nodes: usize, max_bytes: usize) -> NodeCache {
+        NodeCache {
+            nodes: lru::LruCache::new(NonZeroUsize::new(max_nodes.max(1)).expect("non-zero")),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    fn get(&mut self, hash: &Hash) -> Option<Arc<Node>> {
+        self.nodes.get(hash).map(|(n, _)| n.clone())
+    }
+
+    fn put(&mut self, hash: Hash, node: Arc<Node>) {
+        let size = node.encoded_size();
+        if let Some((_, (_, old))) = self.nodes.push(hash, (node, size)) {
+            // The same hash again, or the least recently used pushed out.
+            self.bytes -= old;
+        }
+        self.bytes += size;
+        while self.bytes > self.max_bytes && self.nodes.len() > 1 {
+            match self.nodes.pop_lru() {
+                Some((_, (_, old))) => self.bytes -= old,
+                None => break,
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -588,7 +630,7 @@ type Unwritten = (Option<Bytes>, Arc<Node>);
 /// in memory until `flush` writes them (in parallel) to the store.
 pub struct Trees {
     store: Store,
-    cache: Arc<Mutex<lru::LruCache<Hash, Arc<Node>>>>,
+    cache: Arc<Mutex<NodeCache>>,
     /// Nodes saved but not yet written, and their encoding when they are
     /// meant to be written (see `scratch`).
     pending: Mutex<HashMap<Hash, Unwritten>>,
@@ -601,9 +643,7 @@ impl Trees {
     pub fn new(store: Store) -> Trees {
         Trees {
             store,
-            cache: Arc::new(Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(NODE_CACHE).expect("non-zero"),
-            ))),
+            cache: Arc::new(Mutex::new(NodeCache::new(NODE_CACHE, NODE_CACHE_BYTES))),
             pending: Mutex::new(HashMap::new()),
             keeps_bytes: true,
         }
@@ -670,7 +710,7 @@ impl Trees {
     /// Load a node, verified against its hash.
     pub fn load(&self, hash: &Hash) -> Result<Arc<Node>> {
         if let Some(n) = self.cache.lock().get(hash) {
-            return Ok(n.clone());
+            return Ok(n);
         }
         // Unwritten nodes stay out of the shared cache: another handle must
         // never find a node it could not load again.
@@ -1273,6 +1313,46 @@ mod tests {
         })
     }
 
+    #[test]
+    fn the_node_cache_is_bounded_in_bytes_and_in_count() {
+        let leaf = |i: u32, len: usize| {
+            let content = Content::Inline(vec![i as u8; len].into());
+            Node::Leaf(vec![(
+                format!("f{i}"),
+                Entry::File(File {
+                    size: len as u64,
+                    mode: 0o644,
+                    mtime: 0,
+                    content,
+                }),
+            )])
+        };
+        let size = leaf(0, 10_000).encoded_size();
+        let mut c = NodeCache::new(100, 5 * size);
+        for i in 0..20u32 {
+            c.put(Hash::of(&i.to_le_bytes()), Arc::new(leaf(i, 10_000)));
+            assert!(c.bytes <= 5 * size && c.nodes.len() <= 5);
+        }
+        // The newest stay; the oldest went.
+        assert!(c.get(&Hash::of(&19u32.to_le_bytes())).is_some());
+        assert!(c.get(&Hash::of(&0u32.to_le_bytes())).is_none());
+        // The same node again counts once.
+        let h = Hash::of(&19u32.to_le_bytes());
+        c.put(h, Arc::new(leaf(19, 10_000)));
+        assert_eq!(c.bytes, c.nodes.iter().map(|(_, (_, s))| s).sum::<usize>());
+        // Small nodes: the count is the bound.
+        let mut c = NodeCache::new(3, usize::MAX);
+        for i in 0..10u32 {
+            c.put(Hash::of(&i.to_le_bytes()), Arc::new(leaf(i, 10)));
+        }
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.bytes, 3 * leaf(0, 10).encoded_size());
+        // A node bigger than the whole budget is still kept (alone).
+        let mut c = NodeCache::new(10, 100);
+        c.put(h, Arc::new(leaf(1, 1000)));
+        assert!(c.get(&h).is_some());
+    }
+
     fn check_dir(t: &Trees, dir: &Hash, model: &BTreeMap<String, Entry>) {
         let got: BTreeMap<String, Entry> = t.entries(dir).unwrap().into_iter().collect();
         assert_eq!(&got, model);
@@ -1522,7 +1602,7 @@ mod tests {
                 ("new".to_string(), None, Some(file(1))),
             ]
         );
-        let loaded = fresh.cache.lock().len();
+        let loaded = fresh.cache.lock().nodes.len();
         assert!(loaded < 40, "diff loaded {loaded} nodes");
         assert!(fresh.diff_dir(&a, &a).unwrap().is_empty());
     }

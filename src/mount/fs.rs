@@ -1655,6 +1655,11 @@ impl LakeFs {
             st.read_pos = 0;
         }
         self.invalidate(view);
+        // A commit or merge leaves the view's staged tree and the commit's
+        // own work behind: reload the view now, so both are freed, and
+        // hand the freed memory back.
+        let _ = self.state_with_pending(view);
+        release_free_memory();
         res
     }
 
@@ -2234,6 +2239,17 @@ impl LakeFs {
 }
 
 /// The handle's whole-file copy, started if it has none yet.
+/// Hand memory the allocator holds free back to the system. glibc returns
+/// only the top of each arena by itself: after a commit of 100k small files
+/// the daemon's RSS stayed at its 1.35 GB peak with 0.58 GB in use.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only works on the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn start_copy(cache: &Arc<ChunkCache>, h: &FileHandle) -> Option<Arc<Assembly>> {
     let mut a = h.assembly.lock();
     if a.is_none() {
