@@ -92,6 +92,13 @@ for i in 1 2 3 4 5; do
   echo sync >"$B/.tarn/ctl"; t2=$(now)
   wb_tar+=("$(secs "$t0" "$t1")"); wb_up+=("$(secs "$t0" "$t2")")
 done
+# The daemon's memory with the five untars' 100k files staged, and after
+# committing them through the control file (kB; VmHWM is the peak).
+rss() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' "/proc/$PID/status"; }
+rss_staged=$(rss VmRSS)
+t0=$(now); echo 'commit -m "the --writeback untars"' >"$B/.tarn/ctl"; t1=$(now)
+wb_commit=$(secs "$t0" "$t1")
+rss_committed=$(rss VmRSS); rss_peak=$(rss VmHWM)
 
 m_dd=$(median "${dd_tarn[@]}"); m_ddl=$(median "${dd_local[@]}")
 m_tar=$(median "${tar_tarn[@]}"); m_tarl=$(median "${tar_local[@]}")
@@ -116,6 +123,8 @@ fastest_local=$(printf '%s\n' "${tar_local[@]}" "${wb_local[@]}" | sort -g | hea
   echo "Context: the same untar on local disk without \`sync\` (files in the page cache only) takes $(median "${nosync_local[@]}") s (median of 5); against that, --writeback is $(ratio "$(median "${nosync_local[@]}")" "$m_wb")×."
   echo
   echo "Each run, in order: untar tarn ${tar_tarn[*]} s, local ${tar_local[*]} s; --writeback tarn ${wb_tar[*]} s, local ${wb_local[*]} s (each local run just before its tarn run)."
+  echo
+  echo "Daemon memory (--writeback mount): ${rss_staged} MiB with the five untars' 100k files staged; committing them through .tarn/ctl took ${wb_commit} s, peaked at ${rss_peak} MiB and left ${rss_committed} MiB."
   echo
   echo "Dedup: chunks in the lake before a second copy of the 2 GiB file: $before, after: $after_copy (new: $((after_copy - before))); after appending 1 MiB to it: $after_append (new: $((after_append - after_copy))). Files in the commit: $staged_files."
 } | tee -a docs/BENCHMARKS.md
