@@ -2570,6 +2570,79 @@ mod tests {
     }
 
     #[test]
+    fn writers_listers_and_the_applier_at_once_lose_nothing() {
+        let (_d, fs, main) = setup();
+        let fs = Arc::new(fs);
+        let done = Arc::new(AtomicBool::new(false));
+        // A lister walking the tree while the others write.
+        let lister = {
+            let (fs, done) = (fs.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut walks = 0;
+                while !done.load(Ordering::Acquire) {
+                    for d in names(&fs, main) {
+                        if let Ok(a) = fs.lookup(main, &d) {
+                            if a.kind == Kind::Dir {
+                                let _ = fs.opendir(a.ino).map(|fh| fs.release(fh));
+                            }
+                        }
+                    }
+                    walks += 1;
+                }
+                walks
+            })
+        };
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let fs = fs.clone();
+                std::thread::spawn(move || {
+                    let dir = fs.mkdir(main, &format!("w{w}")).unwrap().ino;
+                    for i in 0..300 {
+                        if i % 100 == 0 {
+                            fs.mkdir(dir, &format!("sub{i}")).unwrap();
+                        }
+                        write(
+                            &fs,
+                            dir,
+                            &format!("f{i:03}"),
+                            format!("{w}.{i}\n").as_bytes(),
+                        );
+                    }
+                    // One directory moved while closes are pending.
+                    fs.rename(dir, "sub0", dir, "moved", false).unwrap();
+                })
+            })
+            .collect();
+        for t in writers {
+            t.join().unwrap();
+        }
+        done.store(true, Ordering::Release);
+        assert!(lister.join().unwrap() > 0);
+        for w in 0..4 {
+            let dir = fs.lookup(main, &format!("w{w}")).unwrap().ino;
+            let mut want: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+            want.extend(["moved", "sub100", "sub200"].map(String::from));
+            want.sort();
+            assert_eq!(names(&fs, dir), want);
+            let f = fs.lookup(dir, "f299").unwrap().ino;
+            assert_eq!(read_all(&fs, f), format!("{w}.299\n").as_bytes());
+        }
+        // The store has every staged change: the commit is what the view showed.
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        let tree = fs.lake.tree_of("r", "main").unwrap();
+        assert_eq!(fs.lake.trees().count(&tree).unwrap(), 4);
+        for w in 0..4 {
+            let Some(Entry::Dir(h)) = fs.lake.trees().lookup(&tree, &format!("w{w}")).unwrap()
+            else {
+                panic!("w{w} committed")
+            };
+            assert_eq!(fs.lake.trees().count(&h).unwrap(), 303);
+        }
+    }
+
+    #[test]
     fn new_directories_wait_with_the_files_put_in_them() {
         let (_d, fs, main) = setup();
         let view = fs.views.lock().values().next().unwrap().clone();
