@@ -327,26 +327,24 @@ impl Journal {
         let (head, payload) = record.split_at_mut(RECORD_HEAD);
         head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         head[4..].copy_from_slice(&record_check(payload));
-        let res = Self::write_record(&mut a, &self.dir, &self.segment_bytes, &record);
+        let res = self.write_record(&mut a, &record);
         if record.capacity() <= KEEP_BUFFER {
             a.buffer = record;
         }
         res
     }
 
-    fn write_record(
-        a: &mut Appender,
-        dir: &Path,
-        segment_bytes: &std::sync::atomic::AtomicU64,
-        record: &[u8],
-    ) -> Result<(), String> {
-        let limit = segment_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    /// Append a whole record to the open segment (another once it is full).
+    fn write_record(&self, a: &mut Appender, record: &[u8]) -> Result<(), String> {
+        let limit = self
+            .segment_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         if a.segment.as_ref().is_none_or(|s| s.2 >= limit) {
             let seq = a.next;
             let f = std::fs::OpenOptions::new()
                 .append(true)
                 .create_new(true)
-                .open(dir.join("log").join(format!("{seq:020}")))
+                .open(self.dir.join("log").join(format!("{seq:020}")))
                 .map_err(io_err)?;
             a.segment = Some((seq, f, 0));
         }
