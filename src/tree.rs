@@ -13,8 +13,10 @@
 //! nodes and root hash whatever the order of edits (history independence),
 //! and an edit rewrites only the nodes on its path plus, rarely, a neighbour.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -95,6 +97,8 @@ pub enum TreeError {
     BadPath { path: String, why: &'static str },
     #[error("{0} is an imported object, read in place")]
     External(String),
+    #[error("working tree spill file {0}: {1}")]
+    Spill(std::path::PathBuf, std::io::Error),
 }
 
 pub type Result<T> = std::result::Result<T, TreeError>;
@@ -626,6 +630,53 @@ const MANIFEST_AFTER: usize = 64;
 /// A saved node not yet in the store: its encoding (when kept) and itself.
 type Unwritten = (Option<Bytes>, Arc<Node>);
 
+/// Where a scratch handle moves its unwritten nodes out of memory (a
+/// mount's working view of a branch with many staged files: the leaves of
+/// small files hold their content). Plain files named by hash in a
+/// directory of its own on local disk, removed with the last handle that
+/// uses it; never written to the store, never in the shared node cache.
+struct Spill {
+    dir: PathBuf,
+    /// The nodes moved here.
+    moved: Mutex<HashSet<Hash>>,
+    /// The ones read back lately.
+    cache: Mutex<NodeCache>,
+}
+
+/// Nodes of a spill read back and kept in memory: at most this many, of
+/// at most this many bytes.
+const SPILL_CACHE: usize = 4096;
+const SPILL_CACHE_BYTES: usize = 32 << 20;
+
+impl Spill {
+    fn path(&self, hash: &Hash) -> PathBuf {
+        self.dir.join(hash.to_hex())
+    }
+
+    fn get(&self, hash: &Hash) -> Result<Option<Arc<Node>>> {
+        if !self.moved.lock().contains(hash) {
+            return Ok(None);
+        }
+        if let Some(n) = self.cache.lock().get(hash) {
+            return Ok(Some(n));
+        }
+        let path = self.path(hash);
+        let bytes = std::fs::read(&path).map_err(|e| TreeError::Spill(path.clone(), e))?;
+        if Hash::of(&bytes) != *hash {
+            return Err(TreeError::Decode(hash.to_hex()));
+        }
+        let node = Arc::new(Node::decode(&bytes).map_err(|_| TreeError::Decode(hash.to_hex()))?);
+        self.cache.lock().put(*hash, node.clone());
+        Ok(Some(node))
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A handle for reading and writing trees in one lake. New nodes are kept
 /// in memory until `flush` writes them (in parallel) to the store.
 pub struct Trees {
@@ -637,6 +688,11 @@ pub struct Trees {
     /// Keep the encoding of saved nodes for `flush` (a scratch handle only
     /// needs their hashes).
     keeps_bytes: bool,
+    /// Where unwritten nodes go once they weigh too much (`spill_over`).
+    spill: Option<Arc<Spill>>,
+    /// What the unwritten nodes weigh (`Node::encoded_size`), when they
+    /// may be spilled.
+    pending_weight: AtomicUsize,
 }
 
 impl Trees {
@@ -646,6 +702,8 @@ impl Trees {
             cache: Arc::new(Mutex::new(NodeCache::new(NODE_CACHE, NODE_CACHE_BYTES))),
             pending: Mutex::new(HashMap::new()),
             keeps_bytes: true,
+            spill: None,
+            pending_weight: AtomicUsize::new(0),
         }
     }
 
@@ -658,7 +716,55 @@ impl Trees {
             cache: self.cache.clone(),
             pending: Mutex::new(HashMap::new()),
             keeps_bytes: false,
+            spill: None,
+            pending_weight: AtomicUsize::new(0),
         }
+    }
+
+    /// `scratch`, able to move its unwritten nodes to files in `dir` (made
+    /// here; removed once no handle uses it) when `spill_over` is called.
+    pub fn scratch_spilling(&self, dir: PathBuf) -> std::io::Result<Trees> {
+        std::fs::create_dir_all(&dir)?;
+        let mut t = self.scratch();
+        t.spill = Some(Arc::new(Spill {
+            dir,
+            moved: Mutex::new(HashSet::new()),
+            cache: Mutex::new(NodeCache::new(SPILL_CACHE, SPILL_CACHE_BYTES)),
+        }));
+        Ok(t)
+    }
+
+    /// If the unwritten nodes weigh more than `limit` bytes, move them all
+    /// to the spill (no-op without one); they are read back when needed.
+    /// All at once, so a node moved never points at one left in memory.
+    /// Returns how many moved.
+    pub fn spill_over(&self, limit: usize) -> Result<usize> {
+        let Some(spill) = &self.spill else {
+            return Ok(0);
+        };
+        if self.pending_weight.load(Ordering::Relaxed) <= limit {
+            return Ok(0);
+        }
+        // Written while still in `pending`, so they can be loaded all along.
+        let nodes: Vec<(Hash, Arc<Node>)> = self
+            .pending
+            .lock()
+            .iter()
+            .map(|(h, (_, n))| (*h, n.clone()))
+            .collect();
+        for (h, n) in &nodes {
+            let path = spill.path(h);
+            std::fs::write(&path, n.encode()).map_err(|e| TreeError::Spill(path, e))?;
+        }
+        spill.moved.lock().extend(nodes.iter().map(|(h, _)| *h));
+        let mut pending = self.pending.lock();
+        for (h, n) in &nodes {
+            if pending.remove(h).is_some() {
+                self.pending_weight
+                    .fetch_sub(n.encoded_size(), Ordering::Relaxed);
+            }
+        }
+        Ok(nodes.len())
     }
 
     /// How many nodes are waiting for `flush`.
@@ -671,7 +777,8 @@ impl Trees {
     /// of every edit it applied. Nodes in the store never point at unwritten
     /// ones, so the walk stops at the first stored node on each path.
     pub fn retain_reachable(&self, roots: &[Hash]) -> Trees {
-        let kept = self.scratch();
+        let mut kept = self.scratch();
+        kept.spill = self.spill.clone();
         let pending = self.pending.lock();
         let mut keep = kept.pending.lock();
         let mut stack: Vec<Hash> = roots.to_vec();
@@ -681,6 +788,10 @@ impl Trees {
             };
             if keep.insert(h, (bytes.clone(), node.clone())).is_some() {
                 continue;
+            }
+            if kept.spill.is_some() {
+                kept.pending_weight
+                    .fetch_add(node.encoded_size(), Ordering::Relaxed);
             }
             match &**node {
                 Node::Internal { children, .. } => stack.extend(children.iter().map(|c| c.hash)),
@@ -717,6 +828,11 @@ impl Trees {
         if let Some((_, n)) = self.pending.lock().get(hash) {
             return Ok(n.clone());
         }
+        if let Some(spill) = &self.spill {
+            if let Some(n) = spill.get(hash)? {
+                return Ok(n);
+            }
+        }
         let bytes = self.store.get_verified(&hash.key("nodes"), hash)?;
         let node = Arc::new(Node::decode(&bytes).map_err(|_| TreeError::Decode(hash.to_hex()))?);
         self.cache.lock().put(*hash, node.clone());
@@ -732,21 +848,35 @@ impl Trees {
         } else {
             (node.hash(), None)
         };
-        self.pending
-            .lock()
-            .entry(hash)
-            .or_insert_with(|| (bytes, Arc::new(node)));
+        let weight = if self.spill.is_some() {
+            node.encoded_size()
+        } else {
+            0
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = self.pending.lock().entry(hash) {
+            v.insert((bytes, Arc::new(node)));
+            self.pending_weight.fetch_add(weight, Ordering::Relaxed);
+        }
         hash
     }
 
     /// Write every queued node to the store.
     pub fn flush(&self) -> Result<usize> {
-        let nodes: Vec<(Hash, Option<Bytes>, Arc<Node>)> = self
+        let mut nodes: Vec<(Hash, Option<Bytes>, Arc<Node>)> = self
             .pending
             .lock()
             .iter()
             .map(|(h, (b, n))| (*h, b.clone(), n.clone()))
             .collect();
+        if let Some(spill) = &self.spill {
+            // Spilled nodes are unwritten too.
+            let moved: Vec<Hash> = spill.moved.lock().iter().copied().collect();
+            for h in moved {
+                if let Some(n) = spill.get(&h)? {
+                    nodes.push((h, None, n));
+                }
+            }
+        }
         if nodes.is_empty() {
             return Ok(0);
         }
@@ -762,6 +892,10 @@ impl Trees {
         let mut pending = self.pending.lock();
         for (h, _, _) in nodes {
             if let Some((_, node)) = pending.remove(&h) {
+                if self.spill.is_some() {
+                    self.pending_weight
+                        .fetch_sub(node.encoded_size(), Ordering::Relaxed);
+                }
                 self.cache.lock().put(h, node);
             }
         }
@@ -1460,6 +1594,62 @@ mod tests {
         assert_eq!(fresh.lookup(&b, "d0/f0000").unwrap(), Some(big(0)));
         assert_eq!(fresh.lookup(&b, "e/d1/f0001").unwrap(), Some(file(1)));
         assert_eq!(fresh.count(&b).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_spilling_handle_computes_the_same_trees_from_disk() {
+        let t = trees();
+        let dir = tempfile::tempdir().unwrap();
+        let spill_dir = dir.path().join("spill");
+        let spilling = t.scratch_spilling(spill_dir.clone()).unwrap();
+        let plain = t.scratch();
+        let content = |i: u32| {
+            Entry::File(File {
+                size: 3000,
+                mode: 0o644,
+                mtime: 1,
+                content: Content::Inline(vec![i as u8; 3000].into()),
+            })
+        };
+        let ops: Vec<Op> = (0..2000u32)
+            .map(|i| Op::Put {
+                path: format!("d{}/f{i:04}", i % 4),
+                entry: content(i),
+            })
+            .collect();
+        let (mut a, mut b) = (plain.empty_dir(), spilling.empty_dir());
+        let mut spilling = Arc::new(spilling);
+        let mut moved = 0;
+        for (n, batch) in ops.chunks(128).enumerate() {
+            a = plain.apply(&a, batch).unwrap();
+            b = spilling.apply(&b, batch).unwrap();
+            assert_eq!(a, b);
+            // As a view does: compact now and then, spill when heavy.
+            if n % 3 == 2 {
+                spilling = Arc::new(spilling.retain_reachable(&[b]));
+            }
+            moved += spilling.spill_over(256 << 10).unwrap();
+            assert!(spilling.pending_weight.load(Ordering::Relaxed) <= 1 << 20);
+        }
+        assert!(moved > 0, "nodes were spilled");
+        assert!(std::fs::read_dir(&spill_dir).unwrap().count() > 0);
+        // Reads come back from disk.
+        for i in (0..2000u32).step_by(37) {
+            let path = format!("d{}/f{i:04}", i % 4);
+            assert_eq!(
+                spilling.lookup(&b, &path).unwrap(),
+                Some(content(i)),
+                "{path}"
+            );
+        }
+        assert_eq!(spilling.count(&b).unwrap(), 4);
+        // A flush writes spilled nodes too: a fresh handle reads the tree.
+        spilling.flush().unwrap();
+        let fresh = Trees::new(t.store().clone());
+        assert_eq!(fresh.lookup(&b, "d3/f1999").unwrap(), Some(content(1999)));
+        // The spill goes with the last handle using it.
+        drop(spilling);
+        assert!(!spill_dir.exists());
     }
 
     #[test]
