@@ -13,7 +13,7 @@
 //! nodes and root hash whatever the order of edits (history independence),
 //! and an edit rewrites only the nodes on its path plus, rarely, a neighbour.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -632,13 +632,16 @@ type Unwritten = (Option<Bytes>, Arc<Node>);
 
 /// Where a scratch handle moves its unwritten nodes out of memory (a
 /// mount's working view of a branch with many staged files: the leaves of
-/// small files hold their content). Plain files named by hash in a
-/// directory of its own on local disk, removed with the last handle that
-/// uses it; never written to the store, never in the shared node cache.
+/// small files hold their content). Each spill is one file of encoded
+/// nodes, written once, in a directory of its own on local disk, removed
+/// with the last handle that uses it; never written to the store, never in
+/// the shared node cache.
 struct Spill {
     dir: PathBuf,
-    /// The nodes moved here.
-    moved: Mutex<HashSet<Hash>>,
+    /// Where each node moved here is: file, offset, length.
+    moved: Mutex<HashMap<Hash, (u32, u64, u32)>>,
+    /// The spill files, in order.
+    files: Mutex<Vec<Arc<std::fs::File>>>,
     /// The ones read back lately.
     cache: Mutex<NodeCache>,
 }
@@ -649,19 +652,47 @@ const SPILL_CACHE: usize = 4096;
 const SPILL_CACHE_BYTES: usize = 32 << 20;
 
 impl Spill {
-    fn path(&self, hash: &Hash) -> PathBuf {
-        self.dir.join(hash.to_hex())
+    /// Write nodes to a new spill file; they are found there once this
+    /// returns.
+    fn write(&self, nodes: &[(Hash, Arc<Node>)]) -> Result<()> {
+        let mut files = self.files.lock();
+        let n = files.len() as u32;
+        let path = self.dir.join(n.to_string());
+        let err = |e| TreeError::Spill(path.clone(), e);
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(err)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
+        let mut at = Vec::with_capacity(nodes.len());
+        let mut offset = 0u64;
+        for (h, node) in nodes {
+            let bytes = node.encode();
+            at.push((*h, (n, offset, bytes.len() as u32)));
+            offset += bytes.len() as u64;
+            std::io::Write::write_all(&mut out, &bytes).map_err(err)?;
+        }
+        std::io::Write::flush(&mut out).map_err(err)?;
+        drop(out);
+        files.push(Arc::new(file));
+        drop(files);
+        self.moved.lock().extend(at);
+        Ok(())
     }
 
     fn get(&self, hash: &Hash) -> Result<Option<Arc<Node>>> {
-        if !self.moved.lock().contains(hash) {
+        let Some((file, offset, len)) = self.moved.lock().get(hash).copied() else {
             return Ok(None);
-        }
+        };
         if let Some(n) = self.cache.lock().get(hash) {
             return Ok(Some(n));
         }
-        let path = self.path(hash);
-        let bytes = std::fs::read(&path).map_err(|e| TreeError::Spill(path.clone(), e))?;
+        let f = self.files.lock()[file as usize].clone();
+        let mut bytes = vec![0; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&*f, &mut bytes, offset)
+            .map_err(|e| TreeError::Spill(self.dir.join(file.to_string()), e))?;
         if Hash::of(&bytes) != *hash {
             return Err(TreeError::Decode(hash.to_hex()));
         }
@@ -728,7 +759,8 @@ impl Trees {
         let mut t = self.scratch();
         t.spill = Some(Arc::new(Spill {
             dir,
-            moved: Mutex::new(HashSet::new()),
+            moved: Mutex::new(HashMap::new()),
+            files: Mutex::new(Vec::new()),
             cache: Mutex::new(NodeCache::new(SPILL_CACHE, SPILL_CACHE_BYTES)),
         }));
         Ok(t)
@@ -752,11 +784,7 @@ impl Trees {
             .iter()
             .map(|(h, (_, n))| (*h, n.clone()))
             .collect();
-        for (h, n) in &nodes {
-            let path = spill.path(h);
-            std::fs::write(&path, n.encode()).map_err(|e| TreeError::Spill(path, e))?;
-        }
-        spill.moved.lock().extend(nodes.iter().map(|(h, _)| *h));
+        spill.write(&nodes)?;
         let mut pending = self.pending.lock();
         for (h, n) in &nodes {
             if pending.remove(h).is_some() {
@@ -770,6 +798,12 @@ impl Trees {
     /// How many nodes are waiting for `flush`.
     pub fn pending_nodes(&self) -> usize {
         self.pending.lock().len()
+    }
+
+    /// What the nodes waiting for `flush` weigh (`Node::encoded_size`; only
+    /// counted by a handle that can spill).
+    pub fn pending_weight(&self) -> usize {
+        self.pending_weight.load(Ordering::Relaxed)
     }
 
     /// A handle like `scratch`, keeping only the unwritten nodes reachable
@@ -870,7 +904,7 @@ impl Trees {
             .collect();
         if let Some(spill) = &self.spill {
             // Spilled nodes are unwritten too.
-            let moved: Vec<Hash> = spill.moved.lock().iter().copied().collect();
+            let moved: Vec<Hash> = spill.moved.lock().keys().copied().collect();
             for h in moved {
                 if let Some(n) = spill.get(&h)? {
                     nodes.push((h, None, n));

@@ -50,6 +50,18 @@ const SEQUENTIAL_SLACK: u64 = 8 << 20;
 /// fails with EAGAIN (the store is down or very slow).
 const JOURNAL_WAIT: Duration = Duration::from_secs(120);
 
+/// A branch view's staged changes (its working tree's unwritten nodes)
+/// move to the spool directory once they weigh this much.
+const VIEW_SPILL_AFTER: usize = 256 << 20;
+
+/// Spill a working tree heavier than `limit`; on failure it stays in
+/// memory.
+fn spill_over(trees: &Trees, limit: usize) {
+    if let Err(e) = trees.spill_over(limit) {
+        tracing::warn!(%e, "spilling a working tree");
+    }
+}
+
 /// How long an unknown name under a repository stays known-unknown.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 
@@ -75,6 +87,8 @@ pub enum FsError {
     NotSupported,
     #[error("stale file handle")]
     BadHandle,
+    #[error("this version of the file is gone (it changed since it was looked up)")]
+    Stale,
     #[error("permission denied")]
     Denied,
     #[error(transparent)]
@@ -105,6 +119,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NotSupported => libc::ENOTSUP,
             FsError::BadHandle => libc::EBADF,
+            FsError::Stale => libc::ESTALE,
             FsError::Denied => libc::EACCES,
             FsError::Control(e) => e.errno(),
             FsError::Repo(e) => match e {
@@ -285,6 +300,8 @@ pub struct View {
     applying: Mutex<()>,
     /// The applier thread has been asked to apply this view's closes.
     apply_queued: AtomicBool,
+    /// Its working tree spills once it weighs this much.
+    spill_after: usize,
 }
 
 #[derive(Clone)]
@@ -354,6 +371,40 @@ fn is_file_put(op: &Op) -> bool {
     )
 }
 
+/// A small file's content, as an inode of a branch holds it: by its hash
+/// (32 bytes in place of the content: its length then differs from the
+/// file's size), not the bytes, which the view's tree has. A mount that
+/// created or listed 100k small files held each one's content in its inode
+/// as well. Files of up to 32 bytes are kept as they are.
+fn light(file: File) -> File {
+    match &file.content {
+        Content::Inline(b) if b.len() as u64 == file.size && file.size > 32 => File {
+            content: Content::Inline(Bytes::copy_from_slice(&Hash::of(b).0)),
+            ..file
+        },
+        _ => file,
+    }
+}
+
+/// The content hash of a file made `light`.
+fn light_hash(file: &File) -> Option<Hash> {
+    match &file.content {
+        Content::Inline(b) if b.len() == 32 && file.size != 32 => {
+            Some(Hash(b[..].try_into().expect("32 bytes")))
+        }
+        _ => None,
+    }
+}
+
+/// Is `found` (a tree's entry) the version of the file an inode holds?
+fn same_version(held: &File, found: &File) -> bool {
+    match (light_hash(held), &found.content) {
+        (Some(h), Content::Inline(b)) => found.size == held.size && Hash::of(b) == h,
+        (Some(_), _) => false,
+        (None, content) => *content == held.content && found.size == held.size,
+    }
+}
+
 /// Which ops may wait in `Pending`: those whose effect a lookup sees in
 /// `Pending::entries` alone. A closed file, and a new empty directory
 /// (nothing under it but what is put after it); not a directory with
@@ -406,6 +457,9 @@ impl View {
                 let rest = st.pending.ops[ops.len()..].to_vec();
                 st.pending = Arc::new(Pending::rebuild(rest));
                 self.compact(&mut st);
+                let trees = st.trees.clone();
+                drop(st);
+                spill_over(&trees, self.spill_after);
                 return Ok(());
             }
         }
@@ -416,7 +470,10 @@ impl View {
     fn compact(&self, st: &mut ViewState) {
         let pending = st.trees.pending_nodes() as u64;
         let live = self.compacted_at.load(Ordering::Relaxed);
-        if pending > 4 * live + COMPACT_AFTER_NODES {
+        // Also before a spill (see `spill_over`): only what the root
+        // reaches is worth writing out.
+        if pending > 4 * live + COMPACT_AFTER_NODES || st.trees.pending_weight() > self.spill_after
+        {
             let kept = st.trees.retain_reachable(&[st.root]);
             self.compacted_at
                 .store(kept.pending_nodes() as u64, Ordering::Relaxed);
@@ -527,6 +584,10 @@ pub struct LakeFs {
     /// The applier thread: views whose pending closes are to be applied.
     applier: mpsc::Sender<Weak<View>>,
     pends: Pends,
+    /// Names the spill directories of working trees.
+    next_spill: AtomicU64,
+    /// Working trees spill once they weigh this much (`VIEW_SPILL_AFTER`).
+    spill_after: usize,
 }
 
 /// Inode numbers are a hash of what the inode is, so they are stable within
@@ -613,6 +674,8 @@ impl LakeFs {
             policies: Mutex::new(HashMap::new()),
             applier,
             pends: Pends { empty_dir },
+            next_spill: AtomicU64::new(0),
+            spill_after: VIEW_SPILL_AFTER,
         };
         let root = match fs.cfg.pinned.clone() {
             Some((repo, reference)) => {
@@ -694,7 +757,7 @@ impl LakeFs {
                 Node::File {
                     view: view.clone(),
                     path,
-                    file: f.clone(),
+                    file: light(f.clone()),
                 },
             ),
             _ => self.remember(
@@ -765,6 +828,7 @@ impl LakeFs {
             compacted_at: AtomicU64::new(0),
             applying: Mutex::new(()),
             apply_queued: AtomicBool::new(false),
+            spill_after: self.spill_after,
         });
         Ok(self.views.lock().entry(key).or_insert(view).clone())
     }
@@ -772,8 +836,13 @@ impl LakeFs {
     /// A branch's working tree as the store has it now, and the staged
     /// batches it reflects.
     fn read_branch(&self, repo: &str, branch: &str) -> Result<(ViewState, HashSet<String>)> {
-        let trees = Arc::new(self.lake.trees().scratch());
+        let mut trees = Arc::new(self.working_trees());
         let w = self.lake.working_state(repo, branch, &trees)?;
+        if trees.pending_weight() > self.spill_after {
+            // Staged elsewhere, or by an earlier daemon: much to hold.
+            trees = Arc::new(trees.retain_reachable(&[w.root]));
+            spill_over(&trees, self.spill_after);
+        }
         let state = ViewState {
             commit: w.head,
             root: w.root,
@@ -785,6 +854,17 @@ impl LakeFs {
             pending: Arc::default(),
         };
         Ok((state, w.batches))
+    }
+
+    /// A handle for a branch view's working tree: its staged changes spill
+    /// to the spool directory once they weigh `spill_after`.
+    fn working_trees(&self) -> Trees {
+        let n = self.next_spill.fetch_add(1, Ordering::Relaxed);
+        let dir = self.cfg.spool_dir.join("views").join(n.to_string());
+        self.lake.trees().scratch_spilling(dir).unwrap_or_else(|e| {
+            tracing::warn!(%e, "no spill directory for a working tree: it stays in memory");
+            self.lake.trees().scratch()
+        })
     }
 
     /// The current state of a view, refreshing a branch once its metadata
@@ -1129,9 +1209,7 @@ impl LakeFs {
                 // branch; another version keeps what it had.
                 let state = self.state_with_pending(&view)?;
                 let entry = match state.entry_at(&path)? {
-                    Some(Entry::File(f)) if f.content == file.content && f.size == file.size => {
-                        Entry::File(f)
-                    }
+                    Some(Entry::File(f)) if same_version(&file, &f) => Entry::File(f),
                     _ => Entry::File(file),
                 };
                 Ok(self.entry_attr(ino, &view, &state, &entry))
@@ -1410,6 +1488,7 @@ impl LakeFs {
     fn open_handle(&self, ino: u64, write: bool, truncate: bool) -> Result<(u64, PageCache)> {
         match self.node(ino)? {
             Node::File { view, path, file } => {
+                let file = self.full_file(&view, &path, file)?;
                 if write || truncate {
                     self.check_writable(&view)?;
                     let wf = self.writer(ino, &path, &file)?;
@@ -1475,6 +1554,22 @@ impl LakeFs {
                 }
             }
             Node::Root | Node::Repo(_) | Node::ControlDir(_) => Err(FsError::IsADirectory),
+        }
+    }
+
+    /// An inode's file with its content: a `light` one's from the view,
+    /// if the view still has that version at `path` (else `Stale`, and the
+    /// kernel looks the path up again).
+    fn full_file(&self, view: &View, path: &str, file: File) -> Result<File> {
+        if light_hash(&file).is_none() {
+            return Ok(file);
+        }
+        match self.state_with_pending(view)?.entry_at(path)? {
+            Some(Entry::File(f)) if same_version(&file, &f) => Ok(File {
+                content: f.content,
+                ..file
+            }),
+            _ => Err(FsError::Stale),
         }
     }
 
@@ -1764,7 +1859,7 @@ impl LakeFs {
                 Box::new(Node::File {
                     view: view.clone(),
                     path: path.clone(),
-                    file,
+                    file: light(file),
                 }),
             );
         }
@@ -2127,6 +2222,7 @@ impl LakeFs {
             }
             return self.getattr(ino);
         }
+        let file = self.full_file(&view, &path, file)?;
         if let Some(size) = set.size {
             if size != file.size {
                 let wf = self.writer(ino, &path, &file)?;
@@ -2140,7 +2236,7 @@ impl LakeFs {
             }
         }
         let current = match self.node(ino)? {
-            Node::File { file, .. } => file,
+            Node::File { file: now, .. } => self.full_file(&view, &path, now)?,
             _ => file,
         };
         let mut changed = current.clone();
@@ -2165,7 +2261,7 @@ impl LakeFs {
                 Box::new(Node::File {
                     view: view.clone(),
                     path,
-                    file: changed,
+                    file: light(changed),
                 }),
             );
         }
@@ -2373,6 +2469,11 @@ mod tests {
     use crate::store::Store;
 
     fn setup() -> (tempfile::TempDir, LakeFs, u64) {
+        setup_with(|_| {})
+    }
+
+    /// `setup`, with `adjust` applied to the file system before any view.
+    fn setup_with(adjust: impl FnOnce(&mut LakeFs)) -> (tempfile::TempDir, LakeFs, u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&format!("memory://fs-{}", ulid::Ulid::new())).unwrap();
         let lake = Arc::new(Lake::init(store.clone()).unwrap().0);
@@ -2392,6 +2493,8 @@ mod tests {
             },
         )
         .unwrap();
+        let mut fs = fs;
+        adjust(&mut fs);
         let repo = fs.lookup(ROOT_INO, "r").unwrap().ino;
         let main = fs.lookup(repo, "main").unwrap().ino;
         (dir, fs, main)
@@ -2640,6 +2743,104 @@ mod tests {
             };
             assert_eq!(fs.lake.trees().count(&h).unwrap(), 303);
         }
+    }
+
+    #[test]
+    fn small_files_are_held_by_hash_and_keep_their_content() {
+        let (_d, fs, main) = setup();
+        let text = "0123456789".repeat(10);
+        let f = write(&fs, main, "f", text.as_bytes());
+        let held = |fs: &LakeFs, ino| match fs.node(ino).unwrap() {
+            Node::File { file, .. } => file,
+            _ => panic!("a file"),
+        };
+        let Content::Inline(b) = held(&fs, f).content else {
+            panic!("inline")
+        };
+        assert_eq!(b.len(), 32, "the inode holds the content's hash");
+        assert_eq!(read_all(&fs, f), text.as_bytes());
+        // A chmod on a closed file stages the whole file, content and all.
+        let set = |mode, size| SetAttr {
+            mode,
+            size,
+            mtime: None,
+            kill_suid: false,
+        };
+        fs.setattr(f, None, set(Some(0o600), None)).unwrap();
+        assert_eq!(fs.getattr(f).unwrap().perm, 0o600);
+        assert_eq!(fs.getattr(f).unwrap().size, 100);
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        let tree = fs.lake.tree_of("r", "main").unwrap();
+        let Some(Entry::File(c)) = fs.lake.trees().lookup(&tree, "f").unwrap() else {
+            panic!("f committed")
+        };
+        assert_eq!((c.size, c.mode), (100, 0o600));
+        assert_eq!(c.content, Content::Inline(text.clone().into_bytes().into()));
+        // A truncate without a handle starts from the content too.
+        fs.setattr(f, None, set(None, Some(40))).unwrap();
+        let f = fs.lookup(main, "f").unwrap().ino;
+        assert_eq!(read_all(&fs, f), &text.as_bytes()[..40]);
+        // Another writer replaces it: the inode of the old version cannot
+        // be opened any more (the kernel looks the name up again).
+        let g = write(&fs, main, "g", text.as_bytes());
+        let other = Op::Put {
+            path: "g".into(),
+            entry: Entry::File(File {
+                size: 100,
+                mode: 0o644,
+                mtime: 0,
+                content: Content::Inline(vec![b'x'; 100].into()),
+            }),
+        };
+        fs.lake.stage("r", "main", vec![other]).unwrap();
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(fs.open(g, false, false).unwrap_err().errno(), libc::ESTALE);
+        let g = fs.lookup(main, "g").unwrap().ino;
+        assert_eq!(read_all(&fs, g), vec![b'x'; 100]);
+    }
+
+    #[test]
+    fn a_heavy_working_tree_spills_to_disk_and_reads_the_same() {
+        let (d, fs, main) = setup_with(|fs| fs.spill_after = 64 << 10);
+        let views = d.path().join("spool/views");
+        let dirs: Vec<u64> = (0..3)
+            .map(|i| fs.mkdir(main, &format!("d{i}")).unwrap().ino)
+            .collect();
+        let text = |i: usize| format!("{i:04}").repeat(750);
+        for i in 0..600 {
+            write(&fs, dirs[i % 3], &format!("f{i:03}"), text(i).as_bytes());
+        }
+        for i in (0..600).step_by(7) {
+            let f = fs.lookup(dirs[i % 3], &format!("f{i:03}")).unwrap().ino;
+            assert_eq!(read_all(&fs, f), text(i).as_bytes(), "f{i:03}");
+        }
+        let spilled: usize = std::fs::read_dir(&views)
+            .unwrap()
+            .map(|v| std::fs::read_dir(v.unwrap().path()).unwrap().count())
+            .sum();
+        assert!(spilled > 0, "the working tree spilled");
+        assert_eq!(names(&fs, dirs[1]).len(), 200);
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        let tree = fs.lake.tree_of("r", "main").unwrap();
+        let Some(Entry::Dir(h)) = fs.lake.trees().lookup(&tree, "d2").unwrap() else {
+            panic!("d2 committed")
+        };
+        assert_eq!(fs.lake.trees().count(&h).unwrap(), 200);
+        // Reloaded after the commit, the view drops its spill.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(names(&fs, main), ["d0", "d1", "d2"]);
+        let left: usize = std::fs::read_dir(&views)
+            .unwrap()
+            .map(|v| std::fs::read_dir(v.unwrap().path()).map_or(0, |d| d.count()))
+            .sum();
+        assert_eq!(left, 0, "spill files left after the reload");
     }
 
     #[test]
