@@ -371,11 +371,14 @@ fn is_file_put(op: &Op) -> bool {
     )
 }
 
-/// A small file's content, as an inode of a branch holds it: by its hash
-/// (32 bytes in place of the content: its length then differs from the
-/// file's size), not the bytes, which the view's tree has. A mount that
-/// created or listed 100k small files held each one's content in its inode
-/// as well. Files of up to 32 bytes are kept as they are.
+/// A small file's content, as the inode of a file this mount wrote holds
+/// it: by its hash (32 bytes in place of the content: its length then
+/// differs from the file's size), not the bytes, which the view's tree has
+/// (and spills, see `VIEW_SPILL_AFTER`). A mount that staged 100k small
+/// files held each one's content in its inode as well. Files of up to 32
+/// bytes are kept as they are. (Inodes of looked-up files keep their
+/// bytes: making them light cost a listing of 100k small files 9% and
+/// saved no memory measurably.)
 fn light(file: File) -> File {
     match &file.content {
         Content::Inline(b) if b.len() as u64 == file.size && file.size > 32 => File {
@@ -757,7 +760,7 @@ impl LakeFs {
                 Node::File {
                     view: view.clone(),
                     path,
-                    file: light(f.clone()),
+                    file: f.clone(),
                 },
             ),
             _ => self.remember(
