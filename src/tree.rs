@@ -659,10 +659,13 @@ impl Spill {
         let n = files.len() as u32;
         let path = self.dir.join(n.to_string());
         let err = |e| TreeError::Spill(path.clone(), e);
+        // Truncated, not created anew: a failed spill (a full disk) leaves
+        // its file to the next one.
         let file = std::fs::File::options()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(&path)
             .map_err(err)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &file);
@@ -1684,6 +1687,31 @@ mod tests {
         // The spill goes with the last handle using it.
         drop(spilling);
         assert!(!spill_dir.exists());
+    }
+
+    #[test]
+    fn a_spill_that_fails_keeps_the_nodes_in_memory() {
+        let t = trees();
+        let dir = tempfile::tempdir().unwrap();
+        let spill_dir = dir.path().join("spill");
+        let s = t.scratch_spilling(spill_dir.clone()).unwrap();
+        let ops: Vec<Op> = (0..300u64)
+            .map(|i| Op::Put {
+                path: format!("f{i:03}"),
+                entry: file(i),
+            })
+            .collect();
+        let root = s.apply(&s.empty_dir(), &ops).unwrap();
+        let before = s.pending_nodes();
+        std::fs::remove_dir_all(&spill_dir).unwrap();
+        assert!(matches!(s.spill_over(0), Err(TreeError::Spill(..))));
+        assert_eq!(s.pending_nodes(), before);
+        assert_eq!(s.lookup(&root, "f123").unwrap(), Some(file(123)));
+        // Once the directory is back, the next spill goes through.
+        std::fs::create_dir(&spill_dir).unwrap();
+        assert_eq!(s.spill_over(0).unwrap(), before);
+        assert_eq!(s.pending_nodes(), 0);
+        assert_eq!(s.lookup(&root, "f299").unwrap(), Some(file(299)));
     }
 
     #[test]
