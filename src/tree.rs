@@ -1633,12 +1633,18 @@ mod tests {
         assert_eq!(fresh.count(&b).unwrap(), 3);
     }
 
-    #[test]
-    fn a_spilling_handle_computes_the_same_trees_from_disk() {
+    /// A handle, and a spilling scratch handle of it with its directory.
+    fn spilling() -> (Trees, tempfile::TempDir, PathBuf, Trees) {
         let t = trees();
         let dir = tempfile::tempdir().unwrap();
         let spill_dir = dir.path().join("spill");
-        let spilling = t.scratch_spilling(spill_dir.clone()).unwrap();
+        let s = t.scratch_spilling(spill_dir.clone()).unwrap();
+        (t, dir, spill_dir, s)
+    }
+
+    #[test]
+    fn a_spilling_handle_computes_the_same_trees_from_disk() {
+        let (t, _dir, spill_dir, spilling) = spilling();
         let plain = t.scratch();
         let content = |i: u32| {
             Entry::File(File {
@@ -1691,10 +1697,7 @@ mod tests {
 
     #[test]
     fn a_spill_that_fails_keeps_the_nodes_in_memory() {
-        let t = trees();
-        let dir = tempfile::tempdir().unwrap();
-        let spill_dir = dir.path().join("spill");
-        let s = t.scratch_spilling(spill_dir.clone()).unwrap();
+        let (_t, _dir, spill_dir, s) = spilling();
         let ops: Vec<Op> = (0..300u64)
             .map(|i| Op::Put {
                 path: format!("f{i:03}"),

@@ -2523,6 +2523,19 @@ mod tests {
         out
     }
 
+    /// Commit branch main; the commit's tree.
+    fn commit(fs: &LakeFs) -> Hash {
+        fs.lake
+            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
+            .unwrap();
+        fs.lake.tree_of("r", "main").unwrap()
+    }
+
+    /// What is at `path` in `tree`.
+    fn at(fs: &LakeFs, tree: &Hash, path: &str) -> Option<Entry> {
+        fs.lake.trees().lookup(tree, path).unwrap()
+    }
+
     fn read_all(fs: &LakeFs, ino: u64) -> Vec<u8> {
         let (fh, _) = fs.open(ino, false, false).unwrap();
         let data = fs.read(fh, 0, 1 << 20).unwrap().to_vec();
@@ -2600,20 +2613,9 @@ mod tests {
             "{pending} unwritten nodes kept for 6000 files"
         );
         // What the view shows is what a commit makes.
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
-        let tree = fs.lake.tree_of("r", "main").unwrap();
-        assert_eq!(
-            fs.lake
-                .trees()
-                .lookup(&tree, "many")
-                .unwrap()
-                .map(|e| e.kind()),
-            Some("dir")
-        );
-        let Some(Entry::Dir(h)) = fs.lake.trees().lookup(&tree, "many").unwrap() else {
-            panic!()
+        let tree = commit(&fs);
+        let Some(Entry::Dir(h)) = at(&fs, &tree, "many") else {
+            panic!("many committed, a directory")
         };
         assert_eq!(fs.lake.trees().count(&h).unwrap(), 6000);
     }
@@ -2648,11 +2650,8 @@ mod tests {
         assert_eq!(pending(), 0);
         assert_eq!(fs.lookup(dir, "g").unwrap_err().errno(), libc::ENOENT);
         // And the commit is what the view showed.
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
-        let tree = fs.lake.tree_of("r", "main").unwrap();
-        let Some(Entry::File(f)) = fs.lake.trees().lookup(&tree, "d/f3").unwrap() else {
+        let tree = commit(&fs);
+        let Some(Entry::File(f)) = at(&fs, &tree, "d/f3") else {
             panic!("d/f3 committed")
         };
         assert_eq!(f.size, 6);
@@ -2734,10 +2733,7 @@ mod tests {
             assert_eq!(read_all(&fs, f), format!("{w}.299\n").as_bytes());
         }
         // The store has every staged change: the commit is what the view showed.
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
-        let tree = fs.lake.tree_of("r", "main").unwrap();
+        let tree = commit(&fs);
         assert_eq!(fs.lake.trees().count(&tree).unwrap(), 4);
         for w in 0..4 {
             let Some(Entry::Dir(h)) = fs.lake.trees().lookup(&tree, &format!("w{w}")).unwrap()
@@ -2772,11 +2768,8 @@ mod tests {
         fs.setattr(f, None, set(Some(0o600), None)).unwrap();
         assert_eq!(fs.getattr(f).unwrap().perm, 0o600);
         assert_eq!(fs.getattr(f).unwrap().size, 100);
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
-        let tree = fs.lake.tree_of("r", "main").unwrap();
-        let Some(Entry::File(c)) = fs.lake.trees().lookup(&tree, "f").unwrap() else {
+        let tree = commit(&fs);
+        let Some(Entry::File(c)) = at(&fs, &tree, "f") else {
             panic!("f committed")
         };
         assert_eq!((c.size, c.mode), (100, 0o600));
@@ -2798,9 +2791,7 @@ mod tests {
             }),
         };
         fs.lake.stage("r", "main", vec![other]).unwrap();
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
+        commit(&fs);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(fs.open(g, false, false).unwrap_err().errno(), libc::ESTALE);
         let g = fs.lookup(main, "g").unwrap().ino;
@@ -2828,11 +2819,8 @@ mod tests {
             .sum();
         assert!(spilled > 0, "the working tree spilled");
         assert_eq!(names(&fs, dirs[1]).len(), 200);
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
-        let tree = fs.lake.tree_of("r", "main").unwrap();
-        let Some(Entry::Dir(h)) = fs.lake.trees().lookup(&tree, "d2").unwrap() else {
+        let tree = commit(&fs);
+        let Some(Entry::Dir(h)) = at(&fs, &tree, "d2") else {
             panic!("d2 committed")
         };
         assert_eq!(fs.lake.trees().count(&h).unwrap(), 200);
@@ -2879,9 +2867,7 @@ mod tests {
             }),
         };
         fs.lake.stage("r", "main", vec![other("g/theirs")]).unwrap();
-        fs.lake
-            .commit_branch("r", "main", &crate::repo::CommitOptions::default())
-            .unwrap();
+        commit(&fs);
         // Past the metadata TTL, the view reloads the branch.
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(fs.lookup(g, "theirs").unwrap().size, 0);
