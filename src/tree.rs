@@ -1475,6 +1475,16 @@ mod tests {
         Trees::new(Store::open(&format!("memory://tree-{}", ulid::Ulid::new())).unwrap())
     }
 
+    /// A small file of `len` bytes of `fill`.
+    fn inline_file(fill: u8, len: usize, mode: u32, mtime: i64) -> Entry {
+        Entry::File(File {
+            size: len as u64,
+            mode,
+            mtime,
+            content: Content::Inline(vec![fill; len].into()),
+        })
+    }
+
     fn file(n: u64) -> Entry {
         Entry::File(File {
             size: 8,
@@ -1487,16 +1497,7 @@ mod tests {
     #[test]
     fn the_node_cache_is_bounded_in_bytes_and_in_count() {
         let leaf = |i: u32, len: usize| {
-            let content = Content::Inline(vec![i as u8; len].into());
-            Node::Leaf(vec![(
-                format!("f{i}"),
-                Entry::File(File {
-                    size: len as u64,
-                    mode: 0o644,
-                    mtime: 0,
-                    content,
-                }),
-            )])
+            Node::Leaf(vec![(format!("f{i}"), inline_file(i as u8, len, 0o644, 0))])
         };
         let size = leaf(0, 10_000).encoded_size();
         let mut c = NodeCache::new(100, 5 * size);
@@ -1598,14 +1599,7 @@ mod tests {
         // handle that is flushed after all still writes loadable nodes.
         let t = trees();
         let scratch = t.scratch();
-        let big = |n: u8| {
-            Entry::File(File {
-                size: 5000,
-                mode: 0o600,
-                mtime: 7,
-                content: Content::Inline(vec![n; 5000].into()),
-            })
-        };
+        let big = |n: u8| inline_file(n, 5000, 0o600, 7);
         let ops: Vec<Op> = (0..600u32)
             .map(|i| Op::Put {
                 path: format!("d{}/f{i:04}", i % 3),
@@ -1646,14 +1640,7 @@ mod tests {
     fn a_spilling_handle_computes_the_same_trees_from_disk() {
         let (t, _dir, spill_dir, spilling) = spilling();
         let plain = t.scratch();
-        let content = |i: u32| {
-            Entry::File(File {
-                size: 3000,
-                mode: 0o644,
-                mtime: 1,
-                content: Content::Inline(vec![i as u8; 3000].into()),
-            })
-        };
+        let content = |i: u32| inline_file(i as u8, 3000, 0o644, 1);
         let ops: Vec<Op> = (0..2000u32)
             .map(|i| Op::Put {
                 path: format!("d{}/f{i:04}", i % 4),
