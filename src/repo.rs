@@ -1096,16 +1096,20 @@ impl Lake {
             .iter()
             .map(|(t, id)| Self::batch_key(repo, t, id))
             .collect();
-        let bodies = self.store.get_many(&full)?;
+        // Decoded as they are read: a commit of 100k small files held all
+        // their raw batches and all their decoded ones at once.
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for ((t, _), (key, body)) in keys.into_iter().zip(full.into_iter().zip(bodies)) {
-            let Some(body) = body else { continue };
-            let b = StagingBatch::decode(&body).ok_or(RepoError::Decode { key })?;
+        self.store.get_each(&full, |i, body| {
+            let Some(body) = body else { return Ok(()) };
+            let b = StagingBatch::decode(&body).ok_or_else(|| RepoError::Decode {
+                key: full[i].clone(),
+            })?;
             if seen.insert(b.id.clone()) {
-                out.push((t, b));
+                out.push((keys[i].0.clone(), b));
             }
-        }
+            Ok::<(), RepoError>(())
+        })?;
         out.sort_by(|a, b| a.1.id.cmp(&b.1.id));
         Ok(out)
     }

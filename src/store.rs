@@ -438,19 +438,47 @@ impl Store {
 
     /// Read many objects at once, in the order asked; missing ones are `None`.
     pub fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>> {
-        let results: Vec<Result<Option<Bytes>>> = block_on(
-            futures::stream::iter(keys.iter().map(|key| async move {
-                let path = self.path(key);
-                match retry(|| async { self.inner.get(&path).await?.bytes().await }).await {
-                    Ok(b) => Ok(Some(b)),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(Self::backend(key, e)),
-                }
-            }))
-            .buffered(CONCURRENCY)
-            .collect(),
-        );
+        let results: Vec<Result<Option<Bytes>>> = block_on(self.fetches(keys).collect());
         results.into_iter().collect()
+    }
+
+    /// Read objects, handing each to `f` in the order of `keys` as it
+    /// arrives (`None`: it does not exist), so only a few are held at once:
+    /// one at a time from a local lake, `CONCURRENCY` in flight from others.
+    pub fn get_each<E: From<StoreError>>(
+        &self,
+        keys: &[String],
+        mut f: impl FnMut(usize, Option<Bytes>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        if self.is_local() {
+            for (i, key) in keys.iter().enumerate() {
+                f(i, self.get(key)?)?;
+            }
+            return Ok(());
+        }
+        block_on(async {
+            let mut bodies = self.fetches(keys).enumerate();
+            while let Some((i, body)) = bodies.next().await {
+                f(i, body?)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads of `keys` through the backend, `CONCURRENCY` at once, in order.
+    fn fetches<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> impl futures::Stream<Item = Result<Option<Bytes>>> + 'a {
+        futures::stream::iter(keys.iter().map(move |key| async move {
+            let path = self.path(key);
+            match retry(|| async { self.inner.get(&path).await?.bytes().await }).await {
+                Ok(b) => Ok(Some(b)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(Self::backend(key, e)),
+            }
+        }))
+        .buffered(CONCURRENCY)
     }
 
     /// Compare-and-swap put of a mutable object (a ref). `expected = None`
@@ -954,6 +982,30 @@ pub(crate) mod conformance {
             .get_many(&["b/2".to_string(), "b/none".to_string()])
             .unwrap();
         assert_eq!(got, vec![Some(Bytes::from_static(b"2")), None]);
+        // One by one, in order, and an error from the caller stops it.
+        let keys: Vec<String> = ["b/1", "b/none", "b/2"].map(String::from).to_vec();
+        let mut seen = Vec::new();
+        store
+            .get_each(&keys, |i, body| {
+                seen.push((i, body));
+                Ok::<(), StoreError>(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (0, Some(Bytes::from_static(b"1"))),
+                (1, None),
+                (2, Some(Bytes::from_static(b"2")))
+            ]
+        );
+        let mut calls = 0;
+        let stopped = store.get_each(&keys, |_, _| {
+            calls += 1;
+            Err(StoreError::Missing("stop".into()))
+        });
+        assert!(matches!(stopped, Err(StoreError::Missing(_))));
+        assert_eq!(calls, 1);
     }
 
     /// Many threads race to bump a counter ref by CAS; no increment is lost.
