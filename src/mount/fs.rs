@@ -371,8 +371,8 @@ fn is_file_put(op: &Op) -> bool {
     )
 }
 
-/// A small file's content, as the inode of a file this mount wrote holds
-/// it: by its hash (32 bytes in place of the content: its length then
+/// A small file's content, as the inode of a file this mount created
+/// holds it: by its hash (32 bytes in place of the content: its length then
 /// differs from the file's size), not the bytes, which the view's tree has
 /// (and spills, see `VIEW_SPILL_AFTER`). A mount that staged 100k small
 /// files held each one's content in its inode as well. Files of up to 32
@@ -1856,13 +1856,18 @@ impl LakeFs {
             return Err(e);
         }
         if let Entry::File(file) = entry {
-            // This inode now is the written version.
+            // This inode now is the written version. A file this mount
+            // created is held by hash: its inode number is its own, never
+            // one a lookup of another version computes (a looked-up inode
+            // written through keeps its bytes: its number is that of the
+            // version looked up, which may come back).
+            let created = view.state.lock().creating.get(&path) == Some(&ino);
             self.nodes.lock().insert(
                 ino,
                 Box::new(Node::File {
                     view: view.clone(),
                     path: path.clone(),
-                    file: light(file),
+                    file: if created { light(file) } else { file },
                 }),
             );
         }
@@ -2238,9 +2243,12 @@ impl LakeFs {
                 res?;
             }
         }
-        let current = match self.node(ino)? {
-            Node::File { file: now, .. } => self.full_file(&view, &path, now)?,
-            _ => file,
+        let (current, was_light) = match self.node(ino)? {
+            Node::File { file: now, .. } => {
+                let was_light = light_hash(&now).is_some();
+                (self.full_file(&view, &path, now)?, was_light)
+            }
+            _ => (file, false),
         };
         let mut changed = current.clone();
         if let Some(mode) = set.mode {
@@ -2264,7 +2272,7 @@ impl LakeFs {
                 Box::new(Node::File {
                     view: view.clone(),
                     path,
-                    file: light(changed),
+                    file: if was_light { light(changed) } else { changed },
                 }),
             );
         }
@@ -2796,6 +2804,42 @@ mod tests {
         assert_eq!(fs.open(g, false, false).unwrap_err().errno(), libc::ESTALE);
         let g = fs.lookup(main, "g").unwrap().ino;
         assert_eq!(read_all(&fs, g), vec![b'x'; 100]);
+    }
+
+    #[test]
+    fn an_inode_written_through_after_a_lookup_keeps_its_bytes() {
+        let (_d, fs, main) = setup();
+        let put_elsewhere = |fill: u8| {
+            let op = Op::Put {
+                path: "f".into(),
+                entry: Entry::File(File {
+                    size: 100,
+                    mode: 0o644,
+                    mtime: 0,
+                    content: Content::Inline(vec![fill; 100].into()),
+                }),
+            };
+            fs.lake.stage("r", "main", vec![op]).unwrap();
+            commit(&fs);
+            // Past the metadata TTL, the view reloads the branch.
+            std::thread::sleep(Duration::from_millis(60));
+        };
+        write(&fs, main, "f", &[b'a'; 100]);
+        put_elsewhere(b'b');
+        // Its number now names version b; written through, it is version a.
+        let x = fs.lookup(main, "f").unwrap().ino;
+        let (fh, _) = fs.open(x, true, true).unwrap();
+        fs.write(fh, 0, &[b'a'; 100]).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        commit(&fs);
+        // Version b again elsewhere: a lookup computes the same number. The
+        // inode still opens (a hashed inode could not: its version is
+        // gone from the view).
+        put_elsewhere(b'b');
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, x);
+        let (fh, _) = fs.open(x, false, false).unwrap();
+        fs.release(fh).unwrap();
     }
 
     #[test]
