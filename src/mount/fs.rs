@@ -272,6 +272,9 @@ impl ControlFile {
 pub enum PageCache {
     /// The inode's content can never change: keep pages across opens.
     Keep,
+    /// As `Keep` from now on, but the pages cached so far are another
+    /// version's: drop them first.
+    Refresh,
     /// Generated content, or a file being written: direct I/O, so the
     /// daemon sees every write and readers never see half of one.
     Bypass,
@@ -589,6 +592,9 @@ pub struct LakeFs {
     pends: Pends,
     /// Names the spill directories of working trees.
     next_spill: AtomicU64,
+    /// Inodes whose pages in the kernel are of another version (see
+    /// `entry_node`): opened next without keeping them.
+    stale_pages: Mutex<HashSet<u64>>,
     /// Working trees spill once they weigh this much (`VIEW_SPILL_AFTER`).
     spill_after: usize,
 }
@@ -678,6 +684,7 @@ impl LakeFs {
             applier,
             pends: Pends { empty_dir },
             next_spill: AtomicU64::new(0),
+            stale_pages: Mutex::new(HashSet::new()),
             spill_after: VIEW_SPILL_AFTER,
         };
         let root = match fs.cfg.pinned.clone() {
@@ -755,14 +762,33 @@ impl LakeFs {
             // A pinned view never changes: its files need no version in the
             // inode, and a path is all the node has to hold (1M looked-up
             // files stay small).
-            Entry::File(f) if view.branch.is_some() => self.remember(
-                self.file_ino(view, &path, f),
-                Node::File {
+            Entry::File(f) if view.branch.is_some() => {
+                let ino = self.file_ino(view, &path, f);
+                let node = Node::File {
                     view: view.clone(),
                     path,
                     file: f.clone(),
-                },
-            ),
+                };
+                // A write through this inode made it another version, and
+                // this one is back (another writer, a revert): the number
+                // names this version again, and so does the node. Its
+                // pages in the kernel are the other version's: dropped at
+                // its next open.
+                let open = self.writes.lock().contains_key(&ino);
+                let mut nodes = self.nodes.lock();
+                match nodes.get(&ino).map(|n| &**n) {
+                    Some(Node::File { file, .. }) if !open && !same_version(file, f) => {
+                        nodes.insert(ino, Box::new(node));
+                        drop(nodes);
+                        self.stale_pages.lock().insert(ino);
+                    }
+                    Some(_) => {}
+                    None => {
+                        nodes.insert(ino, Box::new(node));
+                    }
+                }
+                ino
+            }
             _ => self.remember(
                 self.tree_ino(view, &path),
                 Node::Tree {
@@ -1516,9 +1542,14 @@ impl LakeFs {
                 }
                 // (Written and closed, maybe not yet released: the node is
                 // the version its close staged.)
+                let cache = if self.stale_pages.lock().remove(&ino) {
+                    PageCache::Refresh
+                } else {
+                    PageCache::Keep
+                };
                 Ok((
                     self.add_handle(Handle::File(Arc::new(self.snapshot(file)?))),
-                    PageCache::Keep,
+                    cache,
                 ))
             }
             Node::Control(view, ControlFile::Ctl) => {
@@ -2807,7 +2838,7 @@ mod tests {
     }
 
     #[test]
-    fn an_inode_written_through_after_a_lookup_keeps_its_bytes() {
+    fn an_inode_written_through_then_looked_up_again_is_that_version() {
         let (_d, fs, main) = setup();
         let put_elsewhere = |fill: u8| {
             let op = Op::Put {
@@ -2833,12 +2864,20 @@ mod tests {
         fs.flush(fh).unwrap();
         fs.release(fh).unwrap();
         commit(&fs);
-        // Version b again elsewhere: a lookup computes the same number. The
-        // inode still opens (a hashed inode could not: its version is
-        // gone from the view).
+        assert_eq!(read_all(&fs, x), [b'a'; 100]);
+        // Version b again elsewhere: a lookup computes the same number, and
+        // the inode is version b again (it kept its bytes meanwhile: a
+        // hashed one would open with ESTALE, and the kernel's retry would
+        // find the same number). The kernel's pages of it are version a's:
+        // the next open drops them.
         put_elsewhere(b'b');
         assert_eq!(fs.lookup(main, "f").unwrap().ino, x);
-        let (fh, _) = fs.open(x, false, false).unwrap();
+        let (fh, cache) = fs.open(x, false, false).unwrap();
+        assert_eq!(cache, PageCache::Refresh);
+        assert_eq!(&fs.read(fh, 0, 1000).unwrap()[..], &[b'b'; 100][..]);
+        fs.release(fh).unwrap();
+        let (fh, cache) = fs.open(x, false, false).unwrap();
+        assert_eq!(cache, PageCache::Keep);
         fs.release(fh).unwrap();
     }
 

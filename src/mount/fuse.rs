@@ -134,6 +134,8 @@ impl FuseAdapter {
         // Snapshot handles are read-only: closing one needs no FLUSH.
         let flags = match cache {
             PageCache::Keep => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            // Without KEEP_CACHE the kernel drops the inode's pages at open.
+            PageCache::Refresh => FopenFlags::FOPEN_NOFLUSH,
             PageCache::Bypass => FopenFlags::FOPEN_DIRECT_IO,
         };
         Ok(Opened {
