@@ -2570,6 +2570,23 @@ mod tests {
         fs.lake.tree_of("r", "main").unwrap()
     }
 
+    /// Another writer puts 100 bytes of `fill` at `path` and commits; then
+    /// the metadata TTL passes (the view reloads the branch).
+    fn put_elsewhere(fs: &LakeFs, path: &str, fill: u8) {
+        let op = Op::Put {
+            path: path.into(),
+            entry: Entry::File(File {
+                size: 100,
+                mode: 0o644,
+                mtime: 0,
+                content: Content::Inline(vec![fill; 100].into()),
+            }),
+        };
+        fs.lake.stage("r", "main", vec![op]).unwrap();
+        commit(fs);
+        std::thread::sleep(Duration::from_millis(60));
+    }
+
     /// What is at `path` in `tree`.
     fn at(fs: &LakeFs, tree: &Hash, path: &str) -> Option<Entry> {
         fs.lake.trees().lookup(tree, path).unwrap()
@@ -2820,18 +2837,7 @@ mod tests {
         // Another writer replaces it: the inode of the old version cannot
         // be opened any more (the kernel looks the name up again).
         let g = write(&fs, main, "g", text.as_bytes());
-        let other = Op::Put {
-            path: "g".into(),
-            entry: Entry::File(File {
-                size: 100,
-                mode: 0o644,
-                mtime: 0,
-                content: Content::Inline(vec![b'x'; 100].into()),
-            }),
-        };
-        fs.lake.stage("r", "main", vec![other]).unwrap();
-        commit(&fs);
-        std::thread::sleep(Duration::from_millis(60));
+        put_elsewhere(&fs, "g", b'x');
         assert_eq!(fs.open(g, false, false).unwrap_err().errno(), libc::ESTALE);
         let g = fs.lookup(main, "g").unwrap().ino;
         assert_eq!(read_all(&fs, g), vec![b'x'; 100]);
@@ -2840,23 +2846,8 @@ mod tests {
     #[test]
     fn an_inode_written_through_then_looked_up_again_is_that_version() {
         let (_d, fs, main) = setup();
-        let put_elsewhere = |fill: u8| {
-            let op = Op::Put {
-                path: "f".into(),
-                entry: Entry::File(File {
-                    size: 100,
-                    mode: 0o644,
-                    mtime: 0,
-                    content: Content::Inline(vec![fill; 100].into()),
-                }),
-            };
-            fs.lake.stage("r", "main", vec![op]).unwrap();
-            commit(&fs);
-            // Past the metadata TTL, the view reloads the branch.
-            std::thread::sleep(Duration::from_millis(60));
-        };
         write(&fs, main, "f", &[b'a'; 100]);
-        put_elsewhere(b'b');
+        put_elsewhere(&fs, "f", b'b');
         // Its number now names version b; written through, it is version a.
         let x = fs.lookup(main, "f").unwrap().ino;
         let (fh, _) = fs.open(x, true, true).unwrap();
@@ -2870,7 +2861,7 @@ mod tests {
         // hashed one would open with ESTALE, and the kernel's retry would
         // find the same number). The kernel's pages of it are version a's:
         // the next open drops them.
-        put_elsewhere(b'b');
+        put_elsewhere(&fs, "f", b'b');
         assert_eq!(fs.lookup(main, "f").unwrap().ino, x);
         let (fh, cache) = fs.open(x, false, false).unwrap();
         assert_eq!(cache, PageCache::Refresh);
