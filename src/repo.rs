@@ -332,7 +332,13 @@ fn next_batch_id(after: Option<&str>) -> String {
     let id = gen.generate().unwrap_or_else(|_| ulid::Ulid::new());
     let floor = after.and_then(|a| ulid::Ulid::from_string(a).ok());
     match floor {
-        Some(f) if id <= f => f.increment().unwrap_or(f).to_string(),
+        // Above the floor by a random step, not by one: writers that saw
+        // the same newest batch (in the same millisecond) would otherwise
+        // all pick the same next id.
+        Some(f) if id <= f => {
+            let step = 1 + u128::from(rand::random::<u32>());
+            ulid::Ulid(f.0.saturating_add(step)).to_string()
+        }
         _ => id.to_string(),
     }
 }
@@ -1064,10 +1070,23 @@ impl Lake {
         };
         let mut token = hint.token.clone();
         for _ in 0..CAS_ROUNDS {
-            self.store.put_if_absent(
-                &Self::batch_key(repo, &token, &batch.id),
-                Bytes::from(batch.encode()),
-            )?;
+            let key = Self::batch_key(repo, &token, &batch.id);
+            let bytes = Bytes::from(batch.encode());
+            if !self.store.put_if_absent(&key, bytes.clone())? {
+                // The id is taken: by this very batch (a repeated put, e.g.
+                // a journal replayed), or by another writer's batch that
+                // got the same id. Never take the other for ours.
+                if self.store.get(&key)?.as_ref() != Some(&bytes) {
+                    if !batch.prior.is_empty() {
+                        return Err(RepoError::Concurrent(format!(
+                            "{repo}/{branch} staging: batch id {} taken",
+                            batch.id
+                        )));
+                    }
+                    batch.id = next_batch_id(Some(&batch.id));
+                    continue;
+                }
+            }
             let (now, _) = self.branch(repo, branch)?;
             if now.staging == token {
                 return Ok(batch.id);
@@ -1763,6 +1782,50 @@ mod tests {
             message: m.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn writers_that_pick_the_same_batch_id_both_stage() {
+        let l = lake();
+        l.create_repo("r", "main").unwrap();
+        let (r, _) = l.branch("r", "main").unwrap();
+        let put_op = |path: &str, data: &[u8]| Op::Put {
+            path: path.into(),
+            entry: Entry::File(File {
+                size: data.len() as u64,
+                mode: 0o644,
+                mtime: 0,
+                content: Content::Inline(data.to_vec().into()),
+            }),
+        };
+        // Two writers that saw the same newest batch chose one id.
+        let hint = StageHint {
+            token: r.staging.clone(),
+            seen: None,
+            id: Some(Lake::new_batch_id(None)),
+        };
+        let a = l
+            .stage_known("r", "main", vec![put_op("a", b"1")], &hint)
+            .unwrap();
+        let b = l
+            .stage_known("r", "main", vec![put_op("b", b"2")], &hint)
+            .unwrap();
+        assert_ne!(a, b, "the second writer moved to another id");
+        assert!(b > a, "and still after it");
+        // The same batch again (a replayed journal) keeps its id.
+        let again = l
+            .stage_known("r", "main", vec![put_op("a", b"1")], &hint)
+            .unwrap();
+        assert_eq!(again, a);
+        l.commit_branch("r", "main", &opts("both")).unwrap();
+        assert_eq!(read(&l, "r", "main", "a").as_deref(), Some(&b"1"[..]));
+        assert_eq!(read(&l, "r", "main", "b").as_deref(), Some(&b"2"[..]));
+        // Ids chosen after the same newest one (here one from the future,
+        // so none comes from the clock) differ, and all follow it.
+        let newest = ulid::Ulid(u128::MAX >> 1).to_string();
+        let ids: HashSet<String> = (0..1000).map(|_| next_batch_id(Some(&newest))).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(|id| *id > newest));
     }
 
     #[test]
