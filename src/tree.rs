@@ -323,6 +323,11 @@ impl Node {
         }
     }
 
+    /// `decode`, the error naming the node by `hash`.
+    fn decode_as(hash: &Hash, bytes: &[u8]) -> Result<Node> {
+        Node::decode(bytes).map_err(|_| TreeError::Decode(hash.to_hex()))
+    }
+
     pub fn decode(bytes: &[u8]) -> std::result::Result<Node, postcard::Error> {
         match bytes.split_first() {
             Some((&NODE_FORMAT, rest)) => postcard::from_bytes(rest),
@@ -699,7 +704,7 @@ impl Spill {
         if Hash::of(&bytes) != *hash {
             return Err(TreeError::Decode(hash.to_hex()));
         }
-        let node = Arc::new(Node::decode(&bytes).map_err(|_| TreeError::Decode(hash.to_hex()))?);
+        let node = Arc::new(Node::decode_as(hash, &bytes)?);
         self.cache.lock().put(*hash, node.clone());
         Ok(Some(node))
     }
@@ -724,8 +729,7 @@ pub struct Trees {
     keeps_bytes: bool,
     /// Where unwritten nodes go once they weigh too much (`spill_over`).
     spill: Option<Arc<Spill>>,
-    /// What the unwritten nodes weigh (`Node::encoded_size`), when they
-    /// may be spilled.
+    /// What the unwritten nodes weigh (see `weight`).
     pending_weight: AtomicUsize,
 }
 
@@ -792,7 +796,7 @@ impl Trees {
         for (h, n) in &nodes {
             if pending.remove(h).is_some() {
                 self.pending_weight
-                    .fetch_sub(n.encoded_size(), Ordering::Relaxed);
+                    .fetch_sub(self.weight(n), Ordering::Relaxed);
             }
         }
         Ok(nodes.len())
@@ -803,10 +807,19 @@ impl Trees {
         self.pending.lock().len()
     }
 
-    /// What the nodes waiting for `flush` weigh (`Node::encoded_size`; only
-    /// counted by a handle that can spill).
+    /// What the nodes waiting for `flush` weigh (`weight`).
     pub fn pending_weight(&self) -> usize {
         self.pending_weight.load(Ordering::Relaxed)
+    }
+
+    /// What a queued node counts for in `pending_weight`: its encoded size
+    /// in a handle that can spill (what a spill would write), else nothing.
+    fn weight(&self, node: &Node) -> usize {
+        if self.spill.is_some() {
+            node.encoded_size()
+        } else {
+            0
+        }
     }
 
     /// A handle like `scratch`, keeping only the unwritten nodes reachable
@@ -826,10 +839,8 @@ impl Trees {
             if keep.insert(h, (bytes.clone(), node.clone())).is_some() {
                 continue;
             }
-            if kept.spill.is_some() {
-                kept.pending_weight
-                    .fetch_add(node.encoded_size(), Ordering::Relaxed);
-            }
+            kept.pending_weight
+                .fetch_add(kept.weight(node), Ordering::Relaxed);
             match &**node {
                 Node::Internal { children, .. } => stack.extend(children.iter().map(|c| c.hash)),
                 Node::Leaf(items) => {
@@ -871,7 +882,7 @@ impl Trees {
             }
         }
         let bytes = self.store.get_verified(&hash.key("nodes"), hash)?;
-        let node = Arc::new(Node::decode(&bytes).map_err(|_| TreeError::Decode(hash.to_hex()))?);
+        let node = Arc::new(Node::decode_as(hash, &bytes)?);
         self.cache.lock().put(*hash, node.clone());
         Ok(node)
     }
@@ -885,11 +896,7 @@ impl Trees {
         } else {
             (node.hash(), None)
         };
-        let weight = if self.spill.is_some() {
-            node.encoded_size()
-        } else {
-            0
-        };
+        let weight = self.weight(&node);
         if let std::collections::hash_map::Entry::Vacant(v) = self.pending.lock().entry(hash) {
             v.insert((bytes, Arc::new(node)));
             self.pending_weight.fetch_add(weight, Ordering::Relaxed);
@@ -929,10 +936,8 @@ impl Trees {
         let mut pending = self.pending.lock();
         for (h, _, _) in nodes {
             if let Some((_, node)) = pending.remove(&h) {
-                if self.spill.is_some() {
-                    self.pending_weight
-                        .fetch_sub(node.encoded_size(), Ordering::Relaxed);
-                }
+                self.pending_weight
+                    .fetch_sub(self.weight(&node), Ordering::Relaxed);
                 self.cache.lock().put(h, node);
             }
         }
