@@ -374,8 +374,8 @@ fn is_file_put(op: &Op) -> bool {
     )
 }
 
-/// A small file's content, as the inode of a file this mount created
-/// holds it: by its hash (32 bytes in place of the content: its length then
+/// A small file's content, as the inode of a file this mount wrote holds
+/// it: by its hash (32 bytes in place of the content: its length then
 /// differs from the file's size), not the bytes, which the view's tree has
 /// (and spills, see `VIEW_SPILL_AFTER`). A mount that staged 100k small
 /// files held each one's content in its inode as well. Files of up to 32
@@ -1887,18 +1887,16 @@ impl LakeFs {
             return Err(e);
         }
         if let Entry::File(file) = entry {
-            // This inode now is the written version. A file this mount
-            // created is held by hash: its inode number is its own, never
-            // one a lookup of another version computes (a looked-up inode
-            // written through keeps its bytes: its number is that of the
-            // version looked up, which may come back).
-            let created = view.state.lock().creating.get(&path) == Some(&ino);
+            // This inode now is the written version, held by hash. (If it
+            // was a looked-up inode, its number names the version looked
+            // up; should that version come back, a lookup makes the node
+            // that version again: see `entry_node`.)
             self.nodes.lock().insert(
                 ino,
                 Box::new(Node::File {
                     view: view.clone(),
                     path: path.clone(),
-                    file: if created { light(file) } else { file },
+                    file: light(file),
                 }),
             );
         }
@@ -2274,12 +2272,9 @@ impl LakeFs {
                 res?;
             }
         }
-        let (current, was_light) = match self.node(ino)? {
-            Node::File { file: now, .. } => {
-                let was_light = light_hash(&now).is_some();
-                (self.full_file(&view, &path, now)?, was_light)
-            }
-            _ => (file, false),
+        let current = match self.node(ino)? {
+            Node::File { file: now, .. } => self.full_file(&view, &path, now)?,
+            _ => file,
         };
         let mut changed = current.clone();
         if let Some(mode) = set.mode {
@@ -2303,7 +2298,7 @@ impl LakeFs {
                 Box::new(Node::File {
                     view: view.clone(),
                     path,
-                    file: if was_light { light(changed) } else { changed },
+                    file: light(changed),
                 }),
             );
         }
@@ -2856,10 +2851,9 @@ mod tests {
         commit(&fs);
         assert_eq!(read_all(&fs, x), [b'a'; 100]);
         // Version b again elsewhere: a lookup computes the same number, and
-        // the inode is version b again (it kept its bytes meanwhile: a
-        // hashed one would open with ESTALE, and the kernel's retry would
-        // find the same number). The kernel's pages of it are version a's:
-        // the next open drops them.
+        // the inode is version b again (before that lookup it would open
+        // with ESTALE: the version it held is gone). The kernel's pages of
+        // it are version a's: the next open drops them.
         put_elsewhere(&fs, "f", b'b');
         assert_eq!(fs.lookup(main, "f").unwrap().ino, x);
         let (fh, cache) = fs.open(x, false, false).unwrap();
