@@ -329,7 +329,7 @@ struct ViewState {
 /// and new empty directories wait here (applying each on its own rewrites
 /// and hashes the directory's tree leaf every time; applied together, once
 /// per leaf); any other op is applied, with those before it, as soon as it
-/// is queued (see `Pends`).
+/// is queued (see `LakeFs::may_pend`).
 #[derive(Clone, Default)]
 struct Pending {
     ops: Vec<Op>,
@@ -408,26 +408,6 @@ fn same_version(held: &File, found: &File) -> bool {
         (Some(h), Content::Inline(b)) => found.size == held.size && Hash::of(b) == h,
         (Some(_), _) => false,
         (None, content) => *content == held.content && found.size == held.size,
-    }
-}
-
-/// Which ops may wait in `Pending`: those whose effect a lookup sees in
-/// `Pending::entries` alone. A closed file, and a new empty directory
-/// (nothing under it but what is put after it); not a directory with
-/// content, which lookups below it would miss until applied.
-struct Pends {
-    empty_dir: Hash,
-}
-
-impl Pends {
-    fn may_wait(&self, op: &Op) -> bool {
-        match op {
-            Op::Put {
-                entry: Entry::Dir(h),
-                ..
-            } => *h == self.empty_dir,
-            op => is_file_put(op),
-        }
     }
 }
 
@@ -589,7 +569,8 @@ pub struct LakeFs {
     policies: Mutex<HashMap<String, (Arc<RepoConfig>, Instant)>>,
     /// The applier thread: views whose pending closes are to be applied.
     applier: mpsc::Sender<Weak<View>>,
-    pends: Pends,
+    /// The empty directory's hash (see `may_pend`).
+    empty_dir: Hash,
     /// Names the spill directories of working trees.
     next_spill: AtomicU64,
     /// Inodes whose pages in the kernel are of another version (see
@@ -682,7 +663,7 @@ impl LakeFs {
             moved_away: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             applier,
-            pends: Pends { empty_dir },
+            empty_dir,
             next_spill: AtomicU64::new(0),
             stale_pages: Mutex::new(HashSet::new()),
             spill_after: VIEW_SPILL_AFTER,
@@ -719,6 +700,34 @@ impl LakeFs {
             .entry(ino)
             .or_insert_with(|| Box::new(node));
         ino
+    }
+
+    /// `remember` for a branch file's inode (its number names version `f`
+    /// of `path`). A write through this inode made it another version, and
+    /// this one is back (another writer, a revert): the node becomes this
+    /// version again, unless the file is open for writing; the kernel's
+    /// pages of it are the other version's, dropped at its next open.
+    fn remember_version(&self, ino: u64, view: &Arc<View>, path: String, f: &File) {
+        let node = || {
+            Box::new(Node::File {
+                view: view.clone(),
+                path,
+                file: f.clone(),
+            })
+        };
+        let open = self.writes.lock().contains_key(&ino);
+        let mut nodes = self.nodes.lock();
+        match nodes.get(&ino).map(|n| &**n) {
+            None => {
+                nodes.insert(ino, node());
+            }
+            Some(Node::File { file, .. }) if !open && !same_version(file, f) => {
+                nodes.insert(ino, node());
+                drop(nodes);
+                self.stale_pages.lock().insert(ino);
+            }
+            Some(_) => {}
+        }
     }
 
     /// How many times the inodes at a path were moved away by a rename:
@@ -764,29 +773,7 @@ impl LakeFs {
             // files stay small).
             Entry::File(f) if view.branch.is_some() => {
                 let ino = self.file_ino(view, &path, f);
-                let node = Node::File {
-                    view: view.clone(),
-                    path,
-                    file: f.clone(),
-                };
-                // A write through this inode made it another version, and
-                // this one is back (another writer, a revert): the number
-                // names this version again, and so does the node. Its
-                // pages in the kernel are the other version's: dropped at
-                // its next open.
-                let open = self.writes.lock().contains_key(&ino);
-                let mut nodes = self.nodes.lock();
-                match nodes.get(&ino).map(|n| &**n) {
-                    Some(Node::File { file, .. }) if !open && !same_version(file, f) => {
-                        nodes.insert(ino, Box::new(node));
-                        drop(nodes);
-                        self.stale_pages.lock().insert(ino);
-                    }
-                    Some(_) => {}
-                    None => {
-                        nodes.insert(ino, Box::new(node));
-                    }
-                }
+                self.remember_version(ino, view, path, f);
                 ino
             }
             _ => self.remember(
@@ -1086,6 +1073,20 @@ impl LakeFs {
             .map_err(FsError::Stage)
     }
 
+    /// Which ops may wait in `Pending`: those whose effect a lookup sees in
+    /// `Pending::entries` alone. A closed file, and a new empty directory
+    /// (nothing under it but what is put after it); not a directory with
+    /// content, which lookups below it would miss until applied.
+    fn may_pend(&self, op: &Op) -> bool {
+        match op {
+            Op::Put {
+                entry: Entry::Dir(h),
+                ..
+            } => *h == self.empty_dir,
+            op => is_file_put(op),
+        }
+    }
+
     fn apply_local(&self, view: &Arc<View>, id: &str, ops: Vec<Op>) -> Result<()> {
         let pending = {
             let mut st = view.state.lock();
@@ -1094,7 +1095,7 @@ impl LakeFs {
             }
             // Closes wait to be applied together; anything else goes now,
             // after them.
-            let all_wait = ops.iter().all(|op| self.pends.may_wait(op));
+            let all_wait = ops.iter().all(|op| self.may_pend(op));
             let p = Arc::make_mut(&mut st.pending);
             for op in ops {
                 p.push(op);
