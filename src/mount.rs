@@ -74,8 +74,11 @@ pub fn block_signals() -> libc::sigset_t {
 }
 
 /// Mount and serve until unmounted or signalled.
-pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Result<(), MountError> {
-    let lake = Arc::new(lake);
+pub fn run(
+    mut lake: Lake,
+    mut opts: MountOptions,
+    signals: libc::sigset_t,
+) -> Result<(), MountError> {
     // The journal opens its store by URL: a relative cache dir must not
     // become one (nor change meaning if the daemon's directory does).
     opts.cache_dir = std::path::absolute(&opts.cache_dir)
@@ -86,6 +89,9 @@ pub fn run(lake: Lake, mut opts: MountOptions, signals: libc::sigset_t) -> Resul
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let spool_dir =
         spool_dir(&opts.cache_dir).map_err(io(format!("spool in {}", opts.cache_dir.display())))?;
+    // A big commit's tree spills to the cache disk, next to the spool.
+    lake.set_spill_dir(spool_dir.clone());
+    let lake = Arc::new(lake);
     // The journal is also opened without --writeback: what a write-back
     // daemon left behind is uploaded before anything else happens.
     let journal = journal::Journal::open(&opts.cache_dir)

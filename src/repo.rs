@@ -6,6 +6,7 @@
 //! the CLI, the mount or hooks.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -410,6 +411,59 @@ pub struct Lake {
     /// Post-event check failures not yet reported (see `take_warnings`).
     warnings: parking_lot::Mutex<Vec<String>>,
     background_cleanup: bool,
+    /// Where a big commit's tree checkpoints spill (see `COMMIT_HOLD`);
+    /// the system's temporary directory if unset.
+    spill_dir: Option<PathBuf>,
+    /// `COMMIT_HOLD`, smaller in tests.
+    commit_hold: usize,
+}
+
+/// A commit applies staged ops holding at most about this many bytes of
+/// them: past it, what is applied so far moves to a local spill.
+const COMMIT_HOLD: usize = 256 << 20;
+
+/// Which staged batches recent first-parent commits of a head consumed,
+/// looked up only for the tokens a re-put batch names (`prior`).
+struct Applied {
+    head: Hash,
+    asked: HashSet<String>,
+    batches: HashSet<String>,
+}
+
+impl Applied {
+    fn new(head: Hash) -> Applied {
+        Applied {
+            head,
+            asked: HashSet::new(),
+            batches: HashSet::new(),
+        }
+    }
+
+    /// Did a commit consume batch `id` under one of `prior`?
+    fn any(&mut self, lake: &Lake, repo: &str, prior: &[String], id: &str) -> Result<bool> {
+        let mut wanted: HashSet<String> = prior
+            .iter()
+            .filter(|t| !self.asked.contains(*t))
+            .cloned()
+            .collect();
+        self.asked.extend(wanted.iter().cloned());
+        let mut at = Some(self.head);
+        let mut steps = 0;
+        while let Some(c) = at {
+            if wanted.is_empty() || steps == DEDUP_WALK {
+                break;
+            }
+            let c = lake.commit(repo, &c)?;
+            for consumed in c.consumed {
+                if wanted.remove(&consumed.token) {
+                    self.batches.extend(consumed.batches);
+                }
+            }
+            at = c.parents.first().copied();
+            steps += 1;
+        }
+        Ok(self.batches.contains(id))
+    }
 }
 
 impl Lake {
@@ -447,6 +501,8 @@ impl Lake {
             hooks: None,
             warnings: Default::default(),
             background_cleanup: false,
+            spill_dir: None,
+            commit_hold: COMMIT_HOLD,
         })
     }
 
@@ -471,6 +527,24 @@ impl Lake {
     /// Delete consumed staging objects in the background (see `cleanup`).
     pub fn set_background_cleanup(&mut self, on: bool) {
         self.background_cleanup = on;
+    }
+
+    /// Spill big commits' trees under `dir` (a daemon's spool on its cache
+    /// disk) rather than the system's temporary directory.
+    pub fn set_spill_dir(&mut self, dir: PathBuf) {
+        self.spill_dir = Some(dir);
+    }
+
+    /// A tree handle for one commit: spills to a directory of its own,
+    /// removed with the handle.
+    fn commit_trees(&self) -> Result<Trees> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = self.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("tarn-commit-{}-{n}", std::process::id()));
+        self.trees
+            .scratch_spilling(dir.clone())
+            .map_err(|e| RepoError::Tree(TreeError::Spill(dir, e)))
     }
 
     /// Run these hooks for every commit, merge and branch or tag creation.
@@ -1101,36 +1175,16 @@ impl Lake {
         next_batch_id(after)
     }
 
-    /// Staged batches under the given tokens, in apply order, without
-    /// duplicates.
-    fn read_batches(&self, repo: &str, tokens: &[String]) -> Result<Vec<(String, StagingBatch)>> {
-        let mut keys = Vec::new();
-        for t in tokens {
-            let dir = Self::repo_key(repo, &format!("staging/{t}"));
-            for id in self.store.list_files(&dir)? {
-                keys.push((t.clone(), id));
-            }
+    /// Read one staged batch; `None` if it is gone.
+    fn get_batch(&self, key: &str, body: Option<Bytes>) -> Result<Option<StagingBatch>> {
+        match body {
+            Some(b) => Ok(Some(StagingBatch::decode(&b).ok_or_else(|| {
+                RepoError::Decode {
+                    key: key.to_string(),
+                }
+            })?)),
+            None => Ok(None),
         }
-        let full: Vec<String> = keys
-            .iter()
-            .map(|(t, id)| Self::batch_key(repo, t, id))
-            .collect();
-        // Decoded as they are read: a commit of 100k small files held all
-        // their raw batches and all their decoded ones at once.
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        self.store.get_each(&full, |i, body| {
-            let Some(body) = body else { return Ok(()) };
-            let b = StagingBatch::decode(&body).ok_or_else(|| RepoError::Decode {
-                key: full[i].clone(),
-            })?;
-            if seen.insert(b.id.clone()) {
-                out.push((keys[i].0.clone(), b));
-            }
-            Ok::<(), RepoError>(())
-        })?;
-        out.sort_by(|a, b| a.1.id.cmp(&b.1.id));
-        Ok(out)
     }
 
     /// All staged ops of a branch (active and sealed tokens), in order.
@@ -1147,40 +1201,71 @@ impl Lake {
     }
 
     /// The staged batches under `tokens` that still need applying on top
-    /// of `head`, in apply order: each read once, minus those that recent
-    /// first-parent commits already applied (batches re-put from an earlier
-    /// token name it in `prior`; see the commit protocol).
+    /// of `head`, in apply order (see `each_pending_batch`).
     fn pending_batches(
         &self,
         repo: &str,
         head: &Hash,
         tokens: &[String],
     ) -> Result<Vec<(String, StagingBatch)>> {
-        let batches = self.read_batches(repo, tokens)?;
-        let mut wanted: HashSet<String> = batches
-            .iter()
-            .flat_map(|(_, b)| b.prior.iter().cloned())
-            .collect();
-        let mut applied = HashSet::new();
-        let mut at = Some(*head);
-        let mut steps = 0;
-        while let Some(id) = at {
-            if wanted.is_empty() || steps == DEDUP_WALK {
-                break;
+        let mut out = Vec::new();
+        self.each_pending_batch(repo, head, tokens, |t, b| {
+            out.push((t.to_string(), b));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Hand each staged batch under `tokens` that still needs applying on
+    /// top of `head` to `f` with its token, in apply order (batch id), as
+    /// it is read: a commit of many small files never holds all their
+    /// batches. Each id once (a batch re-put under a later token is found
+    /// under the first that still has it), minus those that recent
+    /// first-parent commits already applied: a re-put batch names the
+    /// tokens it was under in `prior` (see the commit protocol).
+    fn each_pending_batch(
+        &self,
+        repo: &str,
+        head: &Hash,
+        tokens: &[String],
+        mut f: impl FnMut(&str, StagingBatch) -> Result<()>,
+    ) -> Result<()> {
+        // Each id, and the tokens listing it, in token order.
+        let mut ids: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+        for t in tokens {
+            let dir = Self::repo_key(repo, &format!("staging/{t}"));
+            for id in self.store.list_files(&dir)? {
+                ids.entry(id).or_default().push(t);
             }
-            let c = self.commit(repo, &id)?;
-            for consumed in &c.consumed {
-                if wanted.remove(&consumed.token) {
-                    applied.extend(consumed.batches.iter().cloned());
+        }
+        let ids: Vec<(String, Vec<&String>)> = ids.into_iter().collect();
+        let first: Vec<String> = ids
+            .iter()
+            .map(|(id, ts)| Self::batch_key(repo, ts[0], id))
+            .collect();
+        let mut applied = Applied::new(*head);
+        self.store.get_each(&first, |i, body| {
+            let (id, ts) = &ids[i];
+            let mut found = self.get_batch(&first[i], body)?.map(|b| (ts[0], b));
+            // Rare: the same batch under several tokens. Any copy's `prior`
+            // may tell that a commit applied it.
+            let mut prior = Vec::new();
+            for t in &ts[1..] {
+                let key = Self::batch_key(repo, t, id);
+                if let Some(b) = self.get_batch(&key, self.store.get(&key)?)? {
+                    match found {
+                        Some(_) => prior.extend(b.prior),
+                        None => found = Some((t, b)),
+                    }
                 }
             }
-            at = c.parents.first().copied();
-            steps += 1;
-        }
-        Ok(batches
-            .into_iter()
-            .filter(|(_, b)| !applied.contains(&b.id))
-            .collect())
+            let Some((t, b)) = found else { return Ok(()) };
+            prior.extend(b.prior.iter().cloned());
+            if applied.any(self, repo, &prior, &b.id)? {
+                return Ok(());
+            }
+            f(t, b)
+        })
     }
 
     /// The tree a branch shows: its head tree with staged ops applied.
@@ -1350,24 +1435,28 @@ impl Lake {
         }
         let head = self.parse_id(repo, &r.commit)?;
         let head_commit = self.commit(repo, &head)?;
-        let batches = self.pending_batches(repo, &head, &sealed)?;
-        let ops: Vec<Op> = batches
-            .iter()
-            .flat_map(|(_, b)| b.ops.iter().cloned())
-            .collect();
-        let tree = self.trees.apply(&head_commit.tree, &ops)?;
-        let unchanged = tree == head_commit.tree;
+        // Batch by batch: the ops of 300k staged small files carry 1.2 GB.
+        let trees = self.commit_trees()?;
+        let mut applying = trees.applying(&head_commit.tree, self.commit_hold);
         let mut consumed: BTreeMap<String, Vec<String>> =
             sealed.iter().map(|t| (t.clone(), vec![])).collect();
-        for (t, b) in &batches {
-            consumed.entry(t.clone()).or_default().push(b.id.clone());
-        }
+        let mut lineage = BTreeMap::new();
+        self.each_pending_batch(repo, &head, &sealed, |t, b| {
+            consumed.entry(t.to_string()).or_default().push(b.id);
+            lineage.extend(import::lineage(b.ops.iter()));
+            for op in b.ops {
+                applying.op(op)?;
+            }
+            Ok(())
+        })?;
+        let tree = applying.finish()?;
+        let unchanged = tree == head_commit.tree;
         let new_head = if unchanged && !opts.allow_empty {
             None
         } else {
-            self.trees.flush()?;
+            trees.flush_reachable(&tree)?;
             let mut meta = opts.meta.clone();
-            meta.extend(import::lineage(ops.iter()));
+            meta.extend(lineage);
             let commit = Commit {
                 tree,
                 parents: vec![head],
@@ -1916,6 +2005,58 @@ mod tests {
         assert!(Address::parse("bad name/main").is_err());
         assert!(Address::parse("r/main/../x").is_err());
         assert_eq!(Address::parse("r").unwrap().reference, None);
+    }
+
+    #[test]
+    fn a_commit_past_its_hold_spills_and_writes_only_its_tree() {
+        let mut l = lake();
+        let spill = tempfile::tempdir().unwrap();
+        l.set_spill_dir(spill.path().to_path_buf());
+        l.commit_hold = 32 << 10;
+        l.create_repo("r", "main").unwrap();
+        let file = |i: u32| {
+            Entry::File(File {
+                size: 1000,
+                mode: 0o644,
+                mtime: 1,
+                content: Content::Inline(vec![i as u8; 1000].into()),
+            })
+        };
+        let mut all = Vec::new();
+        for b in 0..20u32 {
+            let ops: Vec<Op> = (0..50u32)
+                .map(|i| Op::Put {
+                    path: format!("d{}/f{:04}", b % 4, b * 50 + i),
+                    entry: file(b * 50 + i),
+                })
+                .collect();
+            all.extend(ops.clone());
+            l.stage("r", "main", ops).unwrap();
+        }
+        let tail = vec![
+            Op::Move {
+                from: "d0".into(),
+                to: "x/d0".into(),
+            },
+            Op::Delete {
+                path: "d1/f0051".into(),
+            },
+        ];
+        all.extend(tail.clone());
+        l.stage("r", "main", tail).unwrap();
+        let c = l.commit_branch("r", "main", &opts("big")).unwrap();
+        let tree = l.commit("r", &c).unwrap().tree;
+        // The tree of applying every op at once.
+        let plain = Trees::new(Store::open("memory://a-commit-past-its-hold").unwrap());
+        assert_eq!(tree, plain.apply(&plain.empty_dir(), &all).unwrap());
+        assert_eq!(l.trees.lookup(&tree, "x/d0/f0000").unwrap(), Some(file(0)));
+        // It did spill (50 KB of ops per batch against a 32 KB hold), and
+        // wrote no node its tree does not reach: every stored node is one
+        // that fsck reaches from a ref.
+        let report = l.fsck(&Default::default()).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.nodes as usize, l.store.list("nodes").unwrap().len());
+        assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -101,6 +101,15 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Aborts a task on the shared runtime when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Run a future to completion on the shared I/O runtime.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     runtime().block_on(f)
@@ -445,6 +454,7 @@ impl Store {
     /// Read objects, handing each to `f` in the order of `keys` as it
     /// arrives (`None`: it does not exist), so only a few are held at once:
     /// one at a time from a local lake, `CONCURRENCY` in flight from others.
+    /// `f` runs on the calling thread, so it may use the store itself.
     pub fn get_each<E: From<StoreError>>(
         &self,
         keys: &[String],
@@ -456,13 +466,24 @@ impl Store {
             }
             return Ok(());
         }
-        block_on(async {
-            let mut bodies = self.fetches(keys).enumerate();
-            while let Some((i, body)) = bodies.next().await {
-                f(i, body?)?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(CONCURRENCY);
+        let (store, keys) = (self.clone(), keys.to_vec());
+        let reads = runtime().spawn(async move {
+            let mut bodies = store.fetches(&keys);
+            while let Some(body) = bodies.next().await {
+                if tx.send(body).await.is_err() {
+                    return; // the caller stopped
+                }
             }
-            Ok(())
-        })
+        });
+        // Stop reading when `f` fails (or panics).
+        let _stop = AbortOnDrop(reads);
+        let mut i = 0;
+        while let Some(body) = rx.blocking_recv() {
+            f(i, body?)?;
+            i += 1;
+        }
+        Ok(())
     }
 
     /// Reads of `keys` through the backend, `CONCURRENCY` at once, in order.

@@ -50,6 +50,9 @@ const NODE_CACHE: usize = 16 * 1024;
 /// files hold their content, up to `MAX_NODE_BYTES` each.
 const NODE_CACHE_BYTES: usize = 128 << 20;
 
+/// `flush_reachable` puts nodes in groups of about this many bytes.
+const FLUSH_GROUP_BYTES: usize = 32 << 20;
+
 /// Decoded nodes by hash, least recently used dropped first, bounded in
 /// count and in bytes.
 struct NodeCache {
@@ -332,6 +335,26 @@ impl Node {
         match bytes.split_first() {
             Some((&NODE_FORMAT, rest)) => postcard::from_bytes(rest),
             _ => Err(postcard::Error::DeserializeBadEncoding),
+        }
+    }
+
+    /// The nodes this one points at: children, directories and manifests.
+    fn links(&self, out: &mut Vec<Hash>) {
+        match self {
+            Node::Internal { children, .. } => out.extend(children.iter().map(|c| c.hash)),
+            Node::Leaf(items) => {
+                for (_, e) in items {
+                    match e {
+                        Entry::Dir(d) => out.push(*d),
+                        Entry::File(File {
+                            content: Content::Manifest(m),
+                            ..
+                        }) => out.push(*m),
+                        _ => {}
+                    }
+                }
+            }
+            Node::Manifest(_) => {}
         }
     }
 
@@ -841,25 +864,78 @@ impl Trees {
             }
             kept.pending_weight
                 .fetch_add(kept.weight(node), Ordering::Relaxed);
-            match &**node {
-                Node::Internal { children, .. } => stack.extend(children.iter().map(|c| c.hash)),
-                Node::Leaf(items) => {
-                    for (_, e) in items {
-                        match e {
-                            Entry::Dir(d) => stack.push(*d),
-                            Entry::File(File {
-                                content: Content::Manifest(m),
-                                ..
-                            }) => stack.push(*m),
-                            _ => {}
-                        }
-                    }
-                }
-                Node::Manifest(_) => {}
-            }
+            node.links(&mut stack);
         }
         drop(keep);
         kept
+    }
+
+    /// Is this node saved here (in memory or spilled) and not yet written?
+    fn unwritten(&self, hash: &Hash) -> bool {
+        self.pending.lock().contains_key(hash)
+            || self
+                .spill
+                .as_ref()
+                .is_some_and(|s| s.moved.lock().contains_key(hash))
+    }
+
+    /// Write to the store the unwritten nodes (in memory or spilled) that
+    /// `root` reaches, children before parents, a bounded group at a time.
+    /// Nodes it does not reach (the checkpoints of an `Applying`) are never
+    /// written. Returns how many were.
+    pub fn flush_reachable(&self, root: &Hash) -> Result<usize> {
+        let mut seen = std::collections::HashSet::new();
+        // (node, its links pushed already)
+        let mut stack: Vec<(Hash, Option<Arc<Node>>)> = vec![(*root, None)];
+        let mut group: Vec<(String, Bytes)> = Vec::new();
+        let mut group_bytes = 0;
+        let mut done: Vec<(Hash, Arc<Node>)> = Vec::new();
+        let mut written = 0;
+        while let Some((hash, node)) = stack.pop() {
+            if let Some(node) = node {
+                let bytes = Bytes::from(node.encode());
+                group_bytes += bytes.len();
+                group.push((hash.key("nodes"), bytes));
+                done.push((hash, node));
+                if group_bytes >= FLUSH_GROUP_BYTES {
+                    written += self.write_flushed(std::mem::take(&mut group), &mut done)?;
+                    group_bytes = 0;
+                }
+                continue;
+            }
+            if !self.unwritten(&hash) || !seen.insert(hash) {
+                continue;
+            }
+            let node = self.load(&hash)?;
+            let mut links = Vec::new();
+            node.links(&mut links);
+            stack.push((hash, Some(node)));
+            stack.extend(links.into_iter().map(|h| (h, None)));
+        }
+        written += self.write_flushed(group, &mut done)?;
+        Ok(written)
+    }
+
+    /// Put one group of `flush_reachable`; its nodes leave the unwritten
+    /// ones for the shared cache, as in `flush`.
+    fn write_flushed(
+        &self,
+        group: Vec<(String, Bytes)>,
+        done: &mut Vec<(Hash, Arc<Node>)>,
+    ) -> Result<usize> {
+        if group.is_empty() {
+            return Ok(0);
+        }
+        let n = self.store.put_content_many(group)?;
+        let mut pending = self.pending.lock();
+        for (h, node) in done.drain(..) {
+            if pending.remove(&h).is_some() {
+                self.pending_weight
+                    .fetch_sub(self.weight(&node), Ordering::Relaxed);
+            }
+            self.cache.lock().put(h, node);
+        }
+        Ok(n)
     }
 
     pub fn store(&self) -> &Store {
@@ -1156,31 +1232,43 @@ impl Trees {
     /// Apply staged operations, in order, to the tree `root`; returns the new
     /// root. Cost grows with the number of ops and the depth of their paths.
     pub fn apply(&self, root: &Hash, ops: &[Op]) -> Result<Hash> {
-        let mut top = Overlay::Dir {
-            base: Some(*root),
-            children: BTreeMap::new(),
-        };
+        let mut a = self.applying(root, usize::MAX);
         for op in ops {
-            self.apply_op(&mut top, op)?;
+            a.op(op.clone())?;
         }
-        self.write_overlay(top)
+        a.finish()
     }
 
-    fn apply_op(&self, top: &mut Overlay, op: &Op) -> Result<()> {
+    /// Apply ops one at a time onto `root` (see `Applying`), holding at
+    /// most about `hold` bytes of them when this handle can spill.
+    pub fn applying(&self, root: &Hash, hold: usize) -> Applying<'_> {
+        Applying {
+            trees: self,
+            top: Overlay::Dir {
+                base: Some(*root),
+                children: BTreeMap::new(),
+            },
+            held: 0,
+            hold,
+            checkpoints: 0,
+        }
+    }
+
+    fn apply_op(&self, top: &mut Overlay, op: Op) -> Result<()> {
         match op {
             Op::Put { path, entry } | Op::Graft { path, entry, .. } => {
                 if path.is_empty() {
                     if let Entry::Dir(h) = entry {
                         *top = Overlay::Dir {
-                            base: Some(*h),
+                            base: Some(h),
                             children: BTreeMap::new(),
                         };
                     }
                     return Ok(());
                 }
-                let (parent, name) = split_parent(path);
+                let (parent, name) = split_parent(&path);
                 let dir = self.dir_mut(top, parent, true)?.expect("created");
-                dir.insert(name.to_string(), Overlay::Entry(entry.clone()));
+                dir.insert(name.to_string(), Overlay::Entry(entry));
             }
             Op::Delete { path } => {
                 if path.is_empty() {
@@ -1190,7 +1278,7 @@ impl Trees {
                     };
                     return Ok(());
                 }
-                let (parent, name) = split_parent(path);
+                let (parent, name) = split_parent(&path);
                 if let Some(dir) = self.dir_mut(top, parent, false)? {
                     dir.insert(name.to_string(), Overlay::Deleted);
                 }
@@ -1203,7 +1291,7 @@ impl Trees {
                 {
                     return Ok(());
                 }
-                let (fp, fname) = split_parent(from);
+                let (fp, fname) = split_parent(&from);
                 let Some(Overlay::Dir { base, children }) = self.dir_node(top, fp, false)? else {
                     return Ok(());
                 };
@@ -1218,7 +1306,7 @@ impl Trees {
                 // Whatever was there, `from` is gone afterwards.
                 children.insert(fname.to_string(), Overlay::Deleted);
                 if let Some(o) = moved {
-                    let (tp, tname) = split_parent(to);
+                    let (tp, tname) = split_parent(&to);
                     let dest = self.dir_mut(top, tp, true)?.expect("created");
                     dest.insert(tname.to_string(), o);
                 }
@@ -1461,6 +1549,52 @@ fn merge_into<I: Item>(ch: &mut Chunker<'_, I>, items: &[I], edits: &[(String, O
     }
 }
 
+/// Ops applied one at a time (`Trees::applying`), so that a caller reading
+/// them batch by batch never holds them all: a commit of many small files
+/// carries their bytes in its ops. On a handle that can spill, once the ops
+/// applied since the last checkpoint weigh more than `hold`, the changes so
+/// far become nodes, those move to the spill, and the next ops apply on top
+/// of that tree. Checkpoint nodes the final tree no longer reaches are
+/// never written (`Trees::flush_reachable`). Elsewhere everything is held
+/// until `finish`.
+pub struct Applying<'t> {
+    trees: &'t Trees,
+    top: Overlay,
+    /// What the ops since the last checkpoint weigh (`Op::encoded_size`).
+    held: usize,
+    hold: usize,
+    checkpoints: usize,
+}
+
+impl Applying<'_> {
+    pub fn op(&mut self, op: Op) -> Result<()> {
+        self.held += op.encoded_size();
+        self.trees.apply_op(&mut self.top, op)?;
+        if self.held > self.hold && self.trees.spill.is_some() {
+            let top = std::mem::replace(&mut self.top, Overlay::Deleted);
+            let root = self.trees.write_overlay(top)?;
+            self.top = Overlay::Dir {
+                base: Some(root),
+                children: BTreeMap::new(),
+            };
+            self.trees.spill_over(0)?;
+            self.held = 0;
+            self.checkpoints += 1;
+        }
+        Ok(())
+    }
+
+    /// How many times the changes were moved to the spill.
+    pub fn checkpoints(&self) -> usize {
+        self.checkpoints
+    }
+
+    /// The root of the tree with every op applied.
+    pub fn finish(self) -> Result<Hash> {
+        self.trees.write_overlay(self.top)
+    }
+}
+
 /// Pending changes to a tree, as a sparse tree over the base.
 enum Overlay {
     Entry(Entry),
@@ -1685,6 +1819,67 @@ mod tests {
         // The spill goes with the last handle using it.
         drop(spilling);
         assert!(!spill_dir.exists());
+    }
+
+    #[test]
+    fn an_apply_that_checkpoints_computes_the_same_tree_and_writes_only_what_it_reaches() {
+        let (t, _dir, spill_dir, spilling) = spilling();
+        let content = |i: u32| inline_file(i as u8, 2000, 0o644, 1);
+        let mut ops: Vec<Op> = (0..1500u32)
+            .map(|i| Op::Put {
+                path: format!("d{}/e{}/f{i:04}", i % 3, i % 7),
+                entry: content(i),
+            })
+            .collect();
+        // Later ops reach into what checkpoints already wrote.
+        ops.push(Op::Move {
+            from: "d0".into(),
+            to: "moved/d0".into(),
+        });
+        ops.push(Op::Delete {
+            path: "d1/e3".into(),
+        });
+        ops.extend((0..200u32).map(|i| Op::Put {
+            path: format!("d2/e{}/f{i:04}", i % 7),
+            entry: content(i + 7),
+        }));
+        let plain = trees();
+        let expected = plain.apply(&plain.empty_dir(), &ops).unwrap();
+
+        let mut a = spilling.applying(&spilling.empty_dir(), 64 << 10);
+        for op in ops.iter().cloned() {
+            a.op(op).unwrap();
+        }
+        assert!(a.checkpoints() > 10, "{} checkpoints", a.checkpoints());
+        let root = a.finish().unwrap();
+        assert_eq!(root, expected);
+        assert!(std::fs::read_dir(&spill_dir).unwrap().count() > 10);
+
+        let written = spilling.flush_reachable(&root).unwrap();
+        // Exactly the nodes of the final tree reach the store: none of the
+        // checkpoints' own.
+        let stored = t.store().list("nodes").unwrap().len();
+        assert_eq!(written, stored);
+        let fresh = Trees::new(t.store().clone());
+        let mut reached = std::collections::HashSet::new();
+        let mut stack = vec![root];
+        while let Some(h) = stack.pop() {
+            if reached.insert(h) {
+                fresh.load(&h).unwrap().links(&mut stack);
+            }
+        }
+        assert_eq!(stored, reached.len());
+        assert_eq!(
+            fresh.lookup(&root, "moved/d0/e0/f0000").unwrap(),
+            Some(content(0))
+        );
+        assert_eq!(fresh.lookup(&root, "d1/e3").unwrap(), None);
+        assert_eq!(
+            fresh.lookup(&root, "d2/e4/f0004").unwrap(),
+            Some(content(11))
+        );
+        // Everything flushed: nothing is left to write.
+        assert_eq!(spilling.flush_reachable(&root).unwrap(), 0);
     }
 
     #[test]
