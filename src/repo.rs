@@ -1193,27 +1193,12 @@ impl Lake {
         let mut tokens = r.sealed.clone();
         tokens.push(r.staging.clone());
         let head = self.parse_id(repo, &r.commit)?;
-        Ok(self
-            .pending_batches(repo, &head, &tokens)?
-            .into_iter()
-            .flat_map(|(_, b)| b.ops)
-            .collect())
-    }
-
-    /// The staged batches under `tokens` that still need applying on top
-    /// of `head`, in apply order (see `each_pending_batch`).
-    fn pending_batches(
-        &self,
-        repo: &str,
-        head: &Hash,
-        tokens: &[String],
-    ) -> Result<Vec<(String, StagingBatch)>> {
-        let mut out = Vec::new();
-        self.each_pending_batch(repo, head, tokens, |t, b| {
-            out.push((t.to_string(), b));
+        let mut ops = Vec::new();
+        self.each_pending_batch(repo, &head, &tokens, |_, b| {
+            ops.extend(b.ops);
             Ok(())
         })?;
-        Ok(out)
+        Ok(ops)
     }
 
     /// Hand each staged batch under `tokens` that still needs applying on
@@ -1282,20 +1267,24 @@ impl Lake {
         let commit = self.commit(repo, &head)?;
         let mut tokens = r.sealed.clone();
         tokens.push(r.staging.clone());
-        let batches: Vec<StagingBatch> = self
-            .pending_batches(repo, &head, &tokens)?
-            .into_iter()
-            .map(|(_, b)| b)
-            .collect();
-        let ops: Vec<Op> = batches.iter().flat_map(|b| b.ops.iter().cloned()).collect();
-        let root = trees.apply(&commit.tree, &ops)?;
+        // Batch by batch, as a commit does (a handle that spills holds
+        // little of them).
+        let mut applying = trees.applying(&commit.tree, self.commit_hold);
+        let mut batches = Vec::new();
+        self.each_pending_batch(repo, &head, &tokens, |_, b| {
+            batches.push(b.id);
+            for op in b.ops {
+                applying.op(op)?;
+            }
+            Ok(())
+        })?;
         Ok(WorkingState {
             branch_ref: r,
             head,
             commit_time: commit.time,
             base: commit.tree,
-            root,
-            batches: batches.into_iter().map(|b| b.id).collect(),
+            root: applying.finish()?,
+            batches: batches.into_iter().collect(),
         })
     }
 

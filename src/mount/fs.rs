@@ -2881,6 +2881,10 @@ mod tests {
             let f = fs.lookup(dirs[i % 3], &format!("f{i:03}")).unwrap().ino;
             assert_eq!(read_all(&fs, f), text(i).as_bytes(), "f{i:03}");
         }
+        // The closes went to the applier thread; once it is done (it holds
+        // the view's `applying` lock until it has spilled), nothing waits.
+        let view = fs.views.lock().values().next().unwrap().clone();
+        view.apply_pending().unwrap();
         let spilled: usize = std::fs::read_dir(&views)
             .unwrap()
             .map(|v| std::fs::read_dir(v.unwrap().path()).unwrap().count())
