@@ -1390,9 +1390,10 @@ impl Lake {
         branch: &str,
         message: &str,
     ) -> Result<(Hash, Hash)> {
-        let w = self.working_state(repo, branch, &self.trees)?;
+        let trees = self.commit_trees()?;
+        let w = self.working_state(repo, branch, &trees)?;
         let head_commit = self.commit(repo, &w.head)?;
-        self.trees.flush()?;
+        trees.flush_reachable(&w.root)?;
         let id = self.write_commit(
             repo,
             &Commit {
