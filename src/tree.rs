@@ -880,9 +880,10 @@ impl Trees {
     }
 
     /// Write to the store the unwritten nodes (in memory or spilled) that
-    /// `root` reaches, children before parents, a bounded group at a time.
-    /// Nodes it does not reach (the checkpoints of an `Applying`) are never
-    /// written. Returns how many were.
+    /// `root` reaches, in post order, a bounded group at a time (each group
+    /// in parallel, as `flush` does). Nodes it does not reach (the
+    /// checkpoints of an `Applying`) are never written. Returns how many
+    /// were.
     pub fn flush_reachable(&self, root: &Hash) -> Result<usize> {
         let mut seen = std::collections::HashSet::new();
         // (node, its links pushed already)
