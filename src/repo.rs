@@ -535,16 +535,14 @@ impl Lake {
         self.spill_dir = Some(dir);
     }
 
-    /// A tree handle for one commit: spills to a directory of its own,
-    /// removed with the handle.
-    fn commit_trees(&self) -> Result<Trees> {
+    /// A tree handle for one commit: spills (if it must) to a directory of
+    /// its own, removed with the handle.
+    fn commit_trees(&self) -> Trees {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let base = self.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("tarn-commit-{}-{n}", std::process::id()));
-        self.trees
-            .scratch_spilling(dir.clone())
-            .map_err(|e| RepoError::Tree(TreeError::Spill(dir, e)))
+        self.trees.scratch_spilling(dir)
     }
 
     /// Run these hooks for every commit, merge and branch or tag creation.
@@ -1390,7 +1388,7 @@ impl Lake {
         branch: &str,
         message: &str,
     ) -> Result<(Hash, Hash)> {
-        let trees = self.commit_trees()?;
+        let trees = self.commit_trees();
         let w = self.working_state(repo, branch, &trees)?;
         let head_commit = self.commit(repo, &w.head)?;
         trees.flush_reachable(&w.root)?;
@@ -1426,7 +1424,7 @@ impl Lake {
         let head = self.parse_id(repo, &r.commit)?;
         let head_commit = self.commit(repo, &head)?;
         // Batch by batch: the ops of 300k staged small files carry 1.2 GB.
-        let trees = self.commit_trees()?;
+        let trees = self.commit_trees();
         let mut applying = trees.applying(&head_commit.tree, self.commit_hold);
         let mut consumed: BTreeMap<String, Vec<String>> =
             sealed.iter().map(|t| (t.clone(), vec![])).collect();
@@ -2047,6 +2045,30 @@ mod tests {
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.nodes as usize, l.store.list("nodes").unwrap().len());
         assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_commit_that_cannot_spill_holds_its_tree_in_memory() {
+        let mut l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the spill directory's parent should be.
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        l.set_spill_dir(dir.path().join("file"));
+        l.commit_hold = 1 << 10;
+        l.create_repo("r", "main").unwrap();
+        for i in 0..20 {
+            put(&l, "r", "main", &format!("d/f{i}"), &[i as u8; 600]);
+        }
+        let c = l.commit_branch("r", "main", &opts("held")).unwrap();
+        let tree = l.commit("r", &c).unwrap().tree;
+        let Some(Entry::Dir(d)) = l.trees.lookup(&tree, "d").unwrap() else {
+            panic!("d committed")
+        };
+        assert_eq!(l.trees.count(&d).unwrap(), 20);
+        assert_eq!(
+            l.trees.lookup(&tree, "d/f7").unwrap().map(|e| e.size()),
+            Some(600)
+        );
     }
 
     #[test]

@@ -687,6 +687,7 @@ impl Spill {
         let n = files.len() as u32;
         let path = self.dir.join(n.to_string());
         let err = |e| TreeError::Spill(path.clone(), e);
+        std::fs::create_dir_all(&self.dir).map_err(err)?;
         // Truncated, not created anew: a failed spill (a full disk) leaves
         // its file to the next one.
         let file = std::fs::File::options()
@@ -783,9 +784,9 @@ impl Trees {
     }
 
     /// `scratch`, able to move its unwritten nodes to files in `dir` (made
-    /// here; removed once no handle uses it) when `spill_over` is called.
-    pub fn scratch_spilling(&self, dir: PathBuf) -> std::io::Result<Trees> {
-        std::fs::create_dir_all(&dir)?;
+    /// by the first spill; removed once no handle uses it) when
+    /// `spill_over` is called.
+    pub fn scratch_spilling(&self, dir: PathBuf) -> Trees {
         let mut t = self.scratch();
         t.spill = Some(Arc::new(Spill {
             dir,
@@ -793,7 +794,7 @@ impl Trees {
             files: Mutex::new(Vec::new()),
             cache: Mutex::new(NodeCache::new(SPILL_CACHE, SPILL_CACHE_BYTES)),
         }));
-        Ok(t)
+        t
     }
 
     /// If the unwritten nodes weigh more than `limit` bytes, move them all
@@ -1578,9 +1579,14 @@ impl Applying<'_> {
                 base: Some(root),
                 children: BTreeMap::new(),
             };
-            self.trees.spill_over(0)?;
             self.held = 0;
             self.checkpoints += 1;
+            if let Err(e) = self.trees.spill_over(0) {
+                // The nodes stay in memory, as without a spill; more
+                // checkpoints would only add to them.
+                tracing::warn!(%e, "cannot spill a large tree update: it stays in memory");
+                self.hold = usize::MAX;
+            }
         }
         Ok(())
     }
@@ -1772,7 +1778,7 @@ mod tests {
         let t = trees();
         let dir = tempfile::tempdir().unwrap();
         let spill_dir = dir.path().join("spill");
-        let s = t.scratch_spilling(spill_dir.clone()).unwrap();
+        let s = t.scratch_spilling(spill_dir.clone());
         (t, dir, spill_dir, s)
     }
 
@@ -1894,12 +1900,13 @@ mod tests {
             .collect();
         let root = s.apply(&s.empty_dir(), &ops).unwrap();
         let before = s.pending_nodes();
-        std::fs::remove_dir_all(&spill_dir).unwrap();
+        // Something that is not a directory where the spill goes.
+        std::fs::write(&spill_dir, b"").unwrap();
         assert!(matches!(s.spill_over(0), Err(TreeError::Spill(..))));
         assert_eq!(s.pending_nodes(), before);
         assert_eq!(s.lookup(&root, "f123").unwrap(), Some(file(123)));
-        // Once the directory is back, the next spill goes through.
-        std::fs::create_dir(&spill_dir).unwrap();
+        // Once it is gone, the next spill goes through.
+        std::fs::remove_file(&spill_dir).unwrap();
         assert_eq!(s.spill_over(0).unwrap(), before);
         assert_eq!(s.pending_nodes(), 0);
         assert_eq!(s.lookup(&root, "f299").unwrap(), Some(file(299)));

@@ -877,10 +877,7 @@ impl LakeFs {
     fn working_trees(&self) -> Trees {
         let n = self.next_spill.fetch_add(1, Ordering::Relaxed);
         let dir = self.cfg.spool_dir.join("views").join(n.to_string());
-        self.lake.trees().scratch_spilling(dir).unwrap_or_else(|e| {
-            tracing::warn!(%e, "no spill directory for a working tree: it stays in memory");
-            self.lake.trees().scratch()
-        })
+        self.lake.trees().scratch_spilling(dir)
     }
 
     /// The current state of a view, refreshing a branch once its metadata
