@@ -774,7 +774,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Rm { target, recursive } => {
-            let lake = open_lake(&g)?;
+            let mut lake = open_lake(&g)?;
+            lake.read_trees_only();
             let a = Address::parse(&target)?;
             let branch = lake.require_branch(&a.repo, a.reference()?)?;
             if a.path.is_empty() {
@@ -800,7 +801,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Status { branch } => {
-            let (lake, repo, branch) = branch_target(&g, branch.as_deref())?;
+            let (mut lake, repo, branch) = branch_target(&g, branch.as_deref())?;
+            lake.read_trees_only();
             let changes = lake.status(&repo, &branch)?;
             if g.json {
                 print_json(&json!({"repo": repo, "branch": branch, "changes": changes}));
@@ -848,7 +850,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ls { target, recursive } => {
-            let lake = open_lake(&g)?;
+            let mut lake = open_lake(&g)?;
+            lake.read_trees_only();
             let a = Address::parse(&target)?;
             let tree = lake.tree_of(&a.repo, a.reference()?)?;
             let entries = match lake.trees().lookup(&tree, &a.path)? {
@@ -888,7 +891,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Cat { target } => {
-            let lake = open_lake(&g)?;
+            let mut lake = open_lake(&g)?;
+            lake.read_trees_only();
             let a = Address::parse(&target)?;
             let tree = lake.tree_of(&a.repo, a.reference()?)?;
             match lake.trees().lookup(&tree, &a.path)? {
@@ -904,7 +908,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Get { source, dest } => {
-            let lake = open_lake(&g)?;
+            let mut lake = open_lake(&g)?;
+            lake.read_trees_only();
             let a = Address::parse(&source)?;
             let tree = lake.tree_of(&a.repo, a.reference()?)?;
             let entry = lake
@@ -1242,7 +1247,10 @@ fn ref_in(repo: &str, arg: &str) -> Result<String> {
 }
 
 fn history_cmd(g: &Global, cmd: Command) -> Result<()> {
-    let lake = open_lake(g)?;
+    let mut lake = open_lake(g)?;
+    if let Command::Diff { .. } = cmd {
+        lake.read_trees_only();
+    }
     match cmd {
         Command::Diff { from, to, path } => {
             let a = Address::parse(&from)?;

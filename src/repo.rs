@@ -535,13 +535,21 @@ impl Lake {
         self.spill_dir = Some(dir);
     }
 
-    /// A tree handle for one commit: spills (if it must) to a directory of
-    /// its own, removed with the handle.
-    fn commit_trees(&self) -> Trees {
+    /// For a process that reads trees and stages ops but writes no tree
+    /// (the CLI's ls, cat, get, status, diff, rm): the working trees it
+    /// computes stay in a handle that never writes them to the store and,
+    /// past `COMMIT_HOLD`, spills them to local disk instead of holding them.
+    pub fn read_trees_only(&mut self) {
+        self.trees = self.spilling_trees();
+    }
+
+    /// A tree handle of its own (for one commit, or a reading process):
+    /// spills (if it must) to a directory of its own, removed with it.
+    fn spilling_trees(&self) -> Trees {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let base = self.spill_dir.clone().unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("tarn-commit-{}-{n}", std::process::id()));
+        let dir = base.join(format!("tarn-trees-{}-{n}", std::process::id()));
         self.trees.scratch_spilling(dir)
     }
 
@@ -1388,7 +1396,7 @@ impl Lake {
         branch: &str,
         message: &str,
     ) -> Result<(Hash, Hash)> {
-        let trees = self.commit_trees();
+        let trees = self.spilling_trees();
         let w = self.working_state(repo, branch, &trees)?;
         let head_commit = self.commit(repo, &w.head)?;
         trees.flush_reachable(&w.root)?;
@@ -1424,7 +1432,7 @@ impl Lake {
         let head = self.parse_id(repo, &r.commit)?;
         let head_commit = self.commit(repo, &head)?;
         // Batch by batch: the ops of 300k staged small files carry 1.2 GB.
-        let trees = self.commit_trees();
+        let trees = self.spilling_trees();
         let mut applying = trees.applying(&head_commit.tree, self.commit_hold);
         let mut consumed: BTreeMap<String, Vec<String>> =
             sealed.iter().map(|t| (t.clone(), vec![])).collect();
@@ -2044,6 +2052,48 @@ mod tests {
         let report = l.fsck(&Default::default()).unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.nodes as usize, l.store.list("nodes").unwrap().len());
+        assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_reading_lake_spills_big_working_trees_and_writes_none() {
+        let mut l = lake();
+        let spill = tempfile::tempdir().unwrap();
+        l.set_spill_dir(spill.path().to_path_buf());
+        l.commit_hold = 4 << 10;
+        l.create_repo("r", "main").unwrap();
+        for i in 0..40 {
+            put(
+                &l,
+                "r",
+                "main",
+                &format!("d{}/f{i}", i % 3),
+                &[i as u8; 600],
+            );
+        }
+        let nodes = l.store.list("nodes").unwrap().len();
+        l.read_trees_only();
+        assert_eq!(l.status("r", "main").unwrap().len(), 40);
+        let tree = l.tree_of("r", "main").unwrap();
+        let mut all = Vec::new();
+        l.trees().walk(&tree, "", &mut all).unwrap();
+        assert_eq!(all.iter().filter(|(_, e)| e.size() == 600).count(), 40);
+        assert_eq!(
+            l.trees().lookup(&tree, "d1/f7").unwrap(),
+            Some(Entry::File(File {
+                size: 600,
+                mode: 0o644,
+                mtime: 0,
+                content: Content::Inline(vec![7; 600].into()),
+            }))
+        );
+        let spilled: usize = std::fs::read_dir(spill.path())
+            .unwrap()
+            .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum();
+        assert!(spilled > 0, "the working tree spilled");
+        assert_eq!(l.store.list("nodes").unwrap().len(), nodes);
+        drop(l);
         assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 0);
     }
 
