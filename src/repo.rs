@@ -419,7 +419,10 @@ pub struct Lake {
 }
 
 /// A commit applies staged ops holding at most about this many bytes of
-/// them: past it, what is applied so far moves to a local spill.
+/// them: past it, what is applied so far moves to a local spill. As much as
+/// a mount's branch view holds before it spills: commits of everyday size
+/// never touch the disk, and one of a million small files stays well
+/// inside a small machine's memory.
 const COMMIT_HOLD: usize = 256 << 20;
 
 /// Which staged batches recent first-parent commits of a head consumed,

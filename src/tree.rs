@@ -50,7 +50,8 @@ const NODE_CACHE: usize = 16 * 1024;
 /// files hold their content, up to `MAX_NODE_BYTES` each.
 const NODE_CACHE_BYTES: usize = 128 << 20;
 
-/// `flush_reachable` puts nodes in groups of about this many bytes.
+/// `flush_reachable` puts nodes in groups of about this many bytes: enough
+/// to keep the store's parallel puts busy, little beside a commit's hold.
 const FLUSH_GROUP_BYTES: usize = 32 << 20;
 
 /// Decoded nodes by hash, least recently used dropped first, bounded in
