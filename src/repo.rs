@@ -2006,13 +2006,20 @@ mod tests {
         assert_eq!(Address::parse("r").unwrap().reference, None);
     }
 
-    #[test]
-    fn a_commit_past_its_hold_spills_and_writes_only_its_tree() {
+    /// A lake with repository `r` whose commits and reads spill past
+    /// `hold` bytes of ops into the directory returned.
+    fn spilling_lake(hold: usize) -> (Lake, tempfile::TempDir) {
         let mut l = lake();
         let spill = tempfile::tempdir().unwrap();
         l.set_spill_dir(spill.path().to_path_buf());
-        l.commit_hold = 32 << 10;
+        l.commit_hold = hold;
         l.create_repo("r", "main").unwrap();
+        (l, spill)
+    }
+
+    #[test]
+    fn a_commit_past_its_hold_spills_and_writes_only_its_tree() {
+        let (l, spill) = spilling_lake(32 << 10);
         let file = |i: u32| {
             Entry::File(File {
                 size: 1000,
@@ -2060,11 +2067,7 @@ mod tests {
 
     #[test]
     fn a_reading_lake_spills_big_working_trees_and_writes_none() {
-        let mut l = lake();
-        let spill = tempfile::tempdir().unwrap();
-        l.set_spill_dir(spill.path().to_path_buf());
-        l.commit_hold = 4 << 10;
-        l.create_repo("r", "main").unwrap();
+        let (mut l, spill) = spilling_lake(4 << 10);
         for i in 0..40 {
             put(
                 &l,
