@@ -2164,5 +2164,46 @@ mod tests {
             }).collect();
             prop_assert_eq!(files, model);
         }
+
+        #[test]
+        fn checkpointed_apply_matches_apply(
+            ops in prop::collection::vec((0u8..3, 0u8..7, 0u8..7, 0u64..4), 1..80),
+            hold in prop::sample::select(vec![0usize, 200, 2000, 1 << 30]),
+        ) {
+            // Any moves, of files and directories alike: the reference is
+            // `apply` itself, on a handle that never spills.
+            let names = ["a", "b", "a/x", "a/y", "b/x", "a/x/z", "c/d/e"];
+            let tree_ops: Vec<Op> = ops.into_iter().map(|(kind, p, q, n)| {
+                let (p, q) = (names[p as usize].to_string(), names[q as usize].to_string());
+                match kind {
+                    0 => Op::Put { path: p, entry: file(n) },
+                    1 => Op::Delete { path: p },
+                    _ => Op::Move { from: p, to: q },
+                }
+            }).collect();
+            let plain = trees();
+            let expected = plain.apply(&plain.empty_dir(), &tree_ops).unwrap();
+
+            let (t, _dir, _spill_dir, spilling) = spilling();
+            let base = spilling.empty_dir();
+            let mut a = spilling.applying(&base, hold);
+            for op in tree_ops {
+                a.op(op).unwrap();
+            }
+            let root = a.finish().unwrap();
+            prop_assert_eq!(root, expected);
+            // What reaches the store is the final tree, all of it and no more.
+            let written = spilling.flush_reachable(&root).unwrap();
+            let fresh = Trees::new(t.store().clone());
+            let mut reached = std::collections::HashSet::new();
+            let mut stack = vec![root];
+            while let Some(h) = stack.pop() {
+                if reached.insert(h) {
+                    fresh.load(&h).unwrap().links(&mut stack);
+                }
+            }
+            prop_assert_eq!(written, reached.len());
+            prop_assert_eq!(t.store().list("nodes").unwrap().len(), reached.len());
+        }
     }
 }
