@@ -912,20 +912,7 @@ impl LakeFs {
         let current = view.state.lock().clone();
         let (r, _) = self.lake.branch(&view.repo, branch)?;
         if Some(&r) != current.branch_ref.as_deref() {
-            let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
-            let mut st = view.state.lock();
-            fresh.creating = std::mem::take(&mut st.creating);
-            // Closes that became pending meanwhile may be newer than what
-            // the reload read: applied again on top (a put of the same entry
-            // twice is the same tree). Other ops are not repeatable: one the
-            // reload missed is not in `seen` either, so a refresh brings it.
-            let closes = st.pending.ops.iter().filter(|op| is_file_put(op));
-            fresh.pending = Arc::new(Pending::rebuild(closes.cloned().collect()));
-            *st = fresh.clone();
-            *view.latest_seen.lock() = batches.iter().max().cloned();
-            *view.seen.lock() = batches;
-            view.compacted_at.store(0, Ordering::Relaxed);
-            return Ok(fresh);
+            return self.reload(view, branch);
         }
         let ids = self.lake.batch_ids(&view.repo, &r.staging)?;
         let new: Vec<String> = {
@@ -937,11 +924,21 @@ impl LakeFs {
             return Ok(current);
         }
         let mut ops = Vec::new();
+        let mut weight = 0;
         for id in &new {
-            if let Some(b) = self.lake.read_batch(&view.repo, &r.staging, id)? {
-                ops.extend(b.ops);
+            let Some(b) = self.lake.read_batch(&view.repo, &r.staging, id)? else {
+                continue;
+            };
+            weight += b.ops.iter().map(Op::encoded_size).sum::<usize>();
+            if weight > self.spill_after && !ops.is_empty() {
+                // Many batches staged elsewhere: read the branch afresh,
+                // one batch at a time, rather than hold them all here.
+                drop((ops, b));
+                return self.reload(view, branch);
             }
+            ops.extend(b.ops);
         }
+        // (One big batch is held whole either way.)
         let root = current.trees.apply(&current.root, &ops)?;
         let mut st = view.state.lock();
         if st.root == current.root && Arc::ptr_eq(&st.trees, &current.trees) {
@@ -954,6 +951,25 @@ impl LakeFs {
         view.seen.lock().extend(new);
         st.checked = Instant::now();
         Ok(st.clone())
+    }
+
+    /// Replace a branch view's state with the branch as the store has it,
+    /// keeping what is open and pending here.
+    fn reload(&self, view: &View, branch: &str) -> Result<ViewState> {
+        let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
+        let mut st = view.state.lock();
+        fresh.creating = std::mem::take(&mut st.creating);
+        // Closes that became pending meanwhile may be newer than what
+        // the reload read: applied again on top (a put of the same entry
+        // twice is the same tree). Other ops are not repeatable: one the
+        // reload missed is not in `seen` either, so a refresh brings it.
+        let closes = st.pending.ops.iter().filter(|op| is_file_put(op));
+        fresh.pending = Arc::new(Pending::rebuild(closes.cloned().collect()));
+        *st = fresh.clone();
+        *view.latest_seen.lock() = batches.iter().max().cloned();
+        *view.seen.lock() = batches;
+        view.compacted_at.store(0, Ordering::Relaxed);
+        Ok(fresh)
     }
 
     /// Force the next access to reload a view from the store.
@@ -2942,6 +2958,47 @@ mod tests {
         assert_eq!(fs.lookup(g, "theirs").unwrap().size, 0);
         assert_eq!(names(&fs, g), ["mine", "theirs"]);
         assert_eq!(names(&fs, main), ["d", "g"]);
+    }
+
+    #[test]
+    fn much_staged_elsewhere_reloads_the_view_rather_than_holding_it() {
+        let (_d, fs, main) = setup_with(|fs| fs.spill_after = 64 << 10);
+        write(&fs, main, "mine", b"1\n");
+        let view = fs.views.lock().values().next().unwrap().clone();
+        let handle = || view.state.lock().trees.clone();
+        let theirs = |dir: &str, n: usize| -> Vec<Op> {
+            (0..n)
+                .map(|i| Op::Put {
+                    path: format!("{dir}/f{i:03}"),
+                    entry: Entry::File(File {
+                        size: 2000,
+                        mode: 0o644,
+                        mtime: 0,
+                        content: Content::Inline(vec![i as u8; 2000].into()),
+                    }),
+                })
+                .collect()
+        };
+        // A little staged elsewhere is applied to the view's tree.
+        view.apply_pending().unwrap();
+        let before = handle();
+        fs.lake.stage("r", "main", theirs("small", 10)).unwrap();
+        fs.invalidate(&view);
+        let small = fs.lookup(main, "small").unwrap().ino;
+        assert_eq!(names(&fs, small).len(), 10);
+        assert!(Arc::ptr_eq(&before, &handle()), "applied, not reloaded");
+        // 200 KB of it in four batches: the view reads the branch afresh,
+        // one batch at a time.
+        for part in theirs("big", 100).chunks(25) {
+            fs.lake.stage("r", "main", part.to_vec()).unwrap();
+        }
+        fs.invalidate(&view);
+        let big = fs.lookup(main, "big").unwrap().ino;
+        assert_eq!(names(&fs, big).len(), 100);
+        assert!(!Arc::ptr_eq(&before, &handle()), "reloaded");
+        let f = fs.lookup(big, "f042").unwrap().ino;
+        assert_eq!(read_all(&fs, f), vec![42u8; 2000]);
+        assert_eq!(names(&fs, main), ["big", "mine", "small"]);
     }
 
     #[test]
