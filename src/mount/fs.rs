@@ -938,7 +938,7 @@ impl LakeFs {
             }
             ops.extend(b.ops);
         }
-        // (One big batch is held whole either way.)
+        // (A batch is read whole either way; writers keep batches small.)
         let root = current.trees.apply(&current.root, &ops)?;
         let mut st = view.state.lock();
         if st.root == current.root && Arc::ptr_eq(&st.trees, &current.trees) {
