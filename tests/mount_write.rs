@@ -682,3 +682,37 @@ fn writeback_survives_kill_9_and_is_replayed_by_the_next_daemon() {
         "299\n"
     );
 }
+
+#[test]
+fn closes_from_other_processes_mid_write_never_win_over_the_last() {
+    if !fuse_available() {
+        return;
+    }
+    // Every process this one starts while a file is open for writing gets
+    // the descriptor and closes it at exec (close-on-exec): each such close
+    // is a FLUSH of the file in the middle of its writing. What the file
+    // holds once its own close returns must be all of it, in the mount and
+    // in the commit, however those earlier stages interleave.
+    let s = branch_setup();
+    let m = Mount::new(&s, "mnt", &[]);
+    let d = m.p("sales/dev");
+    let piece = |k: usize| pseudo_random(64 << 10, 100 + k as u64);
+    let mut whole = Vec::new();
+    {
+        let mut f = std::fs::File::create(d.join("w.bin")).unwrap();
+        for k in 0..24 {
+            f.write_all(&piece(k)).unwrap();
+            whole.extend(piece(k));
+            std::thread::scope(|sc| {
+                for _ in 0..2 {
+                    sc.spawn(|| std::process::Command::new("true").status().unwrap());
+                }
+            });
+        }
+    }
+    assert_eq!(std::fs::read(d.join("w.bin")).unwrap(), whole);
+    ctl(&d, "commit -m w").unwrap();
+    let out = s.path("w.out");
+    s.ok(&["get", "sales/dev/w.bin", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out).unwrap(), whole);
+}

@@ -1869,6 +1869,7 @@ impl LakeFs {
     }
 
     fn commit_write(&self, ino: u64, wf: &Arc<WriteFile>) -> Result<()> {
+        let _in_order = wf.staging.lock();
         let meta = wf.meta.lock().clone();
         if !meta.dirty || meta.unlinked {
             return Ok(());

@@ -39,6 +39,12 @@ pub struct WriteFile {
     /// of what the closes staged, even before the kernel's (asynchronous)
     /// release of the last handle.
     pub writers: Mutex<std::collections::HashSet<u64>>,
+    /// Held while a close (or fsync) of this file is staged: one at a
+    /// time, in order. A close can come in the middle of writing — another
+    /// process closing a descriptor it inherited, as every exec does with
+    /// close-on-exec ones — and the part it stages must never land after a
+    /// later, fuller close's.
+    pub staging: Mutex<()>,
 }
 
 enum Spool {
@@ -254,6 +260,7 @@ impl WriteFile {
             }),
             opens: AtomicUsize::new(0),
             writers: Mutex::default(),
+            staging: Mutex::new(()),
         };
         let size = initial(&|at, data| wf.put(at, data))?;
         wf.resize(size)?;
