@@ -1775,6 +1775,18 @@ mod tests {
     }
 
     /// A handle, and a spilling scratch handle of it with its directory.
+    /// How many nodes `root` reaches, read through `t`.
+    fn reachable(t: &Trees, root: Hash) -> usize {
+        let mut reached = std::collections::HashSet::new();
+        let mut stack = vec![root];
+        while let Some(h) = stack.pop() {
+            if reached.insert(h) {
+                t.load(&h).unwrap().links(&mut stack);
+            }
+        }
+        reached.len()
+    }
+
     fn spilling() -> (Trees, tempfile::TempDir, PathBuf, Trees) {
         let t = trees();
         let dir = tempfile::tempdir().unwrap();
@@ -1869,14 +1881,7 @@ mod tests {
         let stored = t.store().list("nodes").unwrap().len();
         assert_eq!(written, stored);
         let fresh = Trees::new(t.store().clone());
-        let mut reached = std::collections::HashSet::new();
-        let mut stack = vec![root];
-        while let Some(h) = stack.pop() {
-            if reached.insert(h) {
-                fresh.load(&h).unwrap().links(&mut stack);
-            }
-        }
-        assert_eq!(stored, reached.len());
+        assert_eq!(stored, reachable(&fresh, root));
         assert_eq!(
             fresh.lookup(&root, "moved/d0/e0/f0000").unwrap(),
             Some(content(0))
@@ -2194,16 +2199,9 @@ mod tests {
             prop_assert_eq!(root, expected);
             // What reaches the store is the final tree, all of it and no more.
             let written = spilling.flush_reachable(&root).unwrap();
-            let fresh = Trees::new(t.store().clone());
-            let mut reached = std::collections::HashSet::new();
-            let mut stack = vec![root];
-            while let Some(h) = stack.pop() {
-                if reached.insert(h) {
-                    fresh.load(&h).unwrap().links(&mut stack);
-                }
-            }
-            prop_assert_eq!(written, reached.len());
-            prop_assert_eq!(t.store().list("nodes").unwrap().len(), reached.len());
+            let reached = reachable(&Trees::new(t.store().clone()), root);
+            prop_assert_eq!(written, reached);
+            prop_assert_eq!(t.store().list("nodes").unwrap().len(), reached);
         }
     }
 }
