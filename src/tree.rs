@@ -715,13 +715,12 @@ impl Spill {
         Ok(())
     }
 
-    fn get(&self, hash: &Hash) -> Result<Option<Arc<Node>>> {
+    /// A node moved here, read back: its encoding as written (checked
+    /// against its hash) and the node.
+    fn read(&self, hash: &Hash) -> Result<Option<(Bytes, Arc<Node>)>> {
         let Some((file, offset, len)) = self.moved.lock().get(hash).copied() else {
             return Ok(None);
         };
-        if let Some(n) = self.cache.lock().get(hash) {
-            return Ok(Some(n));
-        }
         let f = self.files.lock()[file as usize].clone();
         let mut bytes = vec![0; len as usize];
         std::os::unix::fs::FileExt::read_exact_at(&*f, &mut bytes, offset)
@@ -730,6 +729,20 @@ impl Spill {
             return Err(TreeError::Decode(hash.to_hex()));
         }
         let node = Arc::new(Node::decode_as(hash, &bytes)?);
+        Ok(Some((Bytes::from(bytes), node)))
+    }
+
+    /// A node moved here, through the spill's own cache.
+    fn get(&self, hash: &Hash) -> Result<Option<Arc<Node>>> {
+        if !self.moved.lock().contains_key(hash) {
+            return Ok(None);
+        }
+        if let Some(n) = self.cache.lock().get(hash) {
+            return Ok(Some(n));
+        }
+        let Some((_, node)) = self.read(hash)? else {
+            return Ok(None);
+        };
         self.cache.lock().put(*hash, node.clone());
         Ok(Some(node))
     }
@@ -888,15 +901,14 @@ impl Trees {
     /// were.
     pub fn flush_reachable(&self, root: &Hash) -> Result<usize> {
         let mut seen = std::collections::HashSet::new();
-        // (node, its links pushed already)
-        let mut stack: Vec<(Hash, Option<Arc<Node>>)> = vec![(*root, None)];
+        // (node, and once its links are pushed, its encoding and itself)
+        let mut stack: Vec<(Hash, Option<(Bytes, Arc<Node>)>)> = vec![(*root, None)];
         let mut group: Vec<(String, Bytes)> = Vec::new();
         let mut group_bytes = 0;
         let mut done: Vec<(Hash, Arc<Node>)> = Vec::new();
         let mut written = 0;
         while let Some((hash, node)) = stack.pop() {
-            if let Some(node) = node {
-                let bytes = Bytes::from(node.encode());
+            if let Some((bytes, node)) = node {
                 group_bytes += bytes.len();
                 group.push((hash.key("nodes"), bytes));
                 done.push((hash, node));
@@ -909,10 +921,10 @@ impl Trees {
             if !self.unwritten(&hash) || !seen.insert(hash) {
                 continue;
             }
-            let node = self.load(&hash)?;
+            let (bytes, node) = self.encoded(&hash)?;
             let mut links = Vec::new();
             node.links(&mut links);
-            stack.push((hash, Some(node)));
+            stack.push((hash, Some((bytes, node))));
             stack.extend(links.into_iter().map(|h| (h, None)));
         }
         written += self.write_flushed(group, &mut done)?;
@@ -985,42 +997,41 @@ impl Trees {
 
     /// Write every queued node to the store.
     pub fn flush(&self) -> Result<usize> {
-        let mut nodes: Vec<(Hash, Option<Bytes>, Arc<Node>)> = self
-            .pending
-            .lock()
-            .iter()
-            .map(|(h, (b, n))| (*h, b.clone(), n.clone()))
-            .collect();
+        let mut hashes: Vec<Hash> = self.pending.lock().keys().copied().collect();
         if let Some(spill) = &self.spill {
             // Spilled nodes are unwritten too.
-            let moved: Vec<Hash> = spill.moved.lock().keys().copied().collect();
-            for h in moved {
-                if let Some(n) = spill.get(&h)? {
-                    nodes.push((h, None, n));
-                }
-            }
+            hashes.extend(spill.moved.lock().keys().copied());
         }
-        if nodes.is_empty() {
-            return Ok(0);
+        let mut group = Vec::with_capacity(hashes.len());
+        let mut done = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let (bytes, node) = self.encoded(&h)?;
+            group.push((h.key("nodes"), bytes));
+            done.push((h, node));
         }
-        let objects = nodes
-            .iter()
-            .map(|(h, b, n)| {
-                let bytes = b.clone().unwrap_or_else(|| Bytes::from(n.encode()));
-                (h.key("nodes"), bytes)
-            })
-            .collect();
-        let n = self.store.put_content_many(objects)?;
         // Only what was written: nodes saved meanwhile wait for the next flush.
-        let mut pending = self.pending.lock();
-        for (h, _, _) in nodes {
-            if let Some((_, node)) = pending.remove(&h) {
-                self.pending_weight
-                    .fetch_sub(self.weight(&node), Ordering::Relaxed);
-                self.cache.lock().put(h, node);
-            }
+        self.write_flushed(group, &mut done)
+    }
+
+    /// An unwritten node's encoding, and the node: the encoding kept with
+    /// it, or the one its spill wrote, or (a scratch handle) made now.
+    fn encoded(&self, hash: &Hash) -> Result<(Bytes, Arc<Node>)> {
+        let kept = self.pending.lock().get(hash).cloned();
+        if let Some((bytes, node)) = kept {
+            let bytes = bytes.unwrap_or_else(|| Bytes::from(node.encode()));
+            return Ok((bytes, node));
         }
-        Ok(n)
+        if let Some(read) = self
+            .spill
+            .as_ref()
+            .map(|s| s.read(hash))
+            .transpose()?
+            .flatten()
+        {
+            return Ok(read);
+        }
+        let node = self.load(hash)?;
+        Ok((Bytes::from(node.encode()), node))
     }
 
     /// Content for a chunk list: in the entry when short, else a manifest node.
@@ -1774,7 +1785,6 @@ mod tests {
         assert_eq!(fresh.count(&b).unwrap(), 3);
     }
 
-    /// A handle, and a spilling scratch handle of it with its directory.
     /// How many nodes `root` reaches, read through `t`.
     fn reachable(t: &Trees, root: Hash) -> usize {
         let mut reached = std::collections::HashSet::new();
@@ -1787,6 +1797,7 @@ mod tests {
         reached.len()
     }
 
+    /// A handle, and a spilling scratch handle of it with its directory.
     fn spilling() -> (Trees, tempfile::TempDir, PathBuf, Trees) {
         let t = trees();
         let dir = tempfile::tempdir().unwrap();
