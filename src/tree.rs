@@ -659,6 +659,9 @@ const MANIFEST_AFTER: usize = 64;
 /// A saved node not yet in the store: its encoding (when kept) and itself.
 type Unwritten = (Option<Bytes>, Arc<Node>);
 
+/// A node's encoding and the node.
+type Encoded = (Bytes, Arc<Node>);
+
 /// Where a scratch handle moves its unwritten nodes out of memory (a
 /// mount's working view of a branch with many staged files: the leaves of
 /// small files hold their content). Each spill is one file of encoded
@@ -717,7 +720,7 @@ impl Spill {
 
     /// A node moved here, read back: its encoding as written (checked
     /// against its hash) and the node.
-    fn read(&self, hash: &Hash) -> Result<Option<(Bytes, Arc<Node>)>> {
+    fn read(&self, hash: &Hash) -> Result<Option<Encoded>> {
         let Some((file, offset, len)) = self.moved.lock().get(hash).copied() else {
             return Ok(None);
         };
@@ -902,7 +905,7 @@ impl Trees {
     pub fn flush_reachable(&self, root: &Hash) -> Result<usize> {
         let mut seen = std::collections::HashSet::new();
         // (node, and once its links are pushed, its encoding and itself)
-        let mut stack: Vec<(Hash, Option<(Bytes, Arc<Node>)>)> = vec![(*root, None)];
+        let mut stack: Vec<(Hash, Option<Encoded>)> = vec![(*root, None)];
         let mut group: Vec<(String, Bytes)> = Vec::new();
         let mut group_bytes = 0;
         let mut done: Vec<(Hash, Arc<Node>)> = Vec::new();
@@ -1015,7 +1018,7 @@ impl Trees {
 
     /// An unwritten node's encoding, and the node: the encoding kept with
     /// it, or the one its spill wrote, or (a scratch handle) made now.
-    fn encoded(&self, hash: &Hash) -> Result<(Bytes, Arc<Node>)> {
+    fn encoded(&self, hash: &Hash) -> Result<Encoded> {
         let kept = self.pending.lock().get(hash).cloned();
         if let Some((bytes, node)) = kept {
             let bytes = bytes.unwrap_or_else(|| Bytes::from(node.encode()));
