@@ -1249,9 +1249,15 @@ impl Trees {
     /// Apply staged operations, in order, to the tree `root`; returns the new
     /// root. Cost grows with the number of ops and the depth of their paths.
     pub fn apply(&self, root: &Hash, ops: &[Op]) -> Result<Hash> {
+        self.apply_owned(root, ops.to_vec())
+    }
+
+    /// `apply`, for a caller that owns the ops: their entries move into
+    /// the tree instead of being copied.
+    pub fn apply_owned(&self, root: &Hash, ops: Vec<Op>) -> Result<Hash> {
         let mut a = self.applying(root, usize::MAX);
         for op in ops {
-            a.op(op.clone())?;
+            a.op(op)?;
         }
         a.finish()
     }

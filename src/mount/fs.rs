@@ -381,12 +381,20 @@ fn is_file_put(op: &Op) -> bool {
 /// mount that staged 100k small files, or listed 240k distinct ones, held
 /// all of them. Files of up to 32 bytes are kept as they are.
 fn light(file: File) -> File {
-    match digest(&file) {
-        Some(h) if light_hash(&file).is_none() => File {
+    match whole_inline(&file).map(|b| Hash::of(b)) {
+        Some(h) => File {
             content: Content::Inline(Bytes::copy_from_slice(&h.0)),
             ..file
         },
-        _ => file,
+        None => file,
+    }
+}
+
+/// The bytes of a small file held whole (not made `light`), past 32 bytes.
+fn whole_inline(file: &File) -> Option<&Bytes> {
+    match &file.content {
+        Content::Inline(b) if b.len() as u64 == file.size && file.size > 32 => Some(b),
+        _ => None,
     }
 }
 
@@ -403,10 +411,9 @@ fn light_hash(file: &File) -> Option<Hash> {
 /// The hash of a small file's content, whole or made `light`; `None` for
 /// files of up to 32 bytes and those stored in chunks.
 fn digest(file: &File) -> Option<Hash> {
-    match &file.content {
-        Content::Inline(b) if b.len() as u64 == file.size && file.size > 32 => Some(Hash::of(b)),
-        _ => light_hash(file),
-    }
+    whole_inline(file)
+        .map(|b| Hash::of(b))
+        .or_else(|| light_hash(file))
 }
 
 /// Are two entries for a path (whole or `light`) the same version?
@@ -443,20 +450,29 @@ impl View {
                 // not copy it.
                 (st.root, st.trees.clone(), st.pending.ops.clone())
             };
-            let new_root = trees.apply(&root, &ops)?;
+            let applied = ops.len();
+            let new_root = trees.apply_owned(&root, ops)?;
             let mut st = self.state.lock();
             if st.root == root && Arc::ptr_eq(&st.trees, &trees) {
                 st.root = new_root;
                 // Ops can only have been added after the ones applied.
-                let rest = st.pending.ops[ops.len()..].to_vec();
+                let rest = st.pending.ops[applied..].to_vec();
                 st.pending = Arc::new(Pending::rebuild(rest));
-                self.compact(&mut st);
-                let trees = st.trees.clone();
-                drop(st);
-                spill_over(&trees, self.spill_after);
+                self.settle(st);
                 return Ok(());
             }
         }
+    }
+
+    /// After its tree changed: compact the tree when that is worth it,
+    /// then (outside the state lock) spill what it holds past
+    /// `spill_after`. Returns the state as it is then.
+    fn settle(&self, mut st: parking_lot::MutexGuard<'_, ViewState>) -> ViewState {
+        self.compact(&mut st);
+        let settled = st.clone();
+        drop(st);
+        spill_over(&settled.trees, self.spill_after);
+        settled
     }
 
     /// Every edit leaves the nodes it replaced behind; once they outnumber
@@ -964,7 +980,7 @@ impl LakeFs {
             st.root = root;
         } else if let Some(ops) = kept {
             // Local writes landed meanwhile: apply on top of them.
-            st.root = st.trees.apply(&st.root, &ops)?;
+            st.root = st.trees.apply_owned(&st.root, ops)?;
         } else {
             // ...and much was staged elsewhere: read the branch afresh,
             // one batch at a time.
@@ -974,13 +990,8 @@ impl LakeFs {
         view.note_latest(new.iter().max().map(String::as_str));
         view.seen.lock().extend(new);
         st.checked = Instant::now();
-        // As after local writes: what the tree now holds may be worth
-        // spilling (refreshes add up).
-        view.compact(&mut st);
-        let fresh = st.clone();
-        drop(st);
-        spill_over(&fresh.trees, self.spill_after);
-        Ok(fresh)
+        // As after local writes (refreshes add up).
+        Ok(view.settle(st))
     }
 
     /// Replace a branch view's state with the branch as the store has it,
