@@ -1184,8 +1184,8 @@ impl Lake {
         next_batch_id(after)
     }
 
-    /// Read one staged batch; `None` if it is gone.
-    fn get_batch(&self, key: &str, body: Option<Bytes>) -> Result<Option<StagingBatch>> {
+    /// A staged batch read from `key`; `None` if it was gone.
+    fn decode_batch(&self, key: &str, body: Option<Bytes>) -> Result<Option<StagingBatch>> {
         match body {
             Some(b) => Ok(Some(StagingBatch::decode(&b).ok_or_else(|| {
                 RepoError::Decode {
@@ -1240,13 +1240,12 @@ impl Lake {
         let mut applied = Applied::new(*head);
         self.store.get_each(&first, |i, body| {
             let (id, ts) = &ids[i];
-            let mut found = self.get_batch(&first[i], body)?.map(|b| (ts[0], b));
+            let mut found = self.decode_batch(&first[i], body)?.map(|b| (ts[0], b));
             // Rare: the same batch under several tokens. Any copy's `prior`
             // may tell that a commit applied it.
             let mut prior = Vec::new();
             for t in &ts[1..] {
-                let key = Self::batch_key(repo, t, id);
-                if let Some(b) = self.get_batch(&key, self.store.get(&key)?)? {
+                if let Some(b) = self.read_batch(repo, t, id)? {
                     match found {
                         Some(_) => prior.extend(b.prior),
                         None => found = Some((t, b)),
@@ -1260,6 +1259,30 @@ impl Lake {
             }
             f(t, b)
         })
+    }
+
+    /// `base` with the staged batches under `tokens` that `head` still
+    /// needs applied, built in `trees` batch by batch (the ops of 300k
+    /// staged small files carry 1.2 GB; a handle that spills holds about
+    /// `COMMIT_HOLD` of them). `seen` is shown each batch first.
+    fn apply_staged(
+        &self,
+        repo: &str,
+        head: &Hash,
+        tokens: &[String],
+        base: &Hash,
+        trees: &Trees,
+        mut seen: impl FnMut(&str, &StagingBatch),
+    ) -> Result<Hash> {
+        let mut applying = trees.applying(base, self.commit_hold);
+        self.each_pending_batch(repo, head, tokens, |t, b| {
+            seen(t, &b);
+            for op in b.ops {
+                applying.op(op)?;
+            }
+            Ok(())
+        })?;
+        Ok(applying.finish()?)
     }
 
     /// The tree a branch shows: its head tree with staged ops applied.
@@ -1276,24 +1299,17 @@ impl Lake {
         let commit = self.commit(repo, &head)?;
         let mut tokens = r.sealed.clone();
         tokens.push(r.staging.clone());
-        // Batch by batch, as a commit does (a handle that spills holds
-        // little of them).
-        let mut applying = trees.applying(&commit.tree, self.commit_hold);
-        let mut batches = Vec::new();
-        self.each_pending_batch(repo, &head, &tokens, |_, b| {
-            batches.push(b.id);
-            for op in b.ops {
-                applying.op(op)?;
-            }
-            Ok(())
+        let mut batches = HashSet::new();
+        let root = self.apply_staged(repo, &head, &tokens, &commit.tree, trees, |_, b| {
+            batches.insert(b.id.clone());
         })?;
         Ok(WorkingState {
             branch_ref: r,
             head,
             commit_time: commit.time,
             base: commit.tree,
-            root: applying.finish()?,
-            batches: batches.into_iter().collect(),
+            root,
+            batches,
         })
     }
 
@@ -1307,12 +1323,7 @@ impl Lake {
     /// One staged batch, if it is (still) there.
     pub fn read_batch(&self, repo: &str, token: &str, id: &str) -> Result<Option<StagingBatch>> {
         let key = Self::batch_key(repo, token, id);
-        match self.store.get(&key)? {
-            Some(b) => Ok(Some(
-                StagingBatch::decode(&b).ok_or(RepoError::Decode { key })?,
-            )),
-            None => Ok(None),
-        }
+        self.decode_batch(&key, self.store.get(&key)?)
     }
 
     /// The tree to read for a ref: a branch's working tree, or a commit's tree.
@@ -1434,21 +1445,17 @@ impl Lake {
         }
         let head = self.parse_id(repo, &r.commit)?;
         let head_commit = self.commit(repo, &head)?;
-        // Batch by batch: the ops of 300k staged small files carry 1.2 GB.
         let trees = self.spilling_trees();
-        let mut applying = trees.applying(&head_commit.tree, self.commit_hold);
         let mut consumed: BTreeMap<String, Vec<String>> =
             sealed.iter().map(|t| (t.clone(), vec![])).collect();
         let mut lineage = BTreeMap::new();
-        self.each_pending_batch(repo, &head, &sealed, |t, b| {
-            consumed.entry(t.to_string()).or_default().push(b.id);
+        let tree = self.apply_staged(repo, &head, &sealed, &head_commit.tree, &trees, |t, b| {
+            consumed
+                .entry(t.to_string())
+                .or_default()
+                .push(b.id.clone());
             lineage.extend(import::lineage(b.ops.iter()));
-            for op in b.ops {
-                applying.op(op)?;
-            }
-            Ok(())
         })?;
-        let tree = applying.finish()?;
         let unchanged = tree == head_commit.tree;
         let new_head = if unchanged && !opts.allow_empty {
             None
