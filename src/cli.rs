@@ -461,6 +461,14 @@ fn open_lake(g: &Global) -> Result<Lake> {
     open_lake_at(&lake_url(g)?)
 }
 
+/// `open_lake` for a command that reads trees and writes none (ls, cat,
+/// get, rm): see `Lake::read_trees_only`.
+fn open_reading_lake(g: &Global) -> Result<Lake> {
+    let mut lake = open_lake(g)?;
+    lake.read_trees_only();
+    Ok(lake)
+}
+
 /// Open a lake with the repository's checks wired in: every commit, merge
 /// and branch or tag creation runs them.
 fn open_lake_at(url: &str) -> Result<Lake> {
@@ -774,8 +782,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Rm { target, recursive } => {
-            let mut lake = open_lake(&g)?;
-            lake.read_trees_only();
+            let lake = open_reading_lake(&g)?;
             let a = Address::parse(&target)?;
             let branch = lake.require_branch(&a.repo, a.reference()?)?;
             if a.path.is_empty() {
@@ -850,8 +857,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ls { target, recursive } => {
-            let mut lake = open_lake(&g)?;
-            lake.read_trees_only();
+            let lake = open_reading_lake(&g)?;
             let a = Address::parse(&target)?;
             let tree = lake.tree_of(&a.repo, a.reference()?)?;
             let entries = match lake.trees().lookup(&tree, &a.path)? {
@@ -891,8 +897,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Cat { target } => {
-            let mut lake = open_lake(&g)?;
-            lake.read_trees_only();
+            let lake = open_reading_lake(&g)?;
             let a = Address::parse(&target)?;
             let tree = lake.tree_of(&a.repo, a.reference()?)?;
             match lake.trees().lookup(&tree, &a.path)? {
@@ -908,8 +913,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Get { source, dest } => {
-            let mut lake = open_lake(&g)?;
-            lake.read_trees_only();
+            let lake = open_reading_lake(&g)?;
             let a = Address::parse(&source)?;
             let tree = lake.tree_of(&a.repo, a.reference()?)?;
             let entry = lake
