@@ -368,9 +368,7 @@ fn closed_files_survive_kill_9() {
     s.ok(&["commit", "sales/dev", "-m", "after kill"]);
     assert_eq!(s.ok(&["cat", "sales/dev/durable.txt"]), "durable\n");
     assert_eq!(s.ok(&["cat", "sales/dev/synced.txt"]), "synced\n");
-    let out = s.path("big.out");
-    s.ok(&["get", "sales/dev/big.bin", out.to_str().unwrap()]);
-    assert_eq!(std::fs::read(out).unwrap(), big);
+    assert_eq!(s.got("sales/dev/big.bin"), big);
 }
 
 #[test]
@@ -628,9 +626,7 @@ fn writeback_closes_journal_then_upload_and_commits_wait_for_them() {
     ctl(&d, "commit -m writeback").unwrap();
     assert!(s.staged("sales/dev").is_empty());
     assert_eq!(s.ok(&["cat", "sales/dev/last.txt"]), "last\n");
-    let out = s.path("big.out");
-    s.ok(&["get", "sales/dev/big.bin", out.to_str().unwrap()]);
-    assert_eq!(std::fs::read(out).unwrap(), big);
+    assert_eq!(s.got("sales/dev/big.bin"), big);
     // Once uploaded, the journal's log is emptied.
     wait_until("an empty journal", Duration::from_secs(10), || {
         std::fs::read_dir(cache.join("journal/log"))
@@ -712,7 +708,5 @@ fn closes_from_other_processes_mid_write_never_win_over_the_last() {
     }
     assert_eq!(std::fs::read(d.join("w.bin")).unwrap(), whole);
     ctl(&d, "commit -m w").unwrap();
-    let out = s.path("w.out");
-    s.ok(&["get", "sales/dev/w.bin", out.to_str().unwrap()]);
-    assert_eq!(std::fs::read(out).unwrap(), whole);
+    assert_eq!(s.got("sales/dev/w.bin"), whole);
 }

@@ -17,9 +17,7 @@ fn s3_lake_workflow() {
     s.ok(&["commit", "sales/main", "-m", "load"]);
     s.ok(&["branch", "create", "sales/dev"]);
     s.ok(&["tag", "create", "sales/v1", "main"]);
-    let out = s.path("out.bin");
-    s.ok(&["get", "sales/v1/data/big.bin", out.to_str().unwrap()]);
-    assert_eq!(std::fs::read(out).unwrap(), big);
+    assert_eq!(s.got("sales/v1/data/big.bin"), big);
     s.ok(&["rm", "sales/dev/data/big.bin"]);
     s.ok(&["commit", "sales/dev", "-m", "rm"]);
     s.fails(&["cat", "sales/dev/data/big.bin"]);
@@ -97,9 +95,7 @@ fn s3_export_and_import_by_reference() {
     // Those objects, imported back by reference, read in place.
     let v = s.json(&["import", &prefix, "r/main/back", "-m", "back"]);
     assert_eq!(v["objects"], 2);
-    let out = s.path("big.out");
-    s.ok(&["get", "r/main/back/big.bin", out.to_str().unwrap()]);
-    assert_eq!(std::fs::read(&out).unwrap(), big);
+    assert_eq!(s.got("r/main/back/big.bin"), big);
     assert_eq!(s.ok(&["cat", "r/main/back/a/x.csv"]), "x\n");
 
     // Replace the object at the source: reads fail rather than serve it.

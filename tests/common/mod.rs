@@ -36,6 +36,15 @@ impl Scratch {
         self.dir.path().join(rel)
     }
 
+    /// The bytes of the file at `address`, as `tarn get` writes them out.
+    pub fn got(&self, address: &str) -> Vec<u8> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = self.path(&format!("got-{n}"));
+        self.ok(&["get", address, out.to_str().unwrap()]);
+        std::fs::read(out).unwrap()
+    }
+
     pub fn write(&self, rel: &str, data: &[u8]) -> PathBuf {
         let p = self.path(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
