@@ -617,6 +617,11 @@ fn ino_of(parts: &[&[u8]]) -> u64 {
     x | (1 << 63)
 }
 
+/// Hold each file's staging, in the order given (`LakeFs::writers_at`).
+fn hold(writers: &[(u64, Arc<WriteFile>)]) -> Vec<parking_lot::MutexGuard<'_, ()>> {
+    writers.iter().map(|(_, wf)| wf.staging.lock()).collect()
+}
+
 fn join(path: &str, name: &str) -> String {
     if path.is_empty() {
         name.to_string()
@@ -1575,7 +1580,7 @@ impl LakeFs {
                 let file = self.full_file(&view, &path, file)?;
                 if write || truncate {
                     self.check_writable(&view)?;
-                    let wf = self.writer(ino, &path, &file)?;
+                    let wf = self.writer(ino, &view, &path, &file)?;
                     if truncate {
                         wf.truncate(0)?;
                     }
@@ -1689,7 +1694,7 @@ impl LakeFs {
     }
 
     /// The write spool of an inode, created from its current content.
-    fn writer(&self, ino: u64, path: &str, file: &File) -> Result<Arc<WriteFile>> {
+    fn writer(&self, ino: u64, view: &View, path: &str, file: &File) -> Result<Arc<WriteFile>> {
         if let Some(wf) = self.writes.lock().get(&ino).cloned() {
             return Ok(wf);
         }
@@ -1697,6 +1702,7 @@ impl LakeFs {
         let cache = self.cache.clone();
         let wf = Arc::new(WriteFile::new(
             &self.cfg.spool_dir,
+            view.id,
             path.to_string(),
             file.mode,
             file.mtime,
@@ -2056,6 +2062,7 @@ impl LakeFs {
         ]);
         let wf = Arc::new(WriteFile::new(
             &self.cfg.spool_dir,
+            view.id,
             child.clone(),
             mode & 0o7777,
             now,
@@ -2121,8 +2128,10 @@ impl LakeFs {
 
     pub fn unlink(&self, parent: u64, name: &str) -> Result<()> {
         let (view, path) = self.dir_node(parent)?;
-        let state = self.state(&view)?;
         let child = join(&path, name);
+        let writers = self.writers_at(&view, &[&child]);
+        let _in_order = hold(&writers);
+        let state = self.state(&view)?;
         match self.child(&view, &state, &child)? {
             None => Err(FsError::NotFound),
             Some((_, Some(Entry::Dir(_)))) => Err(FsError::IsADirectory),
@@ -2134,6 +2143,29 @@ impl LakeFs {
                 Ok(())
             }
         }
+    }
+
+    /// Files being written in `view` at these paths or below them, in
+    /// inode order. A rename or unlink holds their `WriteFile::staging`
+    /// (`hold`) from before it looks at the tree until it has staged: a
+    /// close in flight lands first (and the rename or unlink sees it), and
+    /// the next close stages the file where it went, or not at all.
+    fn writers_at(&self, view: &View, paths: &[&str]) -> Vec<(u64, Arc<WriteFile>)> {
+        let at = |p: &str| {
+            paths.iter().any(|path| {
+                p.strip_prefix(path)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+        };
+        let mut found: Vec<(u64, Arc<WriteFile>)> = self
+            .writes
+            .lock()
+            .iter()
+            .filter(|(_, wf)| wf.view == view.id && at(&wf.path.lock()))
+            .map(|(ino, wf)| (*ino, wf.clone()))
+            .collect();
+        found.sort_by_key(|(ino, _)| *ino);
+        found
     }
 
     /// A file being written at `path` was removed or replaced: its pending
@@ -2187,6 +2219,8 @@ impl LakeFs {
         if to.starts_with(&format!("{from}/")) {
             return Err(FsError::Invalid("cannot move a directory into itself"));
         }
+        let writers = self.writers_at(&view, &[&from, &to]);
+        let _in_order = hold(&writers);
         let state = self.state(&view)?;
         let (_, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
         if let Some((dst_ino, dst)) = self.child(&view, &state, &to)? {
@@ -2245,7 +2279,7 @@ impl LakeFs {
                 creating.insert(rebase(&p).expect("filtered"), i);
             }
         }
-        for wf in self.writes.lock().values() {
+        for wf in self.writes.lock().values().filter(|wf| wf.view == view.id) {
             let mut p = wf.path.lock();
             if let Some(n) = rebase(&p) {
                 *p = n;
@@ -2318,7 +2352,7 @@ impl LakeFs {
         let file = self.full_file(&view, &path, file)?;
         if let Some(size) = set.size {
             if size != file.size {
-                let wf = self.writer(ino, &path, &file)?;
+                let wf = self.writer(ino, &view, &path, &file)?;
                 open_ref(&wf);
                 wf.truncate(size)?;
                 let res = self.commit_write(ino, &wf);
@@ -2567,8 +2601,16 @@ mod tests {
 
     /// `setup`, with `adjust` applied to the file system before any view.
     fn setup_with(adjust: impl FnOnce(&mut LakeFs)) -> (tempfile::TempDir, LakeFs, u64) {
-        let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&format!("memory://fs-{}", ulid::Ulid::new())).unwrap();
+        setup_over(store, adjust)
+    }
+
+    /// `setup_with`, on a lake in `store`.
+    fn setup_over(
+        store: Store,
+        adjust: impl FnOnce(&mut LakeFs),
+    ) -> (tempfile::TempDir, LakeFs, u64) {
+        let dir = tempfile::tempdir().unwrap();
         let lake = Arc::new(Lake::init(store.clone()).unwrap().0);
         lake.create_repo("r", "main").unwrap();
         let cache = ChunkCache::open(store, &dir.path().join("cache"), 1 << 30).unwrap();
@@ -3103,5 +3145,99 @@ mod tests {
         let c = fs.lookup(d3, "c.txt").unwrap().ino;
         assert_eq!(read_all(&fs, c), b"x\n");
         assert_eq!(names(&fs, main), ["d1", "d3"]);
+    }
+
+    #[test]
+    fn a_rename_on_one_branch_leaves_a_file_open_on_another_where_it_is() {
+        let (_d, fs, main) = setup();
+        write(&fs, main, "a", b"old");
+        commit(&fs);
+        fs.lake.create_branch("r", "dev", "main").unwrap();
+        let repo = fs.lookup(ROOT_INO, "r").unwrap().ino;
+        let dev = fs.lookup(repo, "dev").unwrap().ino;
+        // "a" open for writing on main while dev renames its own "a".
+        let (_, fh) = fs.create(main, "n", 0o644, false).unwrap();
+        let a = fs.lookup(main, "a").unwrap().ino;
+        let (afh, _) = fs.open(a, true, false).unwrap();
+        fs.write(afh, 0, b"new").unwrap();
+        fs.rename(dev, "a", dev, "b", false).unwrap();
+        fs.flush(afh).unwrap();
+        fs.release(afh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(names(&fs, main), ["a", "n"]);
+        assert_eq!(read_all(&fs, fs.lookup(main, "a").unwrap().ino), b"new");
+        assert_eq!(names(&fs, dev), ["b"]);
+    }
+
+    #[test]
+    fn a_rename_or_unlink_waits_for_a_close_of_the_file_in_flight() {
+        use crate::store::faults::{FaultPlan, FaultyStore};
+        let faults = FaultyStore::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            FaultPlan::default(),
+        );
+        let (_d, fs, main) = setup_over(Store::over(faults.clone(), "memory://slow"), |_| {});
+        // Content new to the store each time (else its chunks are not put).
+        let data = |seed: u32| -> Vec<u8> {
+            (0..100_000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 ^ seed as u8)
+                .collect()
+        };
+        write(&fs, main, "u", b"old");
+        let d = fs.mkdir(main, "d").unwrap().ino;
+        commit(&fs);
+        faults.set_plan(FaultPlan {
+            slow_puts_under: Some(("chunks/".into(), Duration::from_millis(300))),
+            ..FaultPlan::default()
+        });
+        // Close a file written in `dir` (its chunks are slow to store) and,
+        // while that close is in flight, `then`.
+        let close_while =
+            |dir: u64, name: &str, seed: u32, open_existing: bool, then: &dyn Fn()| {
+                let fh = if open_existing {
+                    let ino = fs.lookup(dir, name).unwrap().ino;
+                    fs.open(ino, true, true).unwrap().0
+                } else {
+                    fs.create(dir, name, 0o644, false).unwrap().1
+                };
+                fs.write(fh, 0, &data(seed)).unwrap();
+                let before = faults.counts.slow_puts.load(Ordering::Relaxed);
+                std::thread::scope(|s| {
+                    let closing = s.spawn(|| fs.flush(fh));
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while faults.counts.slow_puts.load(Ordering::Relaxed) == before {
+                        assert!(std::time::Instant::now() < deadline, "no chunk put began");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    then();
+                    closing.join().unwrap().unwrap();
+                });
+                fs.release(fh).unwrap();
+            };
+        // A new file renamed, an existing one unlinked, and a directory
+        // renamed with a new file in it.
+        close_while(main, "p", 1, false, &|| {
+            fs.rename(main, "p", main, "q", false).unwrap()
+        });
+        close_while(main, "u", 2, true, &|| fs.unlink(main, "u").unwrap());
+        close_while(d, "f", 3, false, &|| {
+            fs.rename(main, "d", main, "e", false).unwrap()
+        });
+        assert_eq!(names(&fs, main), ["e", "q"]);
+        let e = fs.lookup(main, "e").unwrap().ino;
+        assert_eq!(names(&fs, e), ["f"]);
+        for (dir, name, seed) in [(main, "q", 1), (e, "f", 3)] {
+            assert_eq!(read_all(&fs, fs.lookup(dir, name).unwrap().ino), data(seed));
+        }
+        let tree = commit(&fs);
+        for gone in ["p", "u", "d", "d/f"] {
+            assert!(at(&fs, &tree, gone).is_none(), "{gone} came back");
+        }
+        for path in ["q", "e/f"] {
+            match at(&fs, &tree, path) {
+                Some(Entry::File(f)) => assert_eq!(f.size, 100_000, "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
+        }
     }
 }

@@ -24,6 +24,8 @@ const MEMORY_SPOOL: u64 = 1 << 20;
 /// once it grows) until a close or fsync chunks them into the store and
 /// stages a `Put`.
 pub struct WriteFile {
+    /// The view (`View::id`) it is written in.
+    pub view: u64,
     /// Where the file is in its view (renames while open move it).
     pub path: Mutex<String>,
     dir: PathBuf,
@@ -43,7 +45,9 @@ pub struct WriteFile {
     /// time, in order. A close can come in the middle of writing — another
     /// process closing a descriptor it inherited, as every exec does with
     /// close-on-exec ones — and the part it stages must never land after a
-    /// later, fuller close's.
+    /// later, fuller close's. A rename or unlink of the file holds it too
+    /// (`LakeFs::hold_writers`), so no close lands at a path the file has
+    /// left.
     pub staging: Mutex<()>,
 }
 
@@ -239,6 +243,7 @@ impl WriteFile {
     /// current content; `initial` returns the size.
     pub fn new(
         dir: &std::path::Path,
+        view: u64,
         path: String,
         mode: u32,
         mtime: i64,
@@ -246,6 +251,7 @@ impl WriteFile {
         dirty: bool,
     ) -> std::io::Result<WriteFile> {
         let wf = WriteFile {
+            view,
             path: Mutex::new(path),
             dir: dir.to_path_buf(),
             spool: RwLock::new(Spool::Memory(Vec::new())),
@@ -594,6 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wf = WriteFile::new(
             dir.path(),
+            0,
             "f".into(),
             0o644,
             0,
@@ -644,7 +651,7 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
-        let wf = WriteFile::new(dir.path(), "f".into(), 0o644, 0, |_| Ok(0), true).unwrap();
+        let wf = WriteFile::new(dir.path(), 0, "f".into(), 0o644, 0, |_| Ok(0), true).unwrap();
         wf.stream_to(store.clone(), params);
         for (i, part) in data.chunks(100_000).enumerate() {
             wf.write(i as u64 * 100_000, part).unwrap();

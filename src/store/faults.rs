@@ -39,6 +39,9 @@ pub struct FaultPlan {
     pub down: bool,
     /// Puts of keys starting with this fail (a persistent, targeted fault).
     pub fail_puts_under: Option<String>,
+    /// Puts of keys starting with this first wait this long (a slow,
+    /// targeted fault: work that puts them stays in flight meanwhile).
+    pub slow_puts_under: Option<(String, Duration)>,
 }
 
 /// Counts of what was injected.
@@ -47,6 +50,8 @@ pub struct FaultCounts {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub lost_acks: AtomicU64,
+    /// Puts that began waiting as `slow_puts_under` says.
+    pub slow_puts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -110,6 +115,12 @@ impl FaultyStore {
             if location.as_ref().starts_with(prefix.as_str()) {
                 self.counts.errors.fetch_add(1, Ordering::Relaxed);
                 return Err(injected("put refused"));
+            }
+        }
+        if let Some((prefix, wait)) = &plan.slow_puts_under {
+            if location.as_ref().starts_with(prefix.as_str()) {
+                self.counts.slow_puts.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(*wait).await;
             }
         }
         let n = self.puts.fetch_add(1, Ordering::Relaxed) + 1;
