@@ -588,6 +588,9 @@ pub struct LakeFs {
     writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
     /// Rename counts per (view, old path): see `generation`.
     moved_away: Mutex<HashMap<(u64, String), u64>>,
+    /// Inodes a rename moved, by (view, where they are now): see
+    /// `moved_here`.
+    moved_to: Mutex<HashMap<(u64, String), Vec<u64>>>,
     /// Each repository's configuration (protected branches, read-only),
     /// re-read once its metadata TTL has passed.
     policies: Mutex<HashMap<String, (Arc<RepoConfig>, Instant)>>,
@@ -690,6 +693,7 @@ impl LakeFs {
             next_handle: AtomicU64::new(1),
             writes: Mutex::new(HashMap::new()),
             moved_away: Mutex::new(HashMap::new()),
+            moved_to: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             applier,
             empty_dir,
@@ -799,8 +803,57 @@ impl LakeFs {
         }
     }
 
+    /// The inode a rename moved to `path`, if it still is there and is
+    /// `entry` (for a file, the same version). A lookup of the new path
+    /// answers with it rather than with the path's own number, so the
+    /// kernel's dentry there stays valid: else, once the entry's TTL has
+    /// passed, the kernel drops a moved directory's dentry for a new one
+    /// (a process inside it loses its path, and the two lookups of one
+    /// rename can see two dentries of one directory).
+    fn moved_here(&self, view: &View, path: &str, entry: &Entry) -> Option<u64> {
+        let inos = {
+            let moved_to = self.moved_to.lock();
+            if moved_to.is_empty() {
+                return None;
+            }
+            moved_to.get(&(view.id, path.to_string()))?.clone()
+        };
+        let nodes = self.nodes.lock();
+        inos.into_iter()
+            .find(|ino| match (nodes.get(ino).map(|n| &**n), entry) {
+                (
+                    Some(Node::File {
+                        view: v,
+                        path: p,
+                        file,
+                    }),
+                    Entry::File(f),
+                ) => v.id == view.id && p == path && same_version(file, f),
+                (Some(Node::Tree { view: v, path: p }), _) => {
+                    v.id == view.id
+                        && p == path
+                        && (view.branch.is_none() || !matches!(entry, Entry::File(_)))
+                }
+                _ => false,
+            })
+    }
+
+    /// The inode number of an entry found at `path` in a view.
+    fn child_ino(&self, view: &View, path: &str, entry: &Entry) -> u64 {
+        if let Some(ino) = self.moved_here(view, path, entry) {
+            return ino;
+        }
+        match entry {
+            Entry::File(f) if view.branch.is_some() => self.file_ino(view, path, f),
+            _ => self.tree_ino(view, path),
+        }
+    }
+
     /// The inode for an entry found at `path` in a view.
     fn entry_node(&self, view: &Arc<View>, path: String, entry: &Entry) -> u64 {
+        if let Some(ino) = self.moved_here(view, &path, entry) {
+            return ino;
+        }
         match entry {
             // A pinned view never changes: its files need no version in the
             // inode, and a path is all the node has to hold (1M looked-up
@@ -1445,15 +1498,12 @@ impl LakeFs {
                     .into_iter()
                     .map(|(name, e)| {
                         let child = join(&path, &name);
-                        let v = match &e {
-                            Entry::Dir(_) => (Kind::Dir, self.tree_ino(&view, &child)),
-                            Entry::File(f) if view.branch.is_some() => {
-                                (Kind::File, self.file_ino(&view, &child, f))
-                            }
-                            Entry::File(_) => (Kind::File, self.tree_ino(&view, &child)),
-                            Entry::Symlink(_) => (Kind::Symlink, self.tree_ino(&view, &child)),
+                        let kind = match &e {
+                            Entry::Dir(_) => Kind::Dir,
+                            Entry::File(_) => Kind::File,
+                            Entry::Symlink(_) => Kind::Symlink,
                         };
-                        (name, v)
+                        (name, (kind, self.child_ino(&view, &child, &e)))
                     })
                     .collect();
                 for (p, ino) in state.creating.iter() {
@@ -2135,8 +2185,8 @@ impl LakeFs {
         match self.child(&view, &state, &child)? {
             None => Err(FsError::NotFound),
             Some((_, Some(Entry::Dir(_)))) => Err(FsError::IsADirectory),
-            Some((ino, entry)) => {
-                self.forget_writer_at(&view, &child, ino);
+            Some((_, entry)) => {
+                self.forget_writers_at(&view, &child, &writers);
                 if entry.is_some() {
                     self.stage(&view, vec![Op::Delete { path: child }])?;
                 }
@@ -2168,12 +2218,16 @@ impl LakeFs {
         found
     }
 
-    /// A file being written at `path` was removed or replaced: its pending
-    /// content must not be staged there any more.
-    fn forget_writer_at(&self, view: &View, path: &str, ino: u64) {
+    /// The file at `path` was removed or replaced: what is being written
+    /// there (`writers`, from `writers_at`) must not be staged any more. By
+    /// path, not inode: the kernel may know the file by the inode it was
+    /// created or looked up as, the tree by another.
+    fn forget_writers_at(&self, view: &View, path: &str, writers: &[(u64, Arc<WriteFile>)]) {
         Arc::make_mut(&mut view.state.lock().creating).remove(path);
-        if let Some(wf) = self.writes.lock().get(&ino) {
-            wf.meta.lock().unlinked = true;
+        for (_, wf) in writers {
+            if *wf.path.lock() == path {
+                wf.meta.lock().unlinked = true;
+            }
         }
     }
 
@@ -2223,7 +2277,7 @@ impl LakeFs {
         let _in_order = hold(&writers);
         let state = self.state(&view)?;
         let (_, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
-        if let Some((dst_ino, dst)) = self.child(&view, &state, &to)? {
+        if let Some((_, dst)) = self.child(&view, &state, &to)? {
             if no_replace {
                 return Err(FsError::Exists);
             }
@@ -2236,7 +2290,7 @@ impl LakeFs {
                 (_, Some(Entry::Dir(_))) => return Err(FsError::IsADirectory),
                 _ => {}
             }
-            self.forget_writer_at(&view, &to, dst_ino);
+            self.forget_writers_at(&view, &to, &writers);
         }
         let mut ops = Vec::new();
         if src.is_some() {
@@ -2287,13 +2341,22 @@ impl LakeFs {
         }
         let mut nodes = self.nodes.lock();
         let mut moved_away = self.moved_away.lock();
-        for node in nodes.values_mut() {
+        let mut moved_to = self.moved_to.lock();
+        for (ino, node) in nodes.iter_mut() {
             match &mut **node {
                 Node::Tree { view: v, path } | Node::File { view: v, path, .. }
                     if v.id == view.id =>
                 {
                     if let Some(n) = rebase(path) {
-                        *moved_away.entry((view.id, path.clone())).or_default() += 1;
+                        let old = (view.id, std::mem::take(path));
+                        if let Some(here) = moved_to.get_mut(&old) {
+                            here.retain(|i| i != ino);
+                            if here.is_empty() {
+                                moved_to.remove(&old);
+                            }
+                        }
+                        *moved_away.entry(old).or_default() += 1;
+                        moved_to.entry((view.id, n.clone())).or_default().push(*ino);
                         *path = n;
                     }
                 }
@@ -3239,5 +3302,49 @@ mod tests {
                 other => panic!("{path}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_file_unlinked_while_open_stays_gone_whatever_is_written_after() {
+        let (_d, fs, main) = setup();
+        let d1 = fs.mkdir(main, "d1").unwrap().ino;
+        let b = write(&fs, d1, "b", &[b'x'; 100]);
+        let (fh, _) = fs.open(b, true, false).unwrap();
+        fs.unlink(d1, "b").unwrap();
+        fs.write(fh, 0, &[b'y'; 100]).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert!(names(&fs, d1).is_empty());
+        assert!(at(&fs, &commit(&fs), "d1/b").is_none());
+    }
+
+    #[test]
+    fn what_a_rename_moved_keeps_its_inode_at_the_new_path() {
+        let (_d, fs, main) = setup();
+        let b = fs.mkdir(main, "b").unwrap().ino;
+        let f = write(&fs, b, "f", b"data");
+        let sub = fs.mkdir(b, "sub").unwrap().ino;
+        fs.rename(main, "b", main, "d1", false).unwrap();
+        // Looked up again (the kernel does once an entry's TTL passes):
+        // the same inodes, so the kernel's dentries stay valid.
+        let d1 = fs.lookup(main, "d1").unwrap().ino;
+        assert_eq!(d1, b);
+        assert_eq!(fs.lookup(d1, "f").unwrap().ino, f);
+        assert_eq!(fs.lookup(d1, "sub").unwrap().ino, sub);
+        // And in a listing.
+        let fh = fs.opendir(main).unwrap();
+        let mut listed = Vec::new();
+        fs.readdir(fh, 0, |ino, _, _, n| {
+            listed.push((n.to_string(), ino));
+            false
+        })
+        .unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(listed, [("d1".to_string(), b)]);
+        // A new version of a moved file is a new inode, as anywhere.
+        put_elsewhere(&fs, "d1/f", 7);
+        assert_ne!(fs.lookup(d1, "f").unwrap().ino, f);
+        // What is made at the old path is new.
+        assert_ne!(fs.mkdir(main, "b").unwrap().ino, b);
     }
 }
