@@ -471,11 +471,13 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
     let offset = rng.pick(8000) as u64;
     let len = rng.pick(9000) as u64;
     let mode = [0o644, 0o600, 0o755][rng.pick(3)];
-    let kind = rng.pick(14);
+    let kind = rng.pick(17);
     let mut results = Vec::new();
     for root in roots {
         let p = root.join(&rel);
         let q = root.join(&other);
+        // What an op read, as a digest (0: it reads nothing).
+        let mut read = 0u64;
         let r: std::io::Result<()> = match kind {
             0 | 1 => std::fs::write(&p, &data),
             2 => std::fs::OpenOptions::new()
@@ -499,6 +501,57 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
             8 => std::fs::rename(&p, &q),
             9 => std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)),
             10 => std::os::unix::fs::symlink(&other, &p),
+            // Two handles on one file, writing in turn and closed in turn.
+            14 => {
+                let open = || {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&p)
+                };
+                open().and_then(|mut f1| {
+                    let mut f2 = open()?;
+                    let cut = data.len() / 2;
+                    f1.write_all(&data[..cut])?;
+                    f2.seek(SeekFrom::Start(offset / 4))?;
+                    f2.write_all(&data[cut..])?;
+                    drop(f1);
+                    f2.write_all(b"tail")
+                })
+            }
+            // A file open for reading keeps what it had when opened while
+            // the path is unlinked or replaced.
+            15 => std::fs::File::open(&p).and_then(|mut f| {
+                if len.is_multiple_of(2) {
+                    std::fs::remove_file(&p)?;
+                } else {
+                    // Replaced whole (a write in place shows a reader on
+                    // the mount the old version or the new, where a local
+                    // file shows the new one).
+                    let new = root.join(format!("{rel}.new"));
+                    std::fs::write(&new, &data)?;
+                    std::fs::rename(&new, &p)?;
+                }
+                let mut got = Vec::new();
+                f.read_to_end(&mut got)?;
+                read = got
+                    .iter()
+                    .fold(got.len() as u64, |h, &b| h.wrapping_mul(31) ^ b as u64);
+                Ok(())
+            }),
+            // fsync in the middle of writing.
+            16 => std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .and_then(|mut f| {
+                    f.write_all(&data[..data.len().min(1000)])?;
+                    f.sync_all()?;
+                    f.write_all(&data[data.len().min(1000)..])?;
+                    f.sync_data()
+                }),
             // A file held open while it (or its directory) is renamed or
             // unlinked: the writes after follow the open file, not the path.
             _ => {
@@ -523,7 +576,7 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
                     })
             }
         };
-        results.push(r.map_err(|e| e.raw_os_error()));
+        results.push(r.map(|()| read).map_err(|e| e.raw_os_error()));
     }
     log.push(format!("op {kind} {rel} {other} -> {:?}", results));
     assert_eq!(
@@ -607,10 +660,10 @@ fn random_file_operations_match_a_plain_directory() {
         let branch = m.p("sales/dev");
         let succeeded = log
             .iter()
-            .filter(|l| l.ends_with("[Ok(()), Ok(())]"))
+            .filter(|l| l.contains("-> [Ok(") && !l.contains("Err("))
             .count();
         assert!(
-            succeeded >= 20,
+            succeeded >= 15,
             "only {succeeded} ops succeeded: the test would prove little"
         );
         assert_eq!(
