@@ -587,7 +587,25 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
     );
 }
 
-fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
+/// The seeds of the random-operation tests: `default`, or TARN_FS_SEEDS
+/// (e.g. 1,2,3) to replay a failure or widen the search.
+fn fs_seeds(default: &[u64]) -> Vec<u64> {
+    match std::env::var("TARN_FS_SEEDS") {
+        Ok(v) => v
+            .split(',')
+            .map(|x| x.trim().parse().expect("seed"))
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
+}
+
+/// Seeds take turns on these: the io_uring queues where the kernel offers
+/// them, /dev/fuse alone, and the write-back journal.
+const TRANSPORTS: [&[&str]; 3] = [&[], &["--no-io-uring"], &["--writeback"]];
+
+/// Each path under `root` with its mode and its content's length and
+/// hash (short enough to read in a failure's message).
+fn snapshot(root: &Path) -> Vec<(String, usize, String, u32)> {
     let mut out = Vec::new();
     for (p, data) in tree_files(root) {
         let full = root.join(p.trim_end_matches('/'));
@@ -597,7 +615,8 @@ fn snapshot(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
         } else {
             0
         };
-        out.push((p, data, mode));
+        let hash = blake3::hash(&data).to_hex()[..12].to_string();
+        out.push((p, data.len(), hash, mode));
     }
     out
 }
@@ -607,25 +626,12 @@ fn random_file_operations_match_a_plain_directory() {
     if !fuse_available() {
         return;
     }
-    // TARN_FS_SEEDS=1,2,3 replays or widens the search.
-    let seeds: Vec<u64> = match std::env::var("TARN_FS_SEEDS") {
-        Ok(v) => v
-            .split(',')
-            .map(|x| x.trim().parse().expect("seed"))
-            .collect(),
-        Err(_) => vec![7, 1234, 33, 99_999],
-    };
+    let seeds = fs_seeds(&[7, 1234, 33, 99_999]);
     // TARN_FS_CHECK_EACH=1 compares the trees after every op (to find
     // the first that goes wrong).
     let each = std::env::var("TARN_FS_CHECK_EACH").is_ok();
     for (n, seed) in seeds.into_iter().enumerate() {
-        // Seeds take turns: the io_uring queues where the kernel offers
-        // them, /dev/fuse alone, and the write-back journal.
-        let transport: &[&str] = match n % 3 {
-            0 => &[],
-            1 => &["--no-io-uring"],
-            _ => &["--writeback"],
-        };
+        let transport = TRANSPORTS[n % 3];
         let s = branch_setup();
         let model = s.path("model");
         std::fs::create_dir_all(&model).unwrap();
@@ -690,6 +696,90 @@ fn random_file_operations_match_a_plain_directory() {
             "committed tree; ops:\n{}",
             log.join("\n")
         );
+    }
+}
+
+/// Writers at once, each making random changes in a directory of its own
+/// while commits come through the control file: each directory must end
+/// as its own plain-directory model did, and the commit must hold it.
+#[test]
+fn concurrent_random_operations_each_match_their_own_plain_directory() {
+    if !fuse_available() {
+        return;
+    }
+    const WRITERS: usize = 3;
+    let each = std::env::var("TARN_FS_CHECK_EACH").is_ok();
+    for (n, seed) in fs_seeds(&[1, 96, 5, 124]).into_iter().enumerate() {
+        let transport = TRANSPORTS[(n + 2) % 3];
+        let s = branch_setup();
+        let m = Mount::new(&s, "mnt", transport);
+        let branch = m.p("sales/dev");
+        let roots: Vec<(std::path::PathBuf, std::path::PathBuf)> = (0..WRITERS)
+            .map(|w| {
+                let model = s.path(&format!("model{w}"));
+                let mine = branch.join(format!("w{w}"));
+                for root in [&model, &mine] {
+                    std::fs::create_dir_all(root.join("d1/d2")).unwrap();
+                    std::fs::create_dir_all(root.join("d3")).unwrap();
+                }
+                (model, mine)
+            })
+            .collect();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let logs: Vec<Vec<String>> = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let mut n = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = ctl(&branch, &format!("commit -m during{n}"));
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+            });
+            let writers: Vec<_> = roots
+                .iter()
+                .enumerate()
+                .map(|(w, (model, mine))| {
+                    sc.spawn(move || {
+                        let mut rng = Rng(seed * 1000 + w as u64 + 1);
+                        let mut log = vec![format!("seed {seed} writer {w} {transport:?}")];
+                        for _ in 0..300 {
+                            random_op(&mut rng, [model, mine], &mut log);
+                            if each {
+                                let (a, b) = (snapshot(model), snapshot(mine));
+                                assert_eq!(a, b, "ops:\n{}", log.join("\n"));
+                            }
+                        }
+                        log
+                    })
+                })
+                .collect();
+            let ended: Vec<_> = writers.into_iter().map(|h| h.join()).collect();
+            // Before a writer's failure goes on: the committer must stop.
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            ended
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        for ((model, mine), log) in roots.iter().zip(&logs) {
+            assert_eq!(snapshot(model), snapshot(mine), "ops:\n{}", log.join("\n"));
+        }
+        // Nothing left to commit (ENODATA) is fine: the last commit during
+        // took it all.
+        if let Err(e) = ctl(&branch, "commit -m final") {
+            assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "{e}");
+        }
+        drop(m);
+        let out = s.path("out");
+        s.ok(&["get", "sales/dev", out.to_str().unwrap()]);
+        for (w, ((model, _), log)) in roots.iter().zip(&logs).enumerate() {
+            assert_eq!(
+                snapshot(model),
+                snapshot(&out.join(format!("w{w}"))),
+                "committed; ops:\n{}",
+                log.join("\n")
+            );
+        }
     }
 }
 

@@ -290,6 +290,10 @@ pub struct View {
     state: Mutex<ViewState>,
     refreshing: Mutex<()>,
     stager: StageQueue,
+    /// Held (shared) by each stage from its write to the lake or the
+    /// journal until it is applied here; a reload holds it alone (see
+    /// `LakeFs::reload`).
+    gate: parking_lot::RwLock<()>,
     last_result: Mutex<String>,
     /// Staged batches the view's root already reflects (kept out of
     /// `ViewState`, which is cloned on every operation).
@@ -925,6 +929,7 @@ impl LakeFs {
             branch: resolved.branch,
             state: Mutex::new(state),
             refreshing: Mutex::new(()),
+            gate: parking_lot::RwLock::new(()),
             stager: StageQueue::default(),
             last_result: Mutex::new(String::new()),
             latest_seen: Mutex::new(seen.iter().max().cloned()),
@@ -1054,7 +1059,20 @@ impl LakeFs {
 
     /// Replace a branch view's state with the branch as the store has it,
     /// keeping what is open and pending here.
+    ///
+    /// Every change applied here must be in what is read: no stage may be
+    /// between its write and its apply meanwhile (`View::gate`), and with
+    /// the write-back journal, what it holds is uploaded first. Else a
+    /// change applied here but not read (a rename, a delete, a new
+    /// directory or symlink) would be missing from the view until a
+    /// refresh brought it back, and what was done meanwhile on the view
+    /// as it then was (an rmdir of a directory that looked empty) would
+    /// stay done.
     fn reload(&self, view: &View, branch: &str) -> Result<ViewState> {
+        let _alone = view.gate.write();
+        if let Some(journal) = &self.cfg.writeback {
+            journal.wait_drained(JOURNAL_WAIT).map_err(FsError::Stage)?;
+        }
         let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
         let mut st = view.state.lock();
         fresh.creating = std::mem::take(&mut st.creating);
@@ -1151,6 +1169,7 @@ impl LakeFs {
             return view
                 .stager
                 .submit(ops, |batch| {
+                    let _staging = view.gate.read();
                     let latest = view.latest_seen.lock().clone();
                     let id = Lake::new_batch_id(latest.as_deref());
                     let entry = JournalEntry {
@@ -1167,6 +1186,7 @@ impl LakeFs {
         }
         view.stager
             .submit(ops, |batch| {
+                let _staging = view.gate.read();
                 let hint = StageHint {
                     token: match &view.state.lock().branch_ref {
                         Some(r) => r.staging.clone(),
@@ -1627,10 +1647,18 @@ impl LakeFs {
     fn open_handle(&self, ino: u64, write: bool, truncate: bool) -> Result<(u64, PageCache)> {
         match self.node(ino)? {
             Node::File { view, path, file } => {
-                let file = self.full_file(&view, &path, file)?;
+                // Being written: the spool is the file (a file still being
+                // created is not in the view's tree yet).
+                let writing = self.writes.lock().get(&ino).cloned();
                 if write || truncate {
                     self.check_writable(&view)?;
-                    let wf = self.writer(ino, &view, &path, &file)?;
+                    let wf = match writing {
+                        Some(wf) => wf,
+                        None => {
+                            let file = self.full_file(&view, &path, file)?;
+                            self.writer(ino, &view, &path, &file)?
+                        }
+                    };
                     if truncate {
                         wf.truncate(0)?;
                     }
@@ -1639,17 +1667,14 @@ impl LakeFs {
                     wf.writers.lock().insert(fh);
                     return Ok((fh, PageCache::Bypass));
                 }
-                let live = self
-                    .writes
-                    .lock()
-                    .get(&ino)
-                    .cloned()
-                    .filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty);
+                let live =
+                    writing.filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty);
                 if let Some(wf) = live {
                     // Reading a file someone is writing: see the spool.
                     open_ref(&wf);
                     return Ok((self.add_handle(Handle::Write(wf, ino)), PageCache::Bypass));
                 }
+                let file = self.full_file(&view, &path, file)?;
                 // (Written and closed, maybe not yet released: the node is
                 // the version its close staged.)
                 let cache = if self.stale_pages.lock().remove(&ino) {
@@ -1701,18 +1726,17 @@ impl LakeFs {
         }
     }
 
-    /// An inode's file with its content: a `light` one's from the view,
-    /// if the view still has that version at `path` (else `Stale`, and the
-    /// kernel looks the path up again).
+    /// An inode's file as the view has it at `path`, if that is still the
+    /// inode's version: its content (a `light` node holds a hash only), and
+    /// its mode and mtime, which follow the branch as in `getattr` (another
+    /// inode of this version may have had a chmod). Else `Stale`, and the
+    /// kernel looks the path up again: an open through an inode of an
+    /// older version (a dentry the kernel looked up before a close through
+    /// another inode wrote the file anew) must not read that version, nor
+    /// start a write from it.
     fn full_file(&self, view: &View, path: &str, file: File) -> Result<File> {
-        if light_hash(&file).is_none() {
-            return Ok(file);
-        }
         match self.state_with_pending(view)?.entry_at(path)? {
-            Some(Entry::File(f)) if same_version(&file, &f) => Ok(File {
-                content: f.content,
-                ..file
-            }),
+            Some(Entry::File(f)) if same_version(&file, &f) => Ok(f),
             _ => Err(FsError::Stale),
         }
     }
@@ -3346,5 +3370,52 @@ mod tests {
         assert_ne!(fs.lookup(d1, "f").unwrap().ino, f);
         // What is made at the old path is new.
         assert_ne!(fs.mkdir(main, "b").unwrap().ino, b);
+    }
+
+    #[test]
+    fn an_inode_of_an_older_version_is_stale_for_opens() {
+        let (_d, fs, main) = setup();
+        // Chunked, not inline: big enough that nodes keep their content.
+        let v1: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let v2: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
+        let a = write(&fs, main, "f", &v1);
+        // Open for writing through the inode it was created as; meanwhile
+        // a lookup (another process, a TTL) names it by its version.
+        let (fh, _) = fs.open(a, true, false).unwrap();
+        let b = fs.lookup(main, "f").unwrap().ino;
+        assert_ne!(a, b);
+        fs.write(fh, 0, &v2).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        // `b` is v1's inode: neither a write nor a read may start from v1.
+        for write in [true, false] {
+            let err = fs.open(b, write, false).unwrap_err();
+            assert_eq!(err.errno(), libc::ESTALE, "write: {write}");
+        }
+        // The kernel looks the path up again and finds v2.
+        let c = fs.lookup(main, "f").unwrap().ino;
+        assert_eq!(read_all(&fs, c), v2);
+        assert_eq!(fs.getattr(c).unwrap().size, v2.len() as u64);
+    }
+
+    #[test]
+    fn a_chmod_through_one_inode_holds_for_a_write_through_another() {
+        let (_d, fs, main) = setup();
+        let a = write(&fs, main, "g", b"small and inline");
+        let b = fs.lookup(main, "g").unwrap().ino;
+        assert_ne!(a, b, "two inodes of one version");
+        let set = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        fs.setattr(a, None, set).unwrap();
+        let (fh, _) = fs.open(b, true, false).unwrap();
+        fs.write(fh, 0, b"S").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        match at(&fs, &commit(&fs), "g") {
+            Some(Entry::File(f)) => assert_eq!(f.mode, 0o600),
+            other => panic!("{other:?}"),
+        }
     }
 }
