@@ -700,8 +700,11 @@ fn random_file_operations_match_a_plain_directory() {
 }
 
 /// Writers at once, each making random changes in a directory of its own
-/// while commits come through the control file: each directory must end
-/// as its own plain-directory model did, and the commit must hold it.
+/// while commits come through the control file (and, with TARN_FS_CLI, the
+/// CLI puts, removes and commits files in a directory of its own): each
+/// directory must end as its own plain-directory model did (the mount
+/// showing what the CLI did once its metadata TTL has passed), and the
+/// commit must hold it.
 #[test]
 fn concurrent_random_operations_each_match_their_own_plain_directory() {
     if !fuse_available() {
@@ -709,6 +712,11 @@ fn concurrent_random_operations_each_match_their_own_plain_directory() {
     }
     const WRITERS: usize = 3;
     let each = std::env::var("TARN_FS_CHECK_EACH").is_ok();
+    // TARN_FS_CLI=1: the CLI puts, removes and commits meanwhile too. Off
+    // by default for now: with the CLI's commits racing the mount's stages
+    // and its control-file commits, about one run in eight still ends with
+    // a view or a commit that lost a change (see the issue notes).
+    let cli = std::env::var("TARN_FS_CLI").is_ok();
     for (n, seed) in fs_seeds(&[1, 96, 5, 124]).into_iter().enumerate() {
         let transport = TRANSPORTS[(n + 2) % 3];
         let s = branch_setup();
@@ -725,14 +733,38 @@ fn concurrent_random_operations_each_match_their_own_plain_directory() {
                 (model, mine)
             })
             .collect();
+        let cli_model = s.path("model-cli");
+        std::fs::create_dir_all(&cli_model).unwrap();
         let done = std::sync::atomic::AtomicBool::new(false);
         let logs: Vec<Vec<String>> = std::thread::scope(|sc| {
             sc.spawn(|| {
-                let mut n = 0;
+                let mut k = 0u64;
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = ctl(&branch, &format!("commit -m during{n}"));
-                    n += 1;
-                    std::thread::sleep(Duration::from_millis(30));
+                    let name = format!("f{}", k % 5);
+                    let at = format!("sales/dev/cli/{name}");
+                    match k % 4 {
+                        0 => {
+                            let _ = ctl(&branch, &format!("commit -m during{k}"));
+                        }
+                        // The CLI's part, on request only: see `cli` above.
+                        _ if !cli => {}
+                        1 => {
+                            let data = pseudo_random(((k * 2741) % 9000) as usize, seed + k);
+                            let src = s.write("cli-src", &data);
+                            s.ok(&["put", src.to_str().unwrap(), &at]);
+                            std::fs::write(cli_model.join(&name), &data).unwrap();
+                        }
+                        2 if cli_model.join(&name).exists() => {
+                            s.ok(&["rm", &at]);
+                            std::fs::remove_file(cli_model.join(&name)).unwrap();
+                        }
+                        _ => {
+                            // Nothing to commit is fine.
+                            let _ = s.run(&["commit", "sales/dev", "-m", &format!("cli{k}")]);
+                        }
+                    }
+                    k += 1;
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             });
             let writers: Vec<_> = roots
@@ -764,6 +796,21 @@ fn concurrent_random_operations_each_match_their_own_plain_directory() {
         for ((model, mine), log) in roots.iter().zip(&logs) {
             assert_eq!(snapshot(model), snapshot(mine), "ops:\n{}", log.join("\n"));
         }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // (A directory the CLI emptied may stay or go.)
+        let cli_snapshot = |dir: &Path| match dir.exists() {
+            true => snapshot(dir),
+            false => Vec::new(),
+        };
+        while snapshot(&cli_model) != cli_snapshot(&branch.join("cli")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mount does not show what the CLI did: {:?} != {:?}",
+                snapshot(&cli_model),
+                cli_snapshot(&branch.join("cli"))
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Nothing left to commit (ENODATA) is fine: the last commit during
         // took it all.
         if let Err(e) = ctl(&branch, "commit -m final") {
@@ -780,6 +827,11 @@ fn concurrent_random_operations_each_match_their_own_plain_directory() {
                 log.join("\n")
             );
         }
+        assert_eq!(
+            snapshot(&cli_model),
+            cli_snapshot(&out.join("cli")),
+            "committed"
+        );
     }
 }
 
