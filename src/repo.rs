@@ -2369,4 +2369,101 @@ mod tests {
         l.set_read_only("r", false).unwrap();
         l.create_tag("r", "x", "main").unwrap();
     }
+
+    /// Stagers and committers at once (the mount's closes, its control-file
+    /// commits and the CLI's): each stager's own files must end in the
+    /// last commit exactly as its own model of them says.
+    #[test]
+    fn concurrent_stages_and_commits_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().join("lake").display());
+        let l = Arc::new(Lake::init(Store::open(&url).unwrap()).unwrap().0);
+        l.create_repo("r", "main").unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let commits = std::sync::atomic::AtomicUsize::new(0);
+        let models: Vec<BTreeMap<String, Vec<u8>>> = std::thread::scope(|sc| {
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        match l.commit_branch("r", "main", &CommitOptions::default()) {
+                            Ok(_) => {
+                                commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(RepoError::NothingToCommit { .. })
+                            | Err(RepoError::Concurrent(_)) => {}
+                            Err(e) => panic!("commit: {e}"),
+                        }
+                    }
+                });
+            }
+            let stagers: Vec<_> = (0..3u64)
+                .map(|w| {
+                    let l = l.clone();
+                    sc.spawn(move || {
+                        let mut model = BTreeMap::new();
+                        let mut x = w * 7919 + 1;
+                        for k in 0..300u64 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let a = format!("w{w}/f{}", x % 7);
+                            let b = format!("w{w}/f{}", (x >> 8) % 7);
+                            let op = match x % 3 {
+                                0 if model.contains_key(&a) => {
+                                    model.remove(&a);
+                                    Op::Delete { path: a }
+                                }
+                                1 if model.contains_key(&a) && !model.contains_key(&b) => {
+                                    let v = model.remove(&a).unwrap();
+                                    model.insert(b.clone(), v);
+                                    Op::Move { from: a, to: b }
+                                }
+                                _ => {
+                                    let data = format!("{w}-{k}").into_bytes();
+                                    model.insert(a.clone(), data.clone());
+                                    Op::Put {
+                                        path: a,
+                                        entry: Entry::File(File {
+                                            size: data.len() as u64,
+                                            mode: 0o644,
+                                            mtime: 0,
+                                            content: Content::Inline(data.into()),
+                                        }),
+                                    }
+                                }
+                            };
+                            l.stage("r", "main", vec![op]).unwrap();
+                        }
+                        model
+                    })
+                })
+                .collect();
+            let models = stagers.into_iter().map(|h| h.join().unwrap()).collect();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            models
+        });
+        let _ = l.commit_branch("r", "main", &CommitOptions::default());
+        let (r, _) = l.branch("r", "main").unwrap();
+        assert!(l.staged_ops("r", "main").unwrap().is_empty());
+        let tree = l
+            .commit("r", &l.parse_id("r", &r.commit).unwrap())
+            .unwrap()
+            .tree;
+        let mut files = Vec::new();
+        l.trees().walk(&tree, "", &mut files).unwrap();
+        let got: BTreeMap<String, Vec<u8>> = files
+            .into_iter()
+            .filter_map(|(p, e)| match e {
+                Entry::File(f) => match f.content {
+                    Content::Inline(b) => Some((p, b.to_vec())),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let want: BTreeMap<String, Vec<u8>> = models.into_iter().flatten().collect();
+        assert_eq!(got, want);
+        let commits = commits.into_inner();
+        assert!(commits >= 10, "only {commits} commits raced the stages");
+    }
 }
