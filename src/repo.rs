@@ -1203,10 +1203,16 @@ impl Lake {
         tokens.push(r.staging.clone());
         let head = self.parse_id(repo, &r.commit)?;
         let mut ops = Vec::new();
-        self.each_pending_batch(repo, &head, &tokens, |_, b| {
-            ops.extend(b.ops);
-            Ok(())
-        })?;
+        self.each_pending_batch(
+            repo,
+            &head,
+            &tokens,
+            |_| {},
+            |_, b| {
+                ops.extend(b.ops);
+                Ok(())
+            },
+        )?;
         Ok(ops)
     }
 
@@ -1222,6 +1228,7 @@ impl Lake {
         repo: &str,
         head: &Hash,
         tokens: &[String],
+        mut already: impl FnMut(&str),
         mut f: impl FnMut(&str, StagingBatch) -> Result<()>,
     ) -> Result<()> {
         // Each id, and the tokens listing it, in token order.
@@ -1255,6 +1262,7 @@ impl Lake {
             let Some((t, b)) = found else { return Ok(()) };
             prior.extend(b.prior.iter().cloned());
             if applied.any(self, repo, &prior, &b.id)? {
+                already(&b.id);
                 return Ok(());
             }
             f(t, b)
@@ -1264,7 +1272,9 @@ impl Lake {
     /// `base` with the staged batches under `tokens` that `head` still
     /// needs applied, built in `trees` batch by batch (the ops of 300k
     /// staged small files carry 1.2 GB; a handle that spills holds about
-    /// `COMMIT_HOLD` of them). `seen` is shown each batch first.
+    /// `COMMIT_HOLD` of them). `seen` is shown each batch first; the ids of
+    /// batches a commit already applied (copies put again under a newer
+    /// token, skipped) come back with the tree.
     fn apply_staged(
         &self,
         repo: &str,
@@ -1273,16 +1283,18 @@ impl Lake {
         base: &Hash,
         trees: &Trees,
         mut seen: impl FnMut(&str, &StagingBatch),
-    ) -> Result<Hash> {
+    ) -> Result<(Hash, Vec<String>)> {
         let mut applying = trees.applying(base, self.commit_hold);
-        self.each_pending_batch(repo, head, tokens, |t, b| {
+        let mut already = Vec::new();
+        let skip = |id: &str| already.push(id.to_string());
+        self.each_pending_batch(repo, head, tokens, skip, |t, b| {
             seen(t, &b);
             for op in b.ops {
                 applying.op(op)?;
             }
             Ok(())
         })?;
-        Ok(applying.finish()?)
+        Ok((applying.finish()?, already))
     }
 
     /// The tree a branch shows: its head tree with staged ops applied.
@@ -1292,17 +1304,22 @@ impl Lake {
     }
 
     /// A branch's ref, head, and working tree (built in `trees`), with the
-    /// ids of the batches applied to it.
+    /// ids of the batches it reflects (applied to it, or by its head).
     pub fn working_state(&self, repo: &str, branch: &str, trees: &Trees) -> Result<WorkingState> {
         let (r, _) = self.branch(repo, branch)?;
         let head = self.parse_id(repo, &r.commit)?;
         let commit = self.commit(repo, &head)?;
         let mut tokens = r.sealed.clone();
         tokens.push(r.staging.clone());
+        // Applied now, or by a commit already (a copy put again under a
+        // newer token): a view takes them all as seen, or it would apply
+        // such a copy again when a refresh lists it.
         let mut batches = HashSet::new();
-        let root = self.apply_staged(repo, &head, &tokens, &commit.tree, trees, |_, b| {
-            batches.insert(b.id.clone());
-        })?;
+        let (root, already) =
+            self.apply_staged(repo, &head, &tokens, &commit.tree, trees, |_, b| {
+                batches.insert(b.id.clone());
+            })?;
+        batches.extend(already);
         Ok(WorkingState {
             branch_ref: r,
             head,
@@ -1449,13 +1466,14 @@ impl Lake {
         let mut consumed: BTreeMap<String, Vec<String>> =
             sealed.iter().map(|t| (t.clone(), vec![])).collect();
         let mut lineage = BTreeMap::new();
-        let tree = self.apply_staged(repo, &head, &sealed, &head_commit.tree, &trees, |t, b| {
-            consumed
-                .entry(t.to_string())
-                .or_default()
-                .push(b.id.clone());
-            lineage.extend(import::lineage(b.ops.iter()));
-        })?;
+        let (tree, _) =
+            self.apply_staged(repo, &head, &sealed, &head_commit.tree, &trees, |t, b| {
+                consumed
+                    .entry(t.to_string())
+                    .or_default()
+                    .push(b.id.clone());
+                lineage.extend(import::lineage(b.ops.iter()));
+            })?;
         let unchanged = tree == head_commit.tree;
         let new_head = if unchanged && !opts.allow_empty {
             None
@@ -2465,5 +2483,37 @@ mod tests {
         assert_eq!(got, want);
         let commits = commits.into_inner();
         assert!(commits >= 10, "only {commits} commits raced the stages");
+    }
+
+    /// A writer that had not seen a commit stages a batch the commit took
+    /// again (a retry): it lands under the new token, naming the old one
+    /// as prior. The working state skips it and counts it as seen, so a
+    /// view that lists the new token does not apply it a second time.
+    #[test]
+    fn a_committed_batch_staged_again_counts_as_seen_not_applied() {
+        let l = lake();
+        l.create_repo("r", "main").unwrap();
+        let (before, _) = l.branch("r", "main").unwrap();
+        let op = Op::Move {
+            from: "a".into(),
+            to: "b".into(),
+        };
+        put(&l, "r", "main", "a", b"x");
+        let hint = StageHint {
+            token: before.staging.clone(),
+            seen: None,
+            id: None,
+        };
+        let id = l.stage_known("r", "main", vec![op.clone()], &hint).unwrap();
+        l.commit_branch("r", "main", &CommitOptions::default())
+            .unwrap();
+        let again = StageHint {
+            id: Some(id.clone()),
+            ..hint
+        };
+        assert_eq!(l.stage_known("r", "main", vec![op], &again).unwrap(), id);
+        let w = l.working_state("r", "main", l.trees()).unwrap();
+        assert!(w.batches.contains(&id), "{:?}", w.batches);
+        assert_eq!(w.root, w.base, "not applied again");
     }
 }

@@ -1009,6 +1009,11 @@ impl LakeFs {
         }
         let ids = self.lake.batch_ids(&view.repo, &r.staging)?;
         let new: Vec<String> = {
+            // This view's own batches in the listing are in `seen` once
+            // their stages are done: wait for those in flight, or one
+            // would be applied twice (a rename twice moves what came next
+            // to its old path).
+            let _settled = view.gate.write();
             let seen = view.seen.lock();
             ids.into_iter().filter(|id| !seen.contains(id)).collect()
         };
