@@ -444,6 +444,15 @@ impl Rng {
     }
 }
 
+/// Open for writing, creating it if missing, keeping what is there.
+fn open_to_write(p: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+}
+
 /// Apply one random operation to both roots; the outcome (success or the
 /// errno) must match too.
 fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
@@ -502,24 +511,15 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
             9 => std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)),
             10 => std::os::unix::fs::symlink(&other, &p),
             // Two handles on one file, writing in turn and closed in turn.
-            14 => {
-                let open = || {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&p)
-                };
-                open().and_then(|mut f1| {
-                    let mut f2 = open()?;
-                    let cut = data.len() / 2;
-                    f1.write_all(&data[..cut])?;
-                    f2.seek(SeekFrom::Start(offset / 4))?;
-                    f2.write_all(&data[cut..])?;
-                    drop(f1);
-                    f2.write_all(b"tail")
-                })
-            }
+            14 => open_to_write(&p).and_then(|mut f1| {
+                let mut f2 = open_to_write(&p)?;
+                let cut = data.len() / 2;
+                f1.write_all(&data[..cut])?;
+                f2.seek(SeekFrom::Start(offset / 4))?;
+                f2.write_all(&data[cut..])?;
+                drop(f1);
+                f2.write_all(b"tail")
+            }),
             // A file open for reading keeps what it had when opened while
             // the path is unlinked or replaced.
             15 => std::fs::File::open(&p).and_then(|mut f| {
@@ -541,17 +541,12 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
                 Ok(())
             }),
             // fsync in the middle of writing.
-            16 => std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&p)
-                .and_then(|mut f| {
-                    f.write_all(&data[..data.len().min(1000)])?;
-                    f.sync_all()?;
-                    f.write_all(&data[data.len().min(1000)..])?;
-                    f.sync_data()
-                }),
+            16 => open_to_write(&p).and_then(|mut f| {
+                f.write_all(&data[..data.len().min(1000)])?;
+                f.sync_all()?;
+                f.write_all(&data[data.len().min(1000)..])?;
+                f.sync_data()
+            }),
             // A file held open while it (or its directory) is renamed or
             // unlinked: the writes after follow the open file, not the path.
             _ => {
@@ -560,20 +555,15 @@ fn random_op(rng: &mut Rng, roots: [&Path; 2], log: &mut Vec<String>) {
                 } else {
                     p.clone()
                 };
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&p)
-                    .and_then(|mut f| {
-                        f.write_all(&data[..data.len().min(3000)])?;
-                        if kind == 12 {
-                            std::fs::remove_file(&moved)?;
-                        } else {
-                            std::fs::rename(&moved, &q)?;
-                        }
-                        f.write_all(&data[data.len().min(3000)..])
-                    })
+                open_to_write(&p).and_then(|mut f| {
+                    f.write_all(&data[..data.len().min(3000)])?;
+                    if kind == 12 {
+                        std::fs::remove_file(&moved)?;
+                    } else {
+                        std::fs::rename(&moved, &q)?;
+                    }
+                    f.write_all(&data[data.len().min(3000)..])
+                })
             }
         };
         results.push(r.map(|()| read).map_err(|e| e.raw_os_error()));

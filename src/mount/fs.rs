@@ -2734,6 +2734,19 @@ mod tests {
         a.ino
     }
 
+    /// A directory's entries with their inode numbers.
+    fn listed(fs: &LakeFs, dir: u64) -> Vec<(String, u64)> {
+        let fh = fs.opendir(dir).unwrap();
+        let mut out = Vec::new();
+        fs.readdir(fh, 0, |ino, _, _, n| {
+            out.push((n.to_string(), ino));
+            false
+        })
+        .unwrap();
+        fs.release(fh).unwrap();
+        out
+    }
+
     fn names(fs: &LakeFs, dir: u64) -> Vec<String> {
         let fh = fs.opendir(dir).unwrap();
         let mut out = Vec::new();
@@ -3043,14 +3056,7 @@ mod tests {
         // The same version looked up again is the same inode; a listing
         // names it too.
         assert_eq!(fs.lookup(main, "f").unwrap().ino, f);
-        let fh = fs.opendir(main).unwrap();
-        let mut listed = Vec::new();
-        fs.readdir(fh, 0, |ino, _, _, n| {
-            listed.push((n.to_string(), ino));
-            false
-        })
-        .unwrap();
-        fs.release(fh).unwrap();
+        let listed = listed(&fs, main);
         assert!(listed.contains(&("f".to_string(), f)), "{listed:?}");
         // Replaced elsewhere: the old inode cannot be opened any more, the
         // name looks up the new version.
@@ -3361,14 +3367,7 @@ mod tests {
         assert_eq!(fs.lookup(d1, "f").unwrap().ino, f);
         assert_eq!(fs.lookup(d1, "sub").unwrap().ino, sub);
         // And in a listing.
-        let fh = fs.opendir(main).unwrap();
-        let mut listed = Vec::new();
-        fs.readdir(fh, 0, |ino, _, _, n| {
-            listed.push((n.to_string(), ino));
-            false
-        })
-        .unwrap();
-        fs.release(fh).unwrap();
+        let listed = listed(&fs, main);
         assert_eq!(listed, [("d1".to_string(), b)]);
         // A new version of a moved file is a new inode, as anywhere.
         put_elsewhere(&fs, "d1/f", 7);
