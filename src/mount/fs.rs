@@ -624,6 +624,11 @@ fn ino_of(parts: &[&[u8]]) -> u64 {
     x | (1 << 63)
 }
 
+/// A spool closed for good, under every inode it was opened through.
+fn forget_spool(writes: &Mutex<HashMap<u64, Arc<WriteFile>>>, wf: &Arc<WriteFile>) {
+    writes.lock().retain(|_, w| !Arc::ptr_eq(w, wf));
+}
+
 /// Hold each file's staging, in the order given (`LakeFs::writers_at`).
 fn hold(writers: &[(u64, Arc<WriteFile>)]) -> Vec<parking_lot::MutexGuard<'_, ()>> {
     writers.iter().map(|(_, wf)| wf.staging.lock()).collect()
@@ -1774,8 +1779,25 @@ impl LakeFs {
 
     /// The write spool of an inode, created from its current content.
     fn writer(&self, ino: u64, view: &View, path: &str, file: &File) -> Result<Arc<WriteFile>> {
-        if let Some(wf) = self.writes.lock().get(&ino).cloned() {
-            return Ok(wf);
+        {
+            let mut writes = self.writes.lock();
+            if let Some(wf) = writes.get(&ino).cloned() {
+                return Ok(wf);
+            }
+            // The file is open for writing through another of its inodes
+            // (the kernel looked its path up again meanwhile): one spool,
+            // or each close would stage its own copy and the last would
+            // undo the other's writes.
+            let same = writes
+                .values()
+                .find(|wf| {
+                    wf.view == view.id && !wf.meta.lock().unlinked && *wf.path.lock() == path
+                })
+                .cloned();
+            if let Some(wf) = same {
+                writes.insert(ino, wf.clone());
+                return Ok(wf);
+            }
         }
         let snapshot = self.snapshot(file.clone())?;
         let cache = self.cache.clone();
@@ -2063,7 +2085,7 @@ impl LakeFs {
             // Normally flushed already; writes through mmap may not be.
             let res = self.commit_write(ino, &wf);
             if last {
-                self.writes.lock().remove(&ino);
+                forget_spool(&self.writes, &wf);
                 if let Ok(Node::File { view, path, .. }) = self.node(ino) {
                     let mut st = view.state.lock();
                     if st.creating.get(&path) == Some(&ino) {
@@ -2449,7 +2471,7 @@ impl LakeFs {
                 wf.truncate(size)?;
                 let res = self.commit_write(ino, &wf);
                 if close_ref(&wf) {
-                    self.writes.lock().remove(&ino);
+                    forget_spool(&self.writes, &wf);
                 }
                 res?;
             }
@@ -3421,5 +3443,30 @@ mod tests {
             Some(Entry::File(f)) => assert_eq!(f.mode, 0o600),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn writes_through_two_inodes_of_one_file_share_its_spool() {
+        let (_d, fs, main) = setup();
+        let a = write(&fs, main, "h", &[b'.'; 20]);
+        let b = fs.lookup(main, "h").unwrap().ino;
+        assert_ne!(a, b, "two inodes of one version");
+        let (fa, _) = fs.open(a, true, false).unwrap();
+        let (fb, _) = fs.open(b, true, false).unwrap();
+        fs.write(fa, 0, b"AAAA").unwrap();
+        fs.write(fb, 10, b"BBBB").unwrap();
+        for fh in [fa, fb] {
+            fs.flush(fh).unwrap();
+            fs.release(fh).unwrap();
+        }
+        let want = b"AAAA......BBBB......";
+        let c = fs.lookup(main, "h").unwrap().ino;
+        assert_eq!(read_all(&fs, c), want);
+        match at(&fs, &commit(&fs), "h") {
+            Some(Entry::File(f)) => assert_eq!(f.content, Content::Inline(want[..].into())),
+            other => panic!("{other:?}"),
+        }
+        // Closed for good: a new open starts from what was staged.
+        assert!(fs.writes.lock().is_empty());
     }
 }
