@@ -2468,9 +2468,13 @@ mod tests {
                     })
                 })
                 .collect();
-            let models = stagers.into_iter().map(|h| h.join().unwrap()).collect();
+            let ended: Vec<_> = stagers.into_iter().map(|h| h.join()).collect();
+            // Before a stager's failure goes on: the committers must stop.
             done.store(true, std::sync::atomic::Ordering::Relaxed);
-            models
+            ended
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
         });
         let _ = l.commit_branch("r", "main", &CommitOptions::default());
         let (r, _) = l.branch("r", "main").unwrap();

@@ -46,7 +46,7 @@ pub struct WriteFile {
     /// process closing a descriptor it inherited, as every exec does with
     /// close-on-exec ones — and the part it stages must never land after a
     /// later, fuller close's. A rename or unlink of the file holds it too
-    /// (`LakeFs::hold_writers`), so no close lands at a path the file has
+    /// (`LakeFs::writers_at`), so no close lands at a path the file has
     /// left.
     pub staging: Mutex<()>,
 }
