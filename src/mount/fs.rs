@@ -860,27 +860,25 @@ impl LakeFs {
 
     /// The inode for an entry found at `path` in a view.
     fn entry_node(&self, view: &Arc<View>, path: String, entry: &Entry) -> u64 {
-        if let Some(ino) = self.moved_here(view, &path, entry) {
-            return ino;
-        }
+        let ino = self.child_ino(view, &path, entry);
         match entry {
             // A pinned view never changes: its files need no version in the
             // inode, and a path is all the node has to hold (1M looked-up
             // files stay small).
             Entry::File(f) if view.branch.is_some() => {
-                let f = light(f.clone());
-                let ino = self.file_ino(view, &path, &f);
-                self.remember_version(ino, view, path, &f);
-                ino
+                self.remember_version(ino, view, path, &light(f.clone()))
             }
-            _ => self.remember(
-                self.tree_ino(view, &path),
-                Node::Tree {
-                    view: view.clone(),
-                    path,
-                },
-            ),
+            _ => {
+                self.remember(
+                    ino,
+                    Node::Tree {
+                        view: view.clone(),
+                        path,
+                    },
+                );
+            }
         }
+        ino
     }
 
     // ---- views ----
