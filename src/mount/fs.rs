@@ -630,8 +630,8 @@ fn forget_spool(writes: &Mutex<HashMap<u64, Arc<WriteFile>>>, wf: &Arc<WriteFile
 }
 
 /// Hold each file's staging, in the order given (`LakeFs::writers_at`).
-fn hold(writers: &[(u64, Arc<WriteFile>)]) -> Vec<parking_lot::MutexGuard<'_, ()>> {
-    writers.iter().map(|(_, wf)| wf.staging.lock()).collect()
+fn hold(writers: &[Arc<WriteFile>]) -> Vec<parking_lot::MutexGuard<'_, ()>> {
+    writers.iter().map(|wf| wf.staging.lock()).collect()
 }
 
 fn join(path: &str, name: &str) -> String {
@@ -2244,26 +2244,30 @@ impl LakeFs {
         }
     }
 
-    /// Files being written in `view` at these paths or below them, in
-    /// inode order. A rename or unlink holds their `WriteFile::staging`
-    /// (`hold`) from before it looks at the tree until it has staged: a
-    /// close in flight lands first (and the rename or unlink sees it), and
-    /// the next close stages the file where it went, or not at all.
-    fn writers_at(&self, view: &View, paths: &[&str]) -> Vec<(u64, Arc<WriteFile>)> {
+    /// Files being written in `view` at these paths or below them, each
+    /// once (a file opened through two inodes is under both), in the order
+    /// of their addresses (stable while they are open, as an inode order
+    /// is not: two renames must take them in one order). A rename or
+    /// unlink holds their `WriteFile::staging` (`hold`) from before it
+    /// looks at the tree until it has staged: a close in flight lands
+    /// first (and the rename or unlink sees it), and the next close stages
+    /// the file where it went, or not at all.
+    fn writers_at(&self, view: &View, paths: &[&str]) -> Vec<Arc<WriteFile>> {
         let at = |p: &str| {
             paths.iter().any(|path| {
                 p.strip_prefix(path)
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
         };
-        let mut found: Vec<(u64, Arc<WriteFile>)> = self
+        let mut found: Vec<Arc<WriteFile>> = self
             .writes
             .lock()
-            .iter()
-            .filter(|(_, wf)| wf.view == view.id && at(&wf.path.lock()))
-            .map(|(ino, wf)| (*ino, wf.clone()))
+            .values()
+            .filter(|wf| wf.view == view.id && at(&wf.path.lock()))
+            .cloned()
             .collect();
-        found.sort_by_key(|(ino, _)| *ino);
+        found.sort_by_key(|wf| Arc::as_ptr(wf) as usize);
+        found.dedup_by(|a, b| Arc::ptr_eq(a, b));
         found
     }
 
@@ -2271,9 +2275,9 @@ impl LakeFs {
     /// there (`writers`, from `writers_at`) must not be staged any more. By
     /// path, not inode: the kernel may know the file by the inode it was
     /// created or looked up as, the tree by another.
-    fn forget_writers_at(&self, view: &View, path: &str, writers: &[(u64, Arc<WriteFile>)]) {
+    fn forget_writers_at(&self, view: &View, path: &str, writers: &[Arc<WriteFile>]) {
         Arc::make_mut(&mut view.state.lock().creating).remove(path);
-        for (_, wf) in writers {
+        for wf in writers {
             if *wf.path.lock() == path {
                 wf.meta.lock().unlinked = true;
             }
@@ -3466,5 +3470,68 @@ mod tests {
         }
         // Closed for good: a new open starts from what was staged.
         assert!(fs.writes.lock().is_empty());
+    }
+
+    /// Run `f`; should it not return within a minute (a deadlock), end
+    /// the test binary with `what` rather than hang it.
+    fn or_abort<T>(what: &str, f: impl FnOnce() -> T) -> T {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let what = what.to_string();
+        let watchdog = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                finished.recv_timeout(Duration::from_secs(60))
+            {
+                eprintln!("hung: {what}");
+                std::process::abort();
+            }
+        });
+        let out = f();
+        drop(done);
+        watchdog.join().unwrap();
+        out
+    }
+
+    #[test]
+    fn a_rename_and_an_unlink_of_a_file_open_through_two_inodes_go_through() {
+        let (_d, fs, main) = setup();
+        let a = write(&fs, main, "h", b"0123456789");
+        let b = fs.lookup(main, "h").unwrap().ino;
+        assert_ne!(a, b, "two inodes of one version");
+        let (fa, _) = fs.open(a, true, false).unwrap();
+        let (fb, _) = fs.open(b, true, false).unwrap();
+        fs.write(fa, 0, b"AB").unwrap();
+        // The file is under both inodes: each takes its staging once.
+        or_abort("rename of a file open through two inodes", || {
+            fs.rename(main, "h", main, "g", false).unwrap()
+        });
+        fs.write(fb, 2, b"CD").unwrap();
+        for fh in [fa, fb] {
+            fs.flush(fh).unwrap();
+            fs.release(fh).unwrap();
+        }
+        let g = fs.lookup(main, "g").unwrap().ino;
+        assert_eq!(read_all(&fs, g), b"ABCD456789");
+        assert!(matches!(fs.lookup(main, "h"), Err(FsError::NotFound)));
+        match at(&fs, &commit(&fs), "g") {
+            Some(Entry::File(f)) => {
+                assert_eq!(f.content, Content::Inline(b"ABCD456789"[..].into()))
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let g = fs.lookup(main, "g").unwrap().ino;
+        let (fa, _) = fs.open(g, true, false).unwrap();
+        let c = fs.lookup(main, "g").unwrap().ino;
+        let (fc, _) = fs.open(c, true, false).unwrap();
+        fs.write(fc, 0, b"x").unwrap();
+        or_abort("unlink of a file open through two inodes", || {
+            fs.unlink(main, "g").unwrap()
+        });
+        for fh in [fa, fc] {
+            fs.flush(fh).unwrap();
+            fs.release(fh).unwrap();
+        }
+        assert!(matches!(fs.lookup(main, "g"), Err(FsError::NotFound)));
+        assert!(at(&fs, &commit(&fs), "g").is_none());
     }
 }
