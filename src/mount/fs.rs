@@ -50,6 +50,9 @@ const SEQUENTIAL_SLACK: u64 = 8 << 20;
 /// fails with EAGAIN (the store is down or very slow).
 const JOURNAL_WAIT: Duration = Duration::from_secs(120);
 
+/// Stripes of `LakeFs::file_order`.
+const FILE_ORDER_STRIPES: usize = 256;
+
 /// A branch view's staged changes (its working tree's unwritten nodes)
 /// move to the spool directory once they weigh this much.
 const VIEW_SPILL_AFTER: usize = 256 << 20;
@@ -607,6 +610,10 @@ pub struct LakeFs {
     /// Inodes whose pages in the kernel are of another version (see
     /// `entry_node`): opened next without keeping them.
     stale_pages: Mutex<HashSet<u64>>,
+    /// Striped by (view, path) (`order_on`): a change of a file's mode or
+    /// times with no spool stages what it read before a spool can start
+    /// from that, or sees the spool.
+    file_order: Vec<Mutex<()>>,
     /// Working trees spill once they weigh this much (`VIEW_SPILL_AFTER`).
     spill_after: usize,
 }
@@ -708,6 +715,7 @@ impl LakeFs {
             empty_dir,
             next_spill: AtomicU64::new(0),
             stale_pages: Mutex::new(HashSet::new()),
+            file_order: (0..FILE_ORDER_STRIPES).map(|_| Mutex::new(())).collect(),
             spill_after: VIEW_SPILL_AFTER,
         };
         let root = match fs.cfg.pinned.clone() {
@@ -1657,14 +1665,16 @@ impl LakeFs {
             Node::File { view, path, file } => {
                 // Being written: the spool is the file (a file still being
                 // created is not in the view's tree yet).
-                let writing = self.writes.lock().get(&ino).cloned();
                 if write || truncate {
                     self.check_writable(&view)?;
-                    let wf = match writing {
-                        Some(wf) => wf,
-                        None => {
-                            let file = self.full_file(&view, &path, file)?;
-                            self.writer(ino, &view, &path, &file)?
+                    let wf = {
+                        let _in_order = self.order_on(&view, &path);
+                        match self.spool_of(ino, &view, &path) {
+                            Some(wf) => wf,
+                            None => {
+                                let file = self.full_file(&view, &path, file)?;
+                                self.writer(ino, &view, &path, &file)?
+                            }
                         }
                     };
                     if truncate {
@@ -1675,6 +1685,7 @@ impl LakeFs {
                     wf.writers.lock().insert(fh);
                     return Ok((fh, PageCache::Bypass));
                 }
+                let writing = self.writes.lock().get(&ino).cloned();
                 let live =
                     writing.filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty);
                 if let Some(wf) = live {
@@ -1777,25 +1788,8 @@ impl LakeFs {
 
     /// The write spool of an inode, created from its current content.
     fn writer(&self, ino: u64, view: &View, path: &str, file: &File) -> Result<Arc<WriteFile>> {
-        {
-            let mut writes = self.writes.lock();
-            if let Some(wf) = writes.get(&ino).cloned() {
-                return Ok(wf);
-            }
-            // The file is open for writing through another of its inodes
-            // (the kernel looked its path up again meanwhile): one spool,
-            // or each close would stage its own copy and the last would
-            // undo the other's writes.
-            let same = writes
-                .values()
-                .find(|wf| {
-                    wf.view == view.id && !wf.meta.lock().unlinked && *wf.path.lock() == path
-                })
-                .cloned();
-            if let Some(wf) = same {
-                writes.insert(ino, wf.clone());
-                return Ok(wf);
-            }
+        if let Some(wf) = self.spool_of(ino, view, path) {
+            return Ok(wf);
         }
         let snapshot = self.snapshot(file.clone())?;
         let cache = self.cache.clone();
@@ -1822,6 +1816,34 @@ impl LakeFs {
         )?);
         self.stream_writes(&wf);
         Ok(self.writes.lock().entry(ino).or_insert(wf).clone())
+    }
+
+    /// The spool of a file open for writing, through this inode or another
+    /// (the kernel looked its path up again meanwhile), now under this one
+    /// too. One spool per file, or each close would stage its own copy and
+    /// the last would undo the other's writes.
+    fn spool_of(&self, ino: u64, view: &View, path: &str) -> Option<Arc<WriteFile>> {
+        let mut writes = self.writes.lock();
+        if let Some(wf) = writes.get(&ino) {
+            return Some(wf.clone());
+        }
+        let same = writes
+            .values()
+            .find(|wf| wf.view == view.id && !wf.meta.lock().unlinked && *wf.path.lock() == path)
+            .cloned()?;
+        writes.insert(ino, same.clone());
+        Some(same)
+    }
+
+    /// Taken from before a file's spool is looked for until one is made or
+    /// joined, or (with none) until a change of its mode or times is
+    /// staged: so a spool never starts from what such a change replaces,
+    /// and such a change never stages content a close replaced meanwhile.
+    fn order_on(&self, view: &View, path: &str) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (view.id, path).hash(&mut h);
+        self.file_order[h.finish() as usize % self.file_order.len()].lock()
     }
 
     /// Files written in order from their start are chunked into the lake
@@ -2029,8 +2051,8 @@ impl LakeFs {
         };
         {
             let mut m = wf.meta.lock();
-            // Writes that came in while we were storing keep it dirty.
-            if m.size == meta.size && m.mtime == meta.mtime {
+            // Changes that came in while we were storing keep it dirty.
+            if m.changes == meta.changes {
                 m.dirty = false;
             }
         }
@@ -2431,6 +2453,7 @@ impl LakeFs {
             _ => return Err(FsError::NotPermitted("cannot change this file")),
         };
         self.check_writable(&view)?;
+        let _in_order = self.order_on(&view, &path);
         let open = match fh {
             Some(fh) => match self.handles.lock().get(&fh) {
                 Some(Handle::Write(wf, _)) => Some(wf.clone()),
@@ -2438,7 +2461,7 @@ impl LakeFs {
             },
             None => None,
         }
-        .or_else(|| self.writes.lock().get(&ino).cloned());
+        .or_else(|| self.spool_of(ino, &view, &path));
         if let Some(wf) = open {
             if let Some(size) = set.size {
                 wf.truncate(size)?;
@@ -2446,13 +2469,13 @@ impl LakeFs {
             let mut m = wf.meta.lock();
             if let Some(mode) = set.mode {
                 m.mode = mode & 0o7777;
-                m.dirty = true;
+                m.changed();
             } else if set.kill_suid {
                 m.kill_suid();
             }
             if let Some(t) = set.mtime {
                 m.mtime = ns_of(t);
-                m.dirty = true;
+                m.changed();
             }
             drop(m);
             // fchmod/futimens/truncate come without a handle (the kernel
@@ -3291,27 +3314,158 @@ mod tests {
         assert_eq!(names(&fs, dev), ["b"]);
     }
 
-    #[test]
-    fn a_rename_or_unlink_waits_for_a_close_of_the_file_in_flight() {
+    /// Flush `fh` and, once its close is storing chunks (slow ones:
+    /// `slow_puts`), `then`.
+    fn flush_while(
+        fs: &LakeFs,
+        faults: &crate::store::faults::FaultyStore,
+        fh: u64,
+        then: &dyn Fn(),
+    ) {
+        stalled_while(faults, || fs.flush(fh).unwrap(), then);
+    }
+
+    /// Run `work` and, once it is in a slow put (`slow_puts`), `then`.
+    fn stalled_while(
+        faults: &crate::store::faults::FaultyStore,
+        work: impl FnOnce() + Send,
+        then: &dyn Fn(),
+    ) {
+        let before = faults.counts.slow_puts.load(Ordering::Relaxed);
+        std::thread::scope(|s| {
+            let working = s.spawn(work);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while faults.counts.slow_puts.load(Ordering::Relaxed) == before {
+                assert!(std::time::Instant::now() < deadline, "no slow put began");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            then();
+            working.join().unwrap();
+        });
+    }
+
+    /// Bytes new to the store for each seed (else their chunks are not
+    /// put, and a close is quick).
+    fn fresh_bytes(seed: u32) -> Vec<u8> {
+        (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 ^ seed as u8)
+            .collect()
+    }
+
+    /// A store whose chunk puts can be made slow, under a mount.
+    fn setup_slow() -> (
+        tempfile::TempDir,
+        LakeFs,
+        u64,
+        Arc<crate::store::faults::FaultyStore>,
+    ) {
         use crate::store::faults::{FaultPlan, FaultyStore};
         let faults = FaultyStore::new(
             Arc::new(object_store::memory::InMemory::new()),
             FaultPlan::default(),
         );
-        let (_d, fs, main) = setup_over(Store::over(faults.clone(), "memory://slow"), |_| {});
-        // Content new to the store each time (else its chunks are not put).
-        let data = |seed: u32| -> Vec<u8> {
-            (0..100_000u32)
-                .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 ^ seed as u8)
-                .collect()
+        let (d, fs, main) = setup_over(Store::over(faults.clone(), "memory://slow"), |_| {});
+        (d, fs, main, faults)
+    }
+
+    /// Puts of keys under `prefix` take 300 ms from now on.
+    fn slow_puts(faults: &crate::store::faults::FaultyStore, prefix: &str) {
+        faults.set_plan(crate::store::faults::FaultPlan {
+            slow_puts_under: Some((prefix.into(), Duration::from_millis(300))),
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn a_chmod_lands_before_a_write_that_opens_the_file_meanwhile() {
+        let (_d, fs, main, faults) = setup_slow();
+        write(&fs, main, "f", b"old");
+        commit(&fs);
+        let f = fs.lookup(main, "f").unwrap().ino;
+        slow_puts(&faults, "repos/r/staging/");
+        stalled_while(
+            &faults,
+            || {
+                let set = SetAttr {
+                    mode: Some(0o600),
+                    size: None,
+                    mtime: None,
+                    kill_suid: false,
+                };
+                fs.setattr(f, None, set).unwrap();
+            },
+            // The chmod is being staged: a truncating open, a write and a
+            // close now (on a local disk: the new bytes, with mode 0600).
+            &|| {
+                let (fh, _) = fs.open(f, true, true).unwrap();
+                fs.write(fh, 0, b"new").unwrap();
+                fs.flush(fh).unwrap();
+                fs.release(fh).unwrap();
+            },
+        );
+        faults.set_plan(Default::default());
+        let now = fs.lookup(main, "f").unwrap();
+        assert_eq!(now.perm, 0o600);
+        assert_eq!(read_all(&fs, now.ino), b"new");
+        match at(&fs, &commit(&fs), "f") {
+            Some(Entry::File(f)) => {
+                assert_eq!(f.mode & 0o777, 0o600);
+                assert_eq!(f.content, Content::Inline(b"new"[..].into()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_chmod_while_its_file_is_being_closed_holds() {
+        let (_d, fs, main, faults) = setup_slow();
+        let mode = |m| SetAttr {
+            mode: Some(m),
+            size: None,
+            mtime: None,
+            kill_suid: false,
         };
+        for (seed, other_inode) in [(1, false), (2, true)] {
+            let name = format!("f{seed}");
+            let a = write(&fs, main, &name, b"old");
+            commit(&fs);
+            // The same file through the inode it was written as, or through
+            // another the kernel looked up meanwhile.
+            let b = if other_inode {
+                fs.lookup(main, &name).unwrap().ino
+            } else {
+                a
+            };
+            assert_eq!(a != b, other_inode);
+            let fh = fs.open(a, true, false).unwrap().0;
+            fs.write(fh, 0, &fresh_bytes(seed)).unwrap();
+            slow_puts(&faults, "chunks/");
+            flush_while(&fs, &faults, fh, &|| {
+                fs.setattr(b, None, mode(0o600)).unwrap();
+            });
+            fs.release(fh).unwrap();
+            faults.set_plan(Default::default());
+            let ino = fs.lookup(main, &name).unwrap();
+            assert_eq!(ino.perm, 0o600, "{name}");
+            assert_eq!(read_all(&fs, ino.ino), fresh_bytes(seed), "{name}");
+            match at(&fs, &commit(&fs), &name) {
+                Some(Entry::File(f)) => {
+                    assert_eq!(f.mode & 0o777, 0o600, "{name}");
+                    assert_eq!(f.size, 100_000, "{name}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_rename_or_unlink_waits_for_a_close_of_the_file_in_flight() {
+        let (_d, fs, main, faults) = setup_slow();
+        let data = fresh_bytes;
         write(&fs, main, "u", b"old");
         let d = fs.mkdir(main, "d").unwrap().ino;
         commit(&fs);
-        faults.set_plan(FaultPlan {
-            slow_puts_under: Some(("chunks/".into(), Duration::from_millis(300))),
-            ..FaultPlan::default()
-        });
+        slow_puts(&faults, "chunks/");
         // Close a file written in `dir` (its chunks are slow to store) and,
         // while that close is in flight, `then`.
         let close_while =
@@ -3323,17 +3477,7 @@ mod tests {
                     fs.create(dir, name, 0o644, false).unwrap().1
                 };
                 fs.write(fh, 0, &data(seed)).unwrap();
-                let before = faults.counts.slow_puts.load(Ordering::Relaxed);
-                std::thread::scope(|s| {
-                    let closing = s.spawn(|| fs.flush(fh));
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    while faults.counts.slow_puts.load(Ordering::Relaxed) == before {
-                        assert!(std::time::Instant::now() < deadline, "no chunk put began");
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    then();
-                    closing.join().unwrap().unwrap();
-                });
+                flush_while(&fs, &faults, fh, then);
                 fs.release(fh).unwrap();
             };
         // A new file renamed, an existing one unlinked, and a directory

@@ -212,6 +212,10 @@ pub struct WriteMeta {
     pub mtime: i64,
     /// Changed since the last time it was staged.
     pub dirty: bool,
+    /// Changes so far (`changed`): a close staging the file knows whether
+    /// any came while it did (a chmod from another process leaves size and
+    /// time as they were).
+    pub changes: u64,
     /// Unlinked while open: never staged again.
     pub unlinked: bool,
 }
@@ -232,8 +236,14 @@ impl WriteMeta {
         let mode = killed_suid(self.mode);
         if mode != self.mode {
             self.mode = mode;
-            self.dirty = true;
+            self.changed();
         }
+    }
+
+    /// Mark the file changed since it was last staged.
+    pub fn changed(&mut self) {
+        self.dirty = true;
+        self.changes += 1;
     }
 }
 
@@ -262,6 +272,7 @@ impl WriteFile {
                 mode,
                 mtime,
                 dirty,
+                changes: 0,
                 unlinked: false,
             }),
             opens: AtomicUsize::new(0),
@@ -394,7 +405,7 @@ impl WriteFile {
         let mut m = self.meta.lock();
         m.size = m.size.max(offset + data.len() as u64);
         m.mtime = now_ns();
-        m.dirty = true;
+        m.changed();
         Ok(())
     }
 
@@ -437,7 +448,7 @@ impl WriteFile {
         let mut m = self.meta.lock();
         m.size = size;
         m.mtime = now_ns();
-        m.dirty = true;
+        m.changed();
         Ok(())
     }
 
