@@ -1366,16 +1366,21 @@ impl LakeFs {
         }
     }
 
+    /// What `stat` shows of a file open for writing: its spool. Cached
+    /// like any other: every change to it goes through this kernel, which
+    /// drops its copy of size and times on each write and takes setattr's
+    /// reply as the new attributes.
+    fn spool_attr(&self, ino: u64, view: &View, wf: &WriteFile) -> Attr {
+        let m = wf.meta.lock().clone();
+        self.file_attr(ino, view, m.size, m.mode, m.mtime)
+    }
+
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         if let Some(wf) = self.writes.lock().get(&ino).cloned() {
             let Node::File { view, .. } = self.node(ino)? else {
                 return Err(FsError::NotFound);
             };
-            // Cached like any other: every change to it goes through this
-            // kernel, which drops its copy of size and times on each write
-            // and takes setattr's reply as the new attributes.
-            let m = wf.meta.lock().clone();
-            return Ok(self.file_attr(ino, &view, m.size, m.mode, m.mtime));
+            return Ok(self.spool_attr(ino, &view, &wf));
         }
         match self.node(ino)? {
             Node::Root => Ok(self.dir_attr(ino, self.started, self.cfg.metadata_ttl, false)),
@@ -1387,7 +1392,14 @@ impl LakeFs {
                 // branch; another version keeps what it had.
                 let state = self.state_with_pending(&view)?;
                 let entry = match state.entry_at(&path)? {
-                    Some(Entry::File(f)) if same_version(&file, &f) => Entry::File(f),
+                    Some(Entry::File(f)) if same_version(&file, &f) => {
+                        // The branch's version, maybe being written through
+                        // another inode: then what it is now is the spool.
+                        if let Some(wf) = self.spool_of(ino, &view, &path) {
+                            return Ok(self.spool_attr(ino, &view, &wf));
+                        }
+                        Entry::File(f)
+                    }
                     _ => Entry::File(file),
                 };
                 Ok(self.entry_attr(ino, &view, &state, &entry))
@@ -1458,7 +1470,16 @@ impl LakeFs {
                 }
                 let state = self.state_with_pending(&view)?;
                 self.dir_at(&state, &path)?;
-                match self.child(&view, &state, &join(&path, name))? {
+                let child = join(&path, name);
+                match self.child(&view, &state, &child)? {
+                    // Being written (through this inode or another): its
+                    // spool, or the kernel would take the branch's older
+                    // size as the file's (an append would land there).
+                    Some((ino, Some(Entry::File(_))))
+                        if let Some(wf) = self.spool_of(ino, &view, &child) =>
+                    {
+                        Ok(self.spool_attr(ino, &view, &wf))
+                    }
                     Some((ino, Some(entry))) => Ok(self.entry_attr(ino, &view, &state, &entry)),
                     Some((ino, None)) => self.getattr(ino),
                     None => Err(FsError::NotFound),
@@ -3613,6 +3634,35 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Closed for good: a new open starts from what was staged.
+        assert!(fs.writes.lock().is_empty());
+    }
+
+    #[test]
+    fn a_file_being_written_shows_its_spool_to_lookups_and_its_other_inodes() {
+        let (_d, fs, main) = setup();
+        let a = write(&fs, main, "f", b"12345");
+        commit(&fs);
+        let b = fs.lookup(main, "f").unwrap().ino;
+        let (fh, _) = fs.open(a, true, false).unwrap();
+        fs.write(fh, 0, &[b'x'; 20]).unwrap();
+        // The kernel takes these as the file's size (an O_APPEND write
+        // goes there): the branch's older 5 bytes would be wrong.
+        let looked = fs.lookup(main, "f").unwrap();
+        assert_eq!(looked.size, 20);
+        assert_eq!(fs.getattr(looked.ino).unwrap().size, 20);
+        assert_eq!(fs.getattr(b).unwrap().size, 20);
+        let mut listed = Vec::new();
+        let dir = fs.opendir(main).unwrap();
+        fs.readdirplus(dir, 0, |_, name, attr| {
+            listed.push((name.to_string(), attr.size));
+            false
+        })
+        .unwrap();
+        assert_eq!(listed, [("f".to_string(), 20)]);
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        // Closed for good: the branch's version again, the one written.
+        assert_eq!(fs.lookup(main, "f").unwrap().size, 20);
         assert!(fs.writes.lock().is_empty());
     }
 
