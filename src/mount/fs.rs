@@ -2280,8 +2280,14 @@ impl LakeFs {
             Some((_, entry)) => {
                 self.forget_writers_at(&view, &child, &writers);
                 if entry.is_some() {
-                    self.stage(&view, vec![Op::Delete { path: child }])?;
+                    self.stage(
+                        &view,
+                        vec![Op::Delete {
+                            path: child.clone(),
+                        }],
+                    )?;
                 }
+                self.detach(&view, &child);
                 Ok(())
             }
         }
@@ -2341,7 +2347,14 @@ impl LakeFs {
                 if state.trees.count(&h)? > 0 || creating_inside {
                     return Err(FsError::NotEmpty);
                 }
-                self.stage(&view, vec![Op::Delete { path: child }])
+                self.stage(
+                    &view,
+                    vec![Op::Delete {
+                        path: child.clone(),
+                    }],
+                )?;
+                self.detach(&view, &child);
+                Ok(())
             }
             Some(_) => Err(FsError::NotADirectory),
         }
@@ -2435,6 +2448,8 @@ impl LakeFs {
                 *p = n;
             }
         }
+        // What was at `to` is gone; else it would move with `to` next.
+        self.detach(view, to);
         let mut nodes = self.nodes.lock();
         let mut moved_away = self.moved_away.lock();
         let mut moved_to = self.moved_to.lock();
@@ -2459,6 +2474,27 @@ impl LakeFs {
                 _ => {}
             }
         }
+    }
+
+    /// A rename replaced, or an unlink or rmdir removed, what was at
+    /// `path`: its directory and symlink inodes (and any below) are gone.
+    /// Else a later rename of whatever comes to `path` would carry them
+    /// along, and one would answer lookups at the new path: the moved
+    /// directory's inode number would change under the kernel, which then
+    /// sees two directories where there is one. (A file's inode stays: it
+    /// answers only for its own version, and an open descriptor of it
+    /// still shows what it was.)
+    fn detach(&self, view: &View, path: &str) {
+        let under = |p: &str| {
+            p.strip_prefix(path)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        self.nodes.lock().retain(|_, node| {
+            !matches!(&**node, Node::Tree { view: v, path: p } if v.id == view.id && under(p))
+        });
+        self.moved_to
+            .lock()
+            .retain(|(v, p), _| *v != view.id || !under(p));
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<Attr> {
@@ -3635,6 +3671,41 @@ mod tests {
         }
         // Closed for good: a new open starts from what was staged.
         assert!(fs.writes.lock().is_empty());
+    }
+
+    #[test]
+    fn what_a_rename_replaced_or_an_rmdir_removed_never_answers_for_another_path() {
+        let (_d, fs, main) = setup();
+        // A directory renamed over an empty one and back keeps its inode
+        // (the replaced one must not come back with it).
+        for n in 0..8 {
+            let (a, b) = (format!("a{n}"), format!("b{n}"));
+            let kept = fs.mkdir(main, &a).unwrap().ino;
+            let replaced = fs.mkdir(main, &b).unwrap().ino;
+            assert_ne!(kept, replaced);
+            fs.rename(main, &a, main, &b, false).unwrap();
+            assert_eq!(fs.lookup(main, &b).unwrap().ino, kept);
+            fs.rename(main, &b, main, &a, false).unwrap();
+            assert_eq!(fs.lookup(main, &a).unwrap().ino, kept, "{a}");
+        }
+        // A directory removed, its parent renamed, and one made where it
+        // was moved to: a new directory, not the removed one.
+        let p = fs.mkdir(main, "p").unwrap().ino;
+        let removed = fs.mkdir(p, "d").unwrap().ino;
+        fs.rmdir(p, "d").unwrap();
+        fs.rename(main, "p", main, "q", false).unwrap();
+        let q = fs.lookup(main, "q").unwrap().ino;
+        assert_eq!(q, p);
+        assert_ne!(fs.mkdir(q, "d").unwrap().ino, removed);
+        // A file open while it is replaced still shows what it was.
+        let f = write(&fs, main, "f", b"old");
+        let (fh, _) = fs.open(f, false, false).unwrap();
+        write(&fs, main, "g", b"newer");
+        fs.rename(main, "g", main, "f", false).unwrap();
+        assert_eq!(fs.getattr(f).unwrap().size, 3);
+        assert_eq!(&fs.read(fh, 0, 10).unwrap()[..], b"old");
+        fs.release(fh).unwrap();
+        assert_eq!(fs.lookup(main, "f").unwrap().size, 5);
     }
 
     #[test]
