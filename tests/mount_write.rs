@@ -725,7 +725,14 @@ fn concurrent_random_operations_each_match_their_own_plain_directory() {
     }
     const WRITERS: usize = 3;
     let each = std::env::var("TARN_FS_CHECK_EACH").is_ok();
-    for (n, seed) in fs_seeds(&[1, 96, 5, 124]).into_iter().enumerate() {
+    // 1399 (no io_uring) and 1170 (write-back) each failed on every run
+    // before the fixes they found: a replaced directory's inode moving
+    // with its replacement, a lookup answering a file's older size while
+    // it was being written.
+    for (n, seed) in fs_seeds(&[1, 96, 5, 124, 7, 1399, 1170])
+        .into_iter()
+        .enumerate()
+    {
         let transport = TRANSPORTS[(n + 2) % 3];
         let s = branch_setup();
         let m = Mount::new(&s, "mnt", transport);

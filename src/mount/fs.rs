@@ -631,9 +631,14 @@ fn ino_of(parts: &[&[u8]]) -> u64 {
     x | (1 << 63)
 }
 
-/// A spool closed for good, under every inode it was opened through.
+/// A spool closed for good, under every inode it was opened through;
+/// unless it was opened again meanwhile (opens of a spool found in
+/// `writes` count themselves under its lock: see `LakeFs::spool_of`).
 fn forget_spool(writes: &Mutex<HashMap<u64, Arc<WriteFile>>>, wf: &Arc<WriteFile>) {
-    writes.lock().retain(|_, w| !Arc::ptr_eq(w, wf));
+    let mut writes = writes.lock();
+    if wf.opens.load(Ordering::SeqCst) == 0 {
+        writes.retain(|_, w| !Arc::ptr_eq(w, wf));
+    }
 }
 
 /// Hold each file's staging, in the order given (`LakeFs::writers_at`).
@@ -1395,7 +1400,7 @@ impl LakeFs {
                     Some(Entry::File(f)) if same_version(&file, &f) => {
                         // The branch's version, maybe being written through
                         // another inode: then what it is now is the spool.
-                        if let Some(wf) = self.spool_of(ino, &view, &path) {
+                        if let Some(wf) = self.spool_of(ino, &view, &path, false) {
                             return Ok(self.spool_attr(ino, &view, &wf));
                         }
                         Entry::File(f)
@@ -1476,7 +1481,7 @@ impl LakeFs {
                     // spool, or the kernel would take the branch's older
                     // size as the file's (an append would land there).
                     Some((ino, Some(Entry::File(_))))
-                        if let Some(wf) = self.spool_of(ino, &view, &child) =>
+                        if let Some(wf) = self.spool_of(ino, &view, &child, false) =>
                     {
                         Ok(self.spool_attr(ino, &view, &wf))
                     }
@@ -1688,9 +1693,10 @@ impl LakeFs {
                 // created is not in the view's tree yet).
                 if write || truncate {
                     self.check_writable(&view)?;
+                    // Opened: the handle holds the reference from here.
                     let wf = {
                         let _in_order = self.order_on(&view, &path);
-                        match self.spool_of(ino, &view, &path) {
+                        match self.spool_of(ino, &view, &path, true) {
                             Some(wf) => wf,
                             None => {
                                 let file = self.full_file(&view, &path, file)?;
@@ -1699,19 +1705,28 @@ impl LakeFs {
                         }
                     };
                     if truncate {
-                        wf.truncate(0)?;
+                        if let Err(e) = wf.truncate(0) {
+                            if close_ref(&wf) {
+                                forget_spool(&self.writes, &wf);
+                            }
+                            return Err(e.into());
+                        }
                     }
-                    open_ref(&wf);
                     let fh = self.add_handle(Handle::Write(wf.clone(), ino));
                     wf.writers.lock().insert(fh);
                     return Ok((fh, PageCache::Bypass));
                 }
-                let writing = self.writes.lock().get(&ino).cloned();
-                let live =
-                    writing.filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty);
+                let live = {
+                    let writes = self.writes.lock();
+                    let live = writes
+                        .get(&ino)
+                        .filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty)
+                        .cloned();
+                    // Opened under the lock, as `spool_of` does.
+                    live.inspect(|wf| open_ref(wf))
+                };
                 if let Some(wf) = live {
                     // Reading a file someone is writing: see the spool.
-                    open_ref(&wf);
                     return Ok((self.add_handle(Handle::Write(wf, ino)), PageCache::Bypass));
                 }
                 let file = self.full_file(&view, &path, file)?;
@@ -1807,9 +1822,10 @@ impl LakeFs {
         })
     }
 
-    /// The write spool of an inode, created from its current content.
+    /// The write spool of an inode (the file's, if it has one), else one
+    /// made from `file`; opened (`open_ref`): the caller closes it.
     fn writer(&self, ino: u64, view: &View, path: &str, file: &File) -> Result<Arc<WriteFile>> {
-        if let Some(wf) = self.spool_of(ino, view, path) {
+        if let Some(wf) = self.spool_of(ino, view, path, true) {
             return Ok(wf);
         }
         let snapshot = self.snapshot(file.clone())?;
@@ -1836,24 +1852,38 @@ impl LakeFs {
             false,
         )?);
         self.stream_writes(&wf);
-        Ok(self.writes.lock().entry(ino).or_insert(wf).clone())
+        let mut writes = self.writes.lock();
+        let wf = writes.entry(ino).or_insert(wf).clone();
+        open_ref(&wf);
+        Ok(wf)
     }
 
     /// The spool of a file open for writing, through this inode or another
     /// (the kernel looked its path up again meanwhile), now under this one
     /// too. One spool per file, or each close would stage its own copy and
-    /// the last would undo the other's writes.
-    fn spool_of(&self, ino: u64, view: &View, path: &str) -> Option<Arc<WriteFile>> {
+    /// the last would undo the other's writes. With `open`, opened
+    /// (`open_ref`) before the lock is let go: a last close forgetting the
+    /// spool meanwhile would leave this open outside `writes`, where no
+    /// rename finds it (its close would stage it at its old path).
+    fn spool_of(&self, ino: u64, view: &View, path: &str, open: bool) -> Option<Arc<WriteFile>> {
         let mut writes = self.writes.lock();
-        if let Some(wf) = writes.get(&ino) {
-            return Some(wf.clone());
+        let wf = match writes.get(&ino) {
+            Some(wf) => wf.clone(),
+            None => {
+                let same = writes
+                    .values()
+                    .find(|wf| {
+                        wf.view == view.id && !wf.meta.lock().unlinked && *wf.path.lock() == path
+                    })
+                    .cloned()?;
+                writes.insert(ino, same.clone());
+                same
+            }
+        };
+        if open {
+            open_ref(&wf);
         }
-        let same = writes
-            .values()
-            .find(|wf| wf.view == view.id && !wf.meta.lock().unlinked && *wf.path.lock() == path)
-            .cloned()?;
-        writes.insert(ino, same.clone());
-        Some(same)
+        Some(wf)
     }
 
     /// Taken from before a file's spool is looked for until one is made or
@@ -2518,7 +2548,7 @@ impl LakeFs {
             },
             None => None,
         }
-        .or_else(|| self.spool_of(ino, &view, &path));
+        .or_else(|| self.spool_of(ino, &view, &path, false));
         if let Some(wf) = open {
             if let Some(size) = set.size {
                 wf.truncate(size)?;
@@ -2549,9 +2579,10 @@ impl LakeFs {
         if let Some(size) = set.size {
             if size != file.size {
                 let wf = self.writer(ino, &view, &path, &file)?;
-                open_ref(&wf);
-                wf.truncate(size)?;
-                let res = self.commit_write(ino, &wf);
+                let res = wf
+                    .truncate(size)
+                    .map_err(FsError::from)
+                    .and_then(|()| self.commit_write(ino, &wf));
                 if close_ref(&wf) {
                     forget_spool(&self.writes, &wf);
                 }
@@ -3431,6 +3462,37 @@ mod tests {
             slow_puts_under: Some((prefix.into(), Duration::from_millis(300))),
             ..Default::default()
         });
+    }
+
+    #[test]
+    fn a_file_opened_again_while_its_last_close_is_staged_still_moves_with_a_rename() {
+        let (_d, fs, main, faults) = setup_slow();
+        let d = fs.mkdir(main, "d").unwrap().ino;
+        let f = write(&fs, d, "f", b"old");
+        commit(&fs);
+        let (fh, _) = fs.open(f, true, false).unwrap();
+        fs.write(fh, 0, &fresh_bytes(1)).unwrap();
+        slow_puts(&faults, "chunks/");
+        let again = std::sync::Mutex::new(None);
+        // The last handle's release stages the file (slowly); meanwhile
+        // the file is opened for writing again, joining its spool.
+        stalled_while(&faults, || fs.release(fh).unwrap(), &|| {
+            *again.lock().unwrap() = Some(fs.open(f, true, false).unwrap().0)
+        });
+        faults.set_plan(Default::default());
+        let fh = again.into_inner().unwrap().unwrap();
+        fs.rename(main, "d", main, "e", false).unwrap();
+        fs.write(fh, 0, b"new").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        let mut want = fresh_bytes(1);
+        want[..3].copy_from_slice(b"new");
+        assert_eq!(names(&fs, main), ["e"]);
+        let e = fs.lookup(main, "e").unwrap().ino;
+        assert_eq!(read_all(&fs, fs.lookup(e, "f").unwrap().ino), want);
+        let tree = commit(&fs);
+        assert!(at(&fs, &tree, "d").is_none());
+        assert!(at(&fs, &tree, "e/f").is_some());
     }
 
     #[test]
