@@ -2310,17 +2310,23 @@ impl LakeFs {
             Some((_, entry)) => {
                 self.forget_writers_at(&view, &child, &writers);
                 if entry.is_some() {
-                    self.stage(
-                        &view,
-                        vec![Op::Delete {
-                            path: child.clone(),
-                        }],
-                    )?;
+                    self.delete(&view, &child)?;
                 }
-                self.detach(&view, &child);
                 Ok(())
             }
         }
+    }
+
+    /// Stage the removal of what is at `path`, and `detach` it.
+    fn delete(&self, view: &Arc<View>, path: &str) -> Result<()> {
+        self.stage(
+            view,
+            vec![Op::Delete {
+                path: path.to_string(),
+            }],
+        )?;
+        self.detach(view, path);
+        Ok(())
     }
 
     /// Files being written in `view` at these paths or below them, each
@@ -2377,14 +2383,7 @@ impl LakeFs {
                 if state.trees.count(&h)? > 0 || creating_inside {
                     return Err(FsError::NotEmpty);
                 }
-                self.stage(
-                    &view,
-                    vec![Op::Delete {
-                        path: child.clone(),
-                    }],
-                )?;
-                self.detach(&view, &child);
-                Ok(())
+                self.delete(&view, &child)
             }
             Some(_) => Err(FsError::NotADirectory),
         }
