@@ -689,10 +689,16 @@ fn random_file_operations_match_a_plain_directory() {
             .iter()
             .filter(|l| l.contains("-> [Ok(") && !l.contains("Err("))
             .count();
-        assert!(
-            succeeded >= 15,
-            "only {succeeded} ops succeeded: the test would prove little"
-        );
+        // The default seeds must each prove something; a seed from
+        // TARN_FS_SEEDS that proves little is told of and passed over.
+        if std::env::var("TARN_FS_SEEDS").is_ok() && succeeded < 15 {
+            eprintln!("seed {seed}: only {succeeded} ops succeeded");
+        } else {
+            assert!(
+                succeeded >= 15,
+                "only {succeeded} ops succeeded: the test would prove little"
+            );
+        }
         assert_eq!(
             snapshot(&model),
             snapshot(&branch),
