@@ -236,6 +236,15 @@ pub struct SetAttr {
     pub kill_suid: bool,
 }
 
+/// What a create does when the name turns out to be taken: as `open`
+/// with `O_CREAT` and `O_EXCL`, with `O_TRUNC`, or with neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfExists {
+    Fail,
+    Truncate,
+    Keep,
+}
+
 /// The files of `.tarn/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ControlFile {
@@ -2201,7 +2210,7 @@ impl LakeFs {
         parent: u64,
         name: &str,
         mode: u32,
-        exclusive: bool,
+        if_exists: IfExists,
     ) -> Result<(Attr, u64)> {
         let (view, path) = self.dir_node(parent)?;
         self.check_new_name(&path, name)?;
@@ -2209,14 +2218,16 @@ impl LakeFs {
         let state = self.state_with_pending(&view)?;
         self.dir_at(&state, &path)?;
         let child = join(&path, name);
+        // The kernel thought the name free, but it is taken (made through
+        // another mount, the CLI, or a lookup the kernel had not redone).
         if let Some((ino, entry)) = self.child(&view, &state, &child)? {
-            if exclusive {
+            if if_exists == IfExists::Fail {
                 return Err(FsError::Exists);
             }
             if matches!(entry, Some(Entry::Dir(_))) {
                 return Err(FsError::IsADirectory);
             }
-            let (fh, _) = self.open(ino, true, true)?;
+            let (fh, _) = self.open(ino, true, if_exists == IfExists::Truncate)?;
             return Ok((self.getattr(ino)?, fh));
         }
         let now = now_ns();
@@ -2861,7 +2872,7 @@ mod tests {
     }
 
     fn write(fs: &LakeFs, dir: u64, name: &str, data: &[u8]) -> u64 {
-        let (a, fh) = fs.create(dir, name, 0o644, false).unwrap();
+        let (a, fh) = fs.create(dir, name, 0o644, IfExists::Truncate).unwrap();
         fs.write(fh, 0, data).unwrap();
         fs.flush(fh).unwrap();
         fs.release(fh).unwrap();
@@ -3388,7 +3399,7 @@ mod tests {
         let repo = fs.lookup(ROOT_INO, "r").unwrap().ino;
         let dev = fs.lookup(repo, "dev").unwrap().ino;
         // "a" open for writing on main while dev renames its own "a".
-        let (_, fh) = fs.create(main, "n", 0o644, false).unwrap();
+        let (_, fh) = fs.create(main, "n", 0o644, IfExists::Fail).unwrap();
         let a = fs.lookup(main, "a").unwrap().ino;
         let (afh, _) = fs.open(a, true, false).unwrap();
         fs.write(afh, 0, b"new").unwrap();
@@ -3592,7 +3603,7 @@ mod tests {
                     let ino = fs.lookup(dir, name).unwrap().ino;
                     fs.open(ino, true, true).unwrap().0
                 } else {
-                    fs.create(dir, name, 0o644, false).unwrap().1
+                    fs.create(dir, name, 0o644, IfExists::Fail).unwrap().1
                 };
                 fs.write(fh, 0, &data(seed)).unwrap();
                 flush_while(&fs, &faults, fh, then);
@@ -3767,6 +3778,32 @@ mod tests {
         assert_eq!(&fs.read(fh, 0, 10).unwrap()[..], b"old");
         fs.release(fh).unwrap();
         assert_eq!(fs.lookup(main, "f").unwrap().size, 5);
+    }
+
+    #[test]
+    fn a_create_of_a_name_taken_meanwhile_keeps_it_unless_told_to_truncate() {
+        let (_d, fs, main) = setup();
+        write(&fs, main, "f", b"kept");
+        let read_back = |fh| fs.read(fh, 0, 100).unwrap().to_vec();
+        assert!(matches!(
+            fs.create(main, "f", 0o644, IfExists::Fail),
+            Err(FsError::Exists)
+        ));
+        // open(O_CREAT | O_APPEND): what is there stays, and the size the
+        // kernel appends at is its size.
+        let (attr, fh) = fs.create(main, "f", 0o644, IfExists::Keep).unwrap();
+        assert_eq!(attr.size, 4);
+        assert_eq!(read_back(fh), b"kept");
+        fs.write(fh, 4, b"+").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(read_all(&fs, fs.lookup(main, "f").unwrap().ino), b"kept+");
+        // open(O_CREAT | O_TRUNC)
+        let (attr, fh) = fs.create(main, "f", 0o644, IfExists::Truncate).unwrap();
+        assert_eq!(attr.size, 0);
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.lookup(main, "f").unwrap().size, 0);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-use super::fs::{Attr, FsError, Kind, LakeFs, PageCache, SetAttr};
+use super::fs::{Attr, FsError, IfExists, Kind, LakeFs, PageCache, SetAttr};
 
 /// Largest write the kernel sends in one request, and so the payload
 /// buffer of each io_uring entry (the kernel caps requests at 256 pages).
@@ -220,12 +220,16 @@ impl FuseAdapter {
         umask: u32,
         flags: i32,
     ) -> Result<(Attr, Opened), FsError> {
-        let (attr, fh) = self.fs.create(
-            parent,
-            name_str(name)?,
-            mode & !umask,
-            flags & libc::O_EXCL != 0,
-        )?;
+        let if_exists = if flags & libc::O_EXCL != 0 {
+            IfExists::Fail
+        } else if flags & libc::O_TRUNC != 0 {
+            IfExists::Truncate
+        } else {
+            IfExists::Keep
+        };
+        let (attr, fh) = self
+            .fs
+            .create(parent, name_str(name)?, mode & !umask, if_exists)?;
         // A new file is written through the spool, never the page cache.
         let opened = Opened {
             fh,
@@ -242,7 +246,7 @@ impl FuseAdapter {
         }
         let (a, fh) = self
             .fs
-            .create(parent, name_str(name)?, mode & !umask, true)?;
+            .create(parent, name_str(name)?, mode & !umask, IfExists::Fail)?;
         self.fs.flush(fh)?;
         self.fs.release(fh)?;
         Ok(a)
