@@ -1101,7 +1101,9 @@ impl LakeFs {
     fn reload(&self, view: &View, branch: &str) -> Result<ViewState> {
         let _alone = view.gate.write();
         if let Some(journal) = &self.cfg.writeback {
-            journal.wait_drained(JOURNAL_WAIT).map_err(FsError::Stage)?;
+            journal
+                .wait_uploaded(JOURNAL_WAIT)
+                .map_err(FsError::Stage)?;
         }
         let (mut fresh, batches) = self.read_branch(&view.repo, branch)?;
         let mut st = view.state.lock();
@@ -1994,7 +1996,7 @@ impl LakeFs {
             // Commands act on the lake: let it catch up with closed files first.
             if let Some(journal) = &self.cfg.writeback {
                 journal
-                    .wait_drained(JOURNAL_WAIT)
+                    .wait_uploaded(JOURNAL_WAIT)
                     .map_err(control::ControlError::Pending)?;
             }
             control::run(&self.lake, &view.repo, &branch, &cmd)

@@ -106,6 +106,11 @@ struct Record {
 struct Pending {
     /// Entries not yet uploaded.
     total: usize,
+    /// Of them, entries of the one-file-per-entry layout.
+    entries: usize,
+    /// How far uploads of the log have got: (segment, offset), every
+    /// record before it uploaded (`u64::MAX`: the whole segment).
+    uploaded: (u64, u64),
     last_error: Option<String>,
 }
 
@@ -155,10 +160,12 @@ impl Journal {
         for (_, path) in j.entries()? {
             if let Ok(e) = Self::read(&path) {
                 j.count(1);
+                j.pending.lock().entries += 1;
                 j.need(&chunks_of(&e.ops));
             }
         }
         let pos = j.position();
+        j.pending.lock().uploaded = (pos.segment, pos.offset);
         let mut next = 0;
         for (seg, path) in j.segments()? {
             let from = if seg == pos.segment { pos.offset } else { 0 };
@@ -236,6 +243,13 @@ impl Journal {
     fn read(path: &Path) -> Result<JournalEntry, String> {
         let bytes = std::fs::read(path).map_err(io_err)?;
         postcard::from_bytes(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Uploads of the log have got to `offset` in segment `seg`.
+    fn uploaded_to(&self, seg: u64, offset: u64) {
+        let mut p = self.pending.lock();
+        p.uploaded = p.uploaded.max((seg, offset));
+        self.drained.notify_all();
     }
 
     fn count(&self, delta: isize) {
@@ -361,9 +375,36 @@ impl Journal {
 
     /// Wait until nothing is left to upload, or `limit` passes.
     pub fn wait_drained(&self, limit: Duration) -> Result<(), String> {
+        self.wait_until(limit, |p| p.total == 0)
+    }
+
+    /// Wait until every entry appended so far is uploaded (entries
+    /// appended meanwhile need not be: closes going on elsewhere do not
+    /// hold the caller up), or `limit` passes.
+    pub fn wait_uploaded(&self, limit: Duration) -> Result<(), String> {
+        self.wait_uploaded_to(self.mark(), limit)
+    }
+
+    /// Where the log ends now: (segment, offset).
+    fn mark(&self) -> (u64, u64) {
+        let a = self.append.lock();
+        match &a.segment {
+            Some((seg, _, size)) => (*seg, *size),
+            // The next segment is numbered `next`: all is before it.
+            None => (a.next, 0),
+        }
+    }
+
+    fn wait_uploaded_to(&self, mark: (u64, u64), limit: Duration) -> Result<(), String> {
+        self.wait_until(limit, |p| {
+            p.total == 0 || (p.entries == 0 && p.uploaded >= mark)
+        })
+    }
+
+    fn wait_until(&self, limit: Duration, done: impl Fn(&Pending) -> bool) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         let mut p = self.pending.lock();
-        while p.total > 0 {
+        while !done(&p) {
             if self.drained.wait_until(&mut p, deadline).timed_out() {
                 return Err(format!(
                     "{} closed change(s) are still uploading ({})",
@@ -402,6 +443,7 @@ impl Journal {
                 Err(Upload::Retry(e)) => return Err(e),
                 Err(Upload::Gone(e)) => self.set_aside(&path, &e)?,
             }
+            self.pending.lock().entries -= 1;
             self.count(-1);
             done += 1;
         }
@@ -465,6 +507,7 @@ impl Journal {
                         intent: 0,
                     };
                     self.set_position(pos)?;
+                    self.uploaded_to(seg, end);
                     done += group.len();
                     i = j;
                 }
@@ -472,6 +515,7 @@ impl Journal {
                     // Records after a damaged one cannot be found: keep the
                     // segment for a person, and go on with the next.
                     self.set_aside(&path, "a damaged record")?;
+                    self.uploaded_to(seg, u64::MAX);
                     break;
                 }
                 // Appends happen under this lock, so the segment's length is
@@ -498,6 +542,8 @@ impl Journal {
                     a.segment = None;
                 }
                 std::fs::remove_file(&path).map_err(io_err)?;
+                drop(a);
+                self.uploaded_to(seg, u64::MAX);
                 break;
             }
         }
@@ -754,6 +800,27 @@ mod tests {
         let mut out = Vec::new();
         l.read_file(&f, &mut out).unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn waiting_for_what_was_appended_is_not_held_up_by_what_came_after() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let short = Duration::from_millis(50);
+        put(&l, &j, "main", "a", "1");
+        let mark = j.mark();
+        assert!(j.wait_uploaded_to(mark, short).is_err(), "not uploaded yet");
+        j.upload_all(&l).unwrap();
+        // A close after the mark (another branch's, or the same one's).
+        put(&l, &j, "main", "b", "2");
+        j.wait_uploaded_to(mark, short).unwrap();
+        assert!(j.wait_drained(short).is_err(), "b is still to upload");
+        assert!(j.wait_uploaded(short).is_err(), "b is before a new mark");
+        j.upload_all(&l).unwrap();
+        j.wait_uploaded(short).unwrap();
+        j.wait_drained(short).unwrap();
+        assert_eq!(text(&l, "main", "b"), "2");
     }
 
     #[test]
