@@ -2132,18 +2132,32 @@ impl LakeFs {
             return Err(e);
         }
         if let Entry::File(file) = entry {
-            // This inode now is the written version, held by hash. (If it
-            // was a looked-up inode, its number names the version looked
-            // up; should that version come back, a lookup makes the node
-            // that version again: see `entry_node`.)
-            self.nodes.lock().insert(
-                ino,
-                Box::new(Node::File {
-                    view: view.clone(),
-                    path: path.clone(),
-                    file: light(file),
-                }),
-            );
+            // This inode, and every other the spool was opened or looked up
+            // through, now is the written version, held by hash: one file,
+            // whatever inode the kernel knows it by. (If one was a
+            // looked-up inode, its number names the version looked up;
+            // should that version come back, a lookup makes the node that
+            // version again: see `entry_node`.)
+            let mut inos: Vec<u64> = self
+                .writes
+                .lock()
+                .iter()
+                .filter(|(_, w)| Arc::ptr_eq(w, wf))
+                .map(|(i, _)| *i)
+                .collect();
+            inos.push(ino);
+            let file = light(file);
+            let mut nodes = self.nodes.lock();
+            for ino in inos {
+                nodes.insert(
+                    ino,
+                    Box::new(Node::File {
+                        view: view.clone(),
+                        path: path.clone(),
+                        file: file.clone(),
+                    }),
+                );
+            }
         }
         Arc::make_mut(&mut view.state.lock().creating).remove(&path);
         Ok(())
@@ -3682,11 +3696,13 @@ mod tests {
         let v1: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let v2: Vec<u8> = (0..20_000u32).map(|i| (i % 241) as u8).collect();
         let a = write(&fs, main, "f", &v1);
-        // Open for writing through the inode it was created as; meanwhile
-        // a lookup (another process, a TTL) names it by its version.
-        let (fh, _) = fs.open(a, true, false).unwrap();
+        // A lookup (another process, a TTL) names it by its version; then
+        // it is opened for writing through the inode it was created as.
+        // (An inode looked up while the file is open for writing is the
+        // file's spool, then the version its close wrote.)
         let b = fs.lookup(main, "f").unwrap().ino;
         assert_ne!(a, b);
+        let (fh, _) = fs.open(a, true, false).unwrap();
         fs.write(fh, 0, &v2).unwrap();
         fs.flush(fh).unwrap();
         fs.release(fh).unwrap();
@@ -3832,8 +3848,11 @@ mod tests {
         assert_eq!(listed, [("f".to_string(), 20)]);
         fs.flush(fh).unwrap();
         fs.release(fh).unwrap();
-        // Closed for good: the branch's version again, the one written.
+        // Closed for good: the branch's version again, the one written,
+        // through every inode the kernel knows the file by.
         assert_eq!(fs.lookup(main, "f").unwrap().size, 20);
+        assert_eq!(fs.getattr(b).unwrap().size, 20);
+        assert_eq!(read_all(&fs, b), [b'x'; 20]);
         assert!(fs.writes.lock().is_empty());
     }
 
