@@ -2138,17 +2138,20 @@ impl LakeFs {
             // looked-up inode, its number names the version looked up;
             // should that version come back, a lookup makes the node that
             // version again: see `entry_node`.)
-            let mut inos: Vec<u64> = self
+            // The kernel may hold pages of another version for the others
+            // (one never opened for writing was never made to drop them):
+            // dropped at their next open.
+            let others: Vec<u64> = self
                 .writes
                 .lock()
                 .iter()
-                .filter(|(_, w)| Arc::ptr_eq(w, wf))
+                .filter(|(i, w)| **i != ino && Arc::ptr_eq(w, wf))
                 .map(|(i, _)| *i)
                 .collect();
-            inos.push(ino);
+            self.stale_pages.lock().extend(others.iter().copied());
             let file = light(file);
             let mut nodes = self.nodes.lock();
-            for ino in inos {
+            for ino in others.into_iter().chain([ino]) {
                 nodes.insert(
                     ino,
                     Box::new(Node::File {
@@ -3852,6 +3855,10 @@ mod tests {
         // through every inode the kernel knows the file by.
         assert_eq!(fs.lookup(main, "f").unwrap().size, 20);
         assert_eq!(fs.getattr(b).unwrap().size, 20);
+        // ...whose pages the kernel may hold of the older version.
+        let (fh, cache) = fs.open(b, false, false).unwrap();
+        assert!(matches!(cache, PageCache::Refresh));
+        fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, b), [b'x'; 20]);
         assert!(fs.writes.lock().is_empty());
     }
