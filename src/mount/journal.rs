@@ -374,7 +374,8 @@ impl Journal {
     }
 
     /// Wait until nothing is left to upload, or `limit` passes.
-    pub fn wait_drained(&self, limit: Duration) -> Result<(), String> {
+    #[cfg(test)]
+    fn wait_drained(&self, limit: Duration) -> Result<(), String> {
         self.wait_until(limit, |p| p.total == 0)
     }
 
