@@ -1731,7 +1731,7 @@ impl LakeFs {
                     let writes = self.writes.lock();
                     let live = writes
                         .get(&ino)
-                        .filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty)
+                        .filter(|wf| !wf.writers.lock().is_empty() || wf.meta.lock().dirty())
                         .cloned();
                     // Opened under the lock, as `spool_of` does.
                     live.inspect(|wf| open_ref(wf))
@@ -2071,7 +2071,7 @@ impl LakeFs {
     fn commit_write(&self, ino: u64, wf: &Arc<WriteFile>) -> Result<()> {
         let _in_order = wf.staging.lock();
         let meta = wf.meta.lock().clone();
-        if !meta.dirty || meta.unlinked {
+        if !meta.dirty() || meta.unlinked {
             return Ok(());
         }
         let Node::File { view, .. } = self.node(ino)? else {
@@ -2111,13 +2111,9 @@ impl LakeFs {
                 (entry, vec![])
             }
         };
-        {
-            let mut m = wf.meta.lock();
-            // Changes that came in while we were storing keep it dirty.
-            if m.changes == meta.changes {
-                m.dirty = false;
-            }
-        }
+        // What this close saw is staged; changes that came in while it
+        // was storing keep the file dirty.
+        wf.meta.lock().staged = meta.changes;
         let staged = self.stage(
             &view,
             vec![Op::Put {

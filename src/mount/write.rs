@@ -210,12 +210,12 @@ pub struct WriteMeta {
     pub size: u64,
     pub mode: u32,
     pub mtime: i64,
-    /// Changed since the last time it was staged.
-    pub dirty: bool,
-    /// Changes so far (`changed`): a close staging the file knows whether
-    /// any came while it did (a chmod from another process leaves size and
-    /// time as they were).
+    /// Changes so far (`changed`), and how many of them were staged
+    /// (`staged`): a close staging the file marks only what it saw, so a
+    /// change coming meanwhile (a chmod from another process leaves size
+    /// and time as they were) keeps the file `dirty`.
     pub changes: u64,
+    pub staged: u64,
     /// Unlinked while open: never staged again.
     pub unlinked: bool,
 }
@@ -242,8 +242,12 @@ impl WriteMeta {
 
     /// Mark the file changed since it was last staged.
     pub fn changed(&mut self) {
-        self.dirty = true;
         self.changes += 1;
+    }
+
+    /// Changed since the last time it was staged.
+    pub fn dirty(&self) -> bool {
+        self.changes != self.staged
     }
 }
 
@@ -271,8 +275,9 @@ impl WriteFile {
                 size: 0,
                 mode,
                 mtime,
-                dirty,
-                changes: 0,
+                // A new file is a change to stage even if nothing is written.
+                changes: u64::from(dirty),
+                staged: 0,
                 unlinked: false,
             }),
             opens: AtomicUsize::new(0),
@@ -634,7 +639,7 @@ mod tests {
         let mut all = Vec::new();
         std::io::Read::read_to_end(&mut wf.reader().unwrap(), &mut all).unwrap();
         assert_eq!(all, b"01\0\0\0");
-        assert!(wf.meta.lock().dirty);
+        assert!(wf.meta.lock().dirty());
         let spools = || std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(spools(), 0, "small files stay in memory");
         // Growing past the memory spool moves it to a file, bytes and all.
