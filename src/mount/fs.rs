@@ -1717,9 +1717,7 @@ impl LakeFs {
                     };
                     if truncate {
                         if let Err(e) = wf.truncate(0) {
-                            if close_ref(&wf) {
-                                forget_spool(&self.writes, &wf);
-                            }
+                            self.close_spool(&wf);
                             return Err(e.into());
                         }
                     }
@@ -1833,12 +1831,10 @@ impl LakeFs {
         })
     }
 
-    /// The write spool of an inode (the file's, if it has one), else one
-    /// made from `file`; opened (`open_ref`): the caller closes it.
+    /// A new write spool of an inode, made from `file`, for a file that has
+    /// none (its callers looked, under `order_on`); opened (`open_ref`):
+    /// the caller closes it.
     fn writer(&self, ino: u64, view: &View, path: &str, file: &File) -> Result<Arc<WriteFile>> {
-        if let Some(wf) = self.spool_of(ino, view, path, true) {
-            return Ok(wf);
-        }
         let snapshot = self.snapshot(file.clone())?;
         let cache = self.cache.clone();
         let wf = Arc::new(WriteFile::new(
@@ -1895,6 +1891,13 @@ impl LakeFs {
             open_ref(&wf);
         }
         Some(wf)
+    }
+
+    /// Drop an open of a spool that was not a handle's; the last forgets it.
+    fn close_spool(&self, wf: &Arc<WriteFile>) {
+        if close_ref(wf) {
+            forget_spool(&self.writes, wf);
+        }
     }
 
     /// Taken from before a file's spool is looked for until one is made or
@@ -2608,9 +2611,7 @@ impl LakeFs {
                     .truncate(size)
                     .map_err(FsError::from)
                     .and_then(|()| self.commit_write(ino, &wf));
-                if close_ref(&wf) {
-                    forget_spool(&self.writes, &wf);
-                }
+                self.close_spool(&wf);
                 res?;
             }
         }
