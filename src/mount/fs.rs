@@ -3533,9 +3533,7 @@ mod tests {
             || {
                 let set = SetAttr {
                     mode: Some(0o600),
-                    size: None,
-                    mtime: None,
-                    kill_suid: false,
+                    ..SetAttr::default()
                 };
                 fs.setattr(f, None, set).unwrap();
             },
@@ -3566,9 +3564,7 @@ mod tests {
         let (_d, fs, main, faults) = setup_slow();
         let mode = |m| SetAttr {
             mode: Some(m),
-            size: None,
-            mtime: None,
-            kill_suid: false,
+            ..SetAttr::default()
         };
         for (seed, other_inode) in [(1, false), (2, true)] {
             let name = format!("f{seed}");
