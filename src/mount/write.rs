@@ -49,6 +49,9 @@ pub struct WriteFile {
     /// (`LakeFs::writers_at`), so no close lands at a path the file has
     /// left.
     pub staging: Mutex<()>,
+    /// The inodes the mount's table of files open for writing holds it
+    /// under (`LakeFs::writes`); changed only under that table's lock.
+    pub inos: Mutex<Vec<u64>>,
 }
 
 enum Spool {
@@ -283,6 +286,7 @@ impl WriteFile {
             opens: AtomicUsize::new(0),
             writers: Mutex::default(),
             staging: Mutex::new(()),
+            inos: Mutex::new(Vec::new()),
         };
         let size = initial(&|at, data| wf.put(at, data))?;
         wf.resize(size)?;
