@@ -893,15 +893,20 @@ impl LakeFs {
 
     /// The inode for an entry found at `path` in a view.
     fn entry_node(&self, view: &Arc<View>, path: String, entry: &Entry) -> u64 {
-        let ino = self.child_ino(view, &path, entry);
         match entry {
+            Entry::File(f) if view.branch.is_some() => {
+                // Made `light` first, so a small file's content is hashed
+                // once: its inode number and its node take that form.
+                let f = light(f.clone());
+                let ino = self.child_ino(view, &path, &Entry::File(f.clone()));
+                self.remember_version(ino, view, path, &f);
+                ino
+            }
             // A pinned view never changes: its files need no version in the
             // inode, and a path is all the node has to hold (1M looked-up
             // files stay small).
-            Entry::File(f) if view.branch.is_some() => {
-                self.remember_version(ino, view, path, &light(f.clone()))
-            }
             _ => {
+                let ino = self.child_ino(view, &path, entry);
                 self.remember(
                     ino,
                     Node::Tree {
@@ -909,9 +914,9 @@ impl LakeFs {
                         path,
                     },
                 );
+                ino
             }
         }
-        ino
     }
 
     // ---- views ----
