@@ -600,9 +600,8 @@ pub struct LakeFs {
     negative: Mutex<HashMap<(String, String), Instant>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
-    /// Files open for writing, by inode (each under every inode it was
-    /// opened or looked up through: `WriteFile::inos`).
-    writes: Mutex<HashMap<u64, Arc<WriteFile>>>,
+    /// Files open for writing.
+    writes: Mutex<Writes>,
     /// Rename counts per (view, old path): see `generation`.
     moved_away: Mutex<HashMap<(u64, String), u64>>,
     /// Inodes a rename moved, by (view, where they are now): see
@@ -644,21 +643,70 @@ fn ino_of(parts: &[&[u8]]) -> u64 {
 /// A spool closed for good, under every inode it was opened through;
 /// unless it was opened again meanwhile (opens of a spool found in
 /// `writes` count themselves under its lock: see `LakeFs::spool_of`).
-fn forget_spool(writes: &Mutex<HashMap<u64, Arc<WriteFile>>>, wf: &Arc<WriteFile>) {
+fn forget_spool(writes: &Mutex<Writes>, wf: &Arc<WriteFile>) {
     let mut writes = writes.lock();
     if wf.opens.load(Ordering::SeqCst) == 0 {
         for ino in wf.inos.lock().drain(..) {
             if writes.get(&ino).is_some_and(|w| Arc::ptr_eq(w, wf)) {
-                writes.remove(&ino);
+                writes.by_ino.remove(&ino);
             }
         }
+        let path = wf.path.lock().clone();
+        writes.unindex(wf, path);
     }
 }
 
-/// Put a spool in the table of files open for writing under `ino`.
-fn add_spool(writes: &mut HashMap<u64, Arc<WriteFile>>, ino: u64, wf: &Arc<WriteFile>) {
-    writes.insert(ino, wf.clone());
-    wf.inos.lock().push(ino);
+/// Files open for writing (or being closed): each under every inode it
+/// was opened or looked up through (`WriteFile::inos`), and under its
+/// view and path until it is unlinked — so a lookup through an inode it
+/// was not opened through finds it without going through them all.
+#[derive(Default)]
+struct Writes {
+    by_ino: HashMap<u64, Arc<WriteFile>>,
+    by_path: HashMap<(u64, String), Arc<WriteFile>>,
+}
+
+impl Writes {
+    fn get(&self, ino: &u64) -> Option<&Arc<WriteFile>> {
+        self.by_ino.get(ino)
+    }
+
+    fn contains_key(&self, ino: &u64) -> bool {
+        self.by_ino.contains_key(ino)
+    }
+
+    /// Each file once per inode it is under.
+    fn values(&self) -> impl Iterator<Item = &Arc<WriteFile>> {
+        self.by_ino.values()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.by_ino.is_empty() && self.by_path.is_empty()
+    }
+
+    /// Put a spool in the table under `ino` (and its path).
+    fn add(&mut self, ino: u64, wf: &Arc<WriteFile>) {
+        self.by_ino.insert(ino, wf.clone());
+        wf.inos.lock().push(ino);
+        if !wf.meta.lock().unlinked {
+            let path = wf.path.lock().clone();
+            self.by_path.insert((wf.view, path), wf.clone());
+        }
+    }
+
+    /// The file being written at `path` in a view, if any.
+    fn at(&self, view: u64, path: &str) -> Option<&Arc<WriteFile>> {
+        self.by_path.get(&(view, path.to_string()))
+    }
+
+    /// `wf` is no longer at `path` (moved, unlinked or forgotten).
+    fn unindex(&mut self, wf: &Arc<WriteFile>, path: String) {
+        let key = (wf.view, path);
+        if self.by_path.get(&key).is_some_and(|w| Arc::ptr_eq(w, wf)) {
+            self.by_path.remove(&key);
+        }
+    }
 }
 
 /// Hold each file's staging, in the order given (`LakeFs::writers_at`).
@@ -732,7 +780,7 @@ impl LakeFs {
             negative: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            writes: Mutex::new(HashMap::new()),
+            writes: Mutex::new(Writes::default()),
             moved_away: Mutex::new(HashMap::new()),
             moved_to: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
@@ -1879,7 +1927,7 @@ impl LakeFs {
         let wf = match writes.get(&ino) {
             Some(open) => open.clone(),
             None => {
-                add_spool(&mut writes, ino, &wf);
+                writes.add(ino, &wf);
                 wf
             }
         };
@@ -1899,13 +1947,8 @@ impl LakeFs {
         let wf = match writes.get(&ino) {
             Some(wf) => wf.clone(),
             None => {
-                let same = writes
-                    .values()
-                    .find(|wf| {
-                        wf.view == view.id && !wf.meta.lock().unlinked && *wf.path.lock() == path
-                    })
-                    .cloned()?;
-                add_spool(&mut writes, ino, &same);
+                let same = writes.at(view.id, path).cloned()?;
+                writes.add(ino, &same);
                 same
             }
         };
@@ -2306,7 +2349,7 @@ impl LakeFs {
                 file,
             }),
         );
-        add_spool(&mut self.writes.lock(), ino, &wf);
+        self.writes.lock().add(ino, &wf);
         Arc::make_mut(&mut view.state.lock().creating).insert(child, ino);
         let fh = self.add_handle(Handle::Write(wf, ino));
         Ok((self.getattr(ino)?, fh))
@@ -2417,9 +2460,11 @@ impl LakeFs {
     /// created or looked up as, the tree by another.
     fn forget_writers_at(&self, view: &View, path: &str, writers: &[Arc<WriteFile>]) {
         Arc::make_mut(&mut view.state.lock().creating).remove(path);
+        let mut writes = self.writes.lock();
         for wf in writers {
             if *wf.path.lock() == path {
                 wf.meta.lock().unlinked = true;
+                writes.unindex(wf, path.to_string());
             }
         }
     }
@@ -2526,10 +2571,24 @@ impl LakeFs {
                 creating.insert(rebase(&p).expect("filtered"), i);
             }
         }
-        for wf in self.writes.lock().values().filter(|wf| wf.view == view.id) {
-            let mut p = wf.path.lock();
-            if let Some(n) = rebase(&p) {
-                *p = n;
+        {
+            let mut writes = self.writes.lock();
+            let mut moved: Vec<(Arc<WriteFile>, String)> = Vec::new();
+            for wf in writes.values().filter(|wf| wf.view == view.id) {
+                let mut p = wf.path.lock();
+                if let Some(n) = rebase(&p) {
+                    // Under two inodes, it is seen twice: moved once.
+                    moved.push((wf.clone(), std::mem::replace(&mut *p, n)));
+                }
+            }
+            for (wf, old) in &moved {
+                writes.unindex(wf, old.clone());
+            }
+            for (wf, _) in moved {
+                if !wf.meta.lock().unlinked {
+                    let path = wf.path.lock().clone();
+                    writes.by_path.insert((view.id, path), wf);
+                }
             }
         }
         // What was at `to` is gone; else it would move with `to` next.
@@ -3917,6 +3976,47 @@ mod tests {
         assert!(matches!(cache, PageCache::Refresh));
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, b), [b'x'; 20]);
+        assert!(fs.writes.lock().is_empty());
+    }
+
+    #[test]
+    fn a_file_being_written_is_found_where_renames_took_it_and_nowhere_else() {
+        let (_d, fs, main) = setup();
+        let Node::Tree { view, .. } = fs.node(main).unwrap() else {
+            panic!("main is a directory")
+        };
+        let d = fs.mkdir(main, "d").unwrap().ino;
+        let a = write(&fs, d, "f", b"12345");
+        commit(&fs);
+        let (fh, _) = fs.open(a, true, false).unwrap();
+        fs.write(fh, 0, &[b'x'; 20]).unwrap();
+        // What a lookup through an inode the file was not opened through
+        // finds (a new inode each time, so none is in the table yet).
+        let fresh = AtomicU64::new(1 << 40);
+        let found = |path: &str| {
+            let ino = fresh.fetch_add(1, Ordering::Relaxed);
+            fs.spool_of(ino, &view, path, false).is_some()
+        };
+        assert!(found("d/f"));
+        fs.rename(main, "d", main, "e", false).unwrap();
+        assert!(found("e/f") && !found("d/f"));
+        let e = fs.lookup(main, "e").unwrap().ino;
+        assert_eq!(fs.lookup(e, "f").unwrap().size, 20);
+        fs.rename(e, "f", e, "g", false).unwrap();
+        assert!(found("e/g") && !found("e/f"));
+        assert_eq!(fs.lookup(e, "g").unwrap().size, 20);
+        // Another file made (and closed) where it was is not it.
+        write(&fs, e, "f", b"abc");
+        assert!(!found("e/f"));
+        assert_eq!(fs.lookup(e, "f").unwrap().size, 3);
+        // Unlinked while open, it answers for its name no more.
+        fs.unlink(e, "g").unwrap();
+        assert!(!found("e/g"));
+        write(&fs, e, "g", b"new!");
+        assert_eq!(fs.lookup(e, "g").unwrap().size, 4);
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.lookup(e, "g").unwrap().size, 4);
         assert!(fs.writes.lock().is_empty());
     }
 
