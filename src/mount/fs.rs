@@ -668,10 +668,12 @@ struct Nodes {
     by_path: std::collections::BTreeSet<(u64, u64, u64)>,
 }
 
-/// Where a node is in a view, hashed (see `Nodes`).
+/// Where a node is in a branch view, hashed (see `Nodes`). Pinned views
+/// never change: their nodes are not indexed (a million looked up cost
+/// no more).
 fn path_key(node: &Node) -> Option<(u64, u64)> {
     match node {
-        Node::Tree { view, path } | Node::File { view, path, .. } => {
+        Node::Tree { view, path } | Node::File { view, path, .. } if view.branch.is_some() => {
             Some((view.id, path_hash(path)))
         }
         _ => None,
