@@ -753,25 +753,23 @@ impl Nodes {
     }
 
     /// The inodes of `path` in a view, or of it and all below it (a walk
-    /// over every inode).
-    fn of(&self, view: u64, path: &str, below: bool) -> Vec<u64> {
+    /// over every inode); with `trees`, only directories and symlinks.
+    fn of(&self, view: u64, path: &str, below: bool, trees: bool) -> Vec<u64> {
+        let pick = |node: &Node, exact: bool| match node {
+            Node::Tree { view: v, path: p } => v.id == view && is_at(p, path, exact),
+            Node::File {
+                view: v, path: p, ..
+            } => !trees && v.id == view && is_at(p, path, exact),
+            _ => false,
+        };
         if !below {
             let mut inos = self.at(view, path);
-            inos.retain(|ino| match self.get(ino) {
-                Some(Node::Tree { path: p, .. } | Node::File { path: p, .. }) => p == path,
-                _ => false,
-            });
+            inos.retain(|ino| self.get(ino).is_some_and(|n| pick(n, true)));
             return inos;
         }
         self.by_ino
             .iter()
-            .filter(|(_, n)| match &***n {
-                Node::Tree { view: v, path: p }
-                | Node::File {
-                    view: v, path: p, ..
-                } => v.id == view && is_under(p, path),
-                _ => false,
-            })
+            .filter(|(_, n)| pick(n, false))
             .map(|(ino, _)| *ino)
             .collect()
     }
@@ -845,6 +843,15 @@ fn hold(writers: &[Arc<WriteFile>]) -> Vec<parking_lot::MutexGuard<'_, ()>> {
 fn is_under(p: &str, path: &str) -> bool {
     p.strip_prefix(path)
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Is `p` at `path` (`exact`), or at it or below it?
+fn is_at(p: &str, path: &str, exact: bool) -> bool {
+    if exact {
+        p == path
+    } else {
+        is_under(p, path)
+    }
 }
 
 fn join(path: &str, name: &str) -> String {
@@ -2729,7 +2736,7 @@ impl LakeFs {
         let mut nodes = self.nodes.lock();
         let mut moved_away = self.moved_away.lock();
         let mut moved_to = self.moved_to.lock();
-        let inos = nodes.of(view.id, from, dirs);
+        let inos = nodes.of(view.id, from, dirs, false);
         nodes.repath(&inos, |ino, node| {
             let (Node::Tree { path, .. } | Node::File { path, .. }) = node else {
                 return None;
@@ -2760,7 +2767,7 @@ impl LakeFs {
     /// `path` itself are looked at.
     fn detach(&self, view: &View, path: &str, below: bool) {
         let mut nodes = self.nodes.lock();
-        let inos = nodes.of(view.id, path, below);
+        let inos = nodes.of(view.id, path, below, true);
         nodes.remove_if(&inos, |node| matches!(node, Node::Tree { .. }));
         drop(nodes);
         let mut moved_to = self.moved_to.lock();
