@@ -103,6 +103,10 @@ pub fn store_content_seen(
     let mut stats = StoreStats::default();
     if head.len() as u64 <= INLINE_MAX {
         stats.bytes = head.len() as u64;
+        // Read into room for INLINE_MAX + 1 bytes: kept as it is, a small
+        // file's content would hold ~4 KiB for as long as it is held (a
+        // mount's view and inodes hold every file written).
+        head.shrink_to_fit();
         return Ok((Stored::Inline(head), stats));
     }
     let source = std::io::Cursor::new(head).chain(reader);
@@ -283,6 +287,10 @@ mod tests {
         let (c, st) = store_content(&s, ChunkParams::default(), &b"hello"[..], "x").unwrap();
         assert_eq!(c, Stored::Inline(b"hello".to_vec()));
         assert_eq!(st.new_chunks, 0);
+        // Held as long as its file is: no room left over (a mount writing
+        // 50k small files held 250 MB of it).
+        let Stored::Inline(v) = c else { unreachable!() };
+        assert_eq!(v.capacity(), v.len());
     }
 
     #[test]
