@@ -664,26 +664,26 @@ struct Nodes {
     /// memory with a million inodes looked up (and twice that while the
     /// table grows).
     by_ino: HashMap<u64, Box<Node>>,
-    /// (view, path hash, inode): ~24 bytes an inode.
-    by_path: std::collections::BTreeSet<(u64, u64, u64)>,
+    /// (hash of view and path, inode): ~25 bytes an inode.
+    by_path: std::collections::BTreeSet<(u64, u64)>,
 }
 
 /// Where a node is in a branch view, hashed (see `Nodes`). Pinned views
 /// never change: their nodes are not indexed (a million looked up cost
 /// no more).
-fn path_key(node: &Node) -> Option<(u64, u64)> {
+fn path_key(node: &Node) -> Option<u64> {
     match node {
         Node::Tree { view, path } | Node::File { view, path, .. } if view.branch.is_some() => {
-            Some((view.id, path_hash(path)))
+            Some(path_hash(view.id, path))
         }
         _ => None,
     }
 }
 
-fn path_hash(path: &str) -> u64 {
+fn path_hash(view: u64, path: &str) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    path.hash(&mut h);
+    (view, path).hash(&mut h);
     h.finish()
 }
 
@@ -697,8 +697,8 @@ impl Nodes {
         if let Some(old) = self.by_ino.insert(ino, node) {
             self.unindex(ino, &old);
         }
-        if let Some((v, h)) = key {
-            self.by_path.insert((v, h, ino));
+        if let Some(h) = key {
+            self.by_path.insert((h, ino));
         }
     }
 
@@ -709,18 +709,18 @@ impl Nodes {
     }
 
     fn unindex(&mut self, ino: u64, node: &Node) {
-        if let Some((v, h)) = path_key(node) {
-            self.by_path.remove(&(v, h, ino));
+        if let Some(h) = path_key(node) {
+            self.by_path.remove(&(h, ino));
         }
     }
 
-    /// The inodes of `path` in a view (and, rarely, of paths whose hash
-    /// is the same: callers check the node's path).
+    /// The inodes of `path` in a view (and, rarely, of others whose
+    /// hash is the same: callers check the node's view and path).
     fn at(&self, view: u64, path: &str) -> Vec<u64> {
-        let h = path_hash(path);
+        let h = path_hash(view, path);
         self.by_path
-            .range((view, h, 0)..=(view, h, u64::MAX))
-            .map(|&(_, _, ino)| ino)
+            .range((h, 0)..=(h, u64::MAX))
+            .map(|&(_, ino)| ino)
             .collect()
     }
 
