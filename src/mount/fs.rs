@@ -2537,8 +2537,13 @@ impl LakeFs {
         let child = join(&path, name);
         let writers = self.writers_at(&view, &[&child]);
         let _in_order = hold(&writers);
-        let state = self.state(&view)?;
-        match self.child(&view, &state, &child)? {
+        // The state is let go of before `creating` is edited: a copy still
+        // held would make `Arc::make_mut` copy every file being created.
+        let found = {
+            let state = self.state(&view)?;
+            self.child(&view, &state, &child)?
+        };
+        match found {
             None => Err(FsError::NotFound),
             Some((_, Some(Entry::Dir(_)))) => Err(FsError::IsADirectory),
             Some((_, entry)) => {
@@ -2589,13 +2594,7 @@ impl LakeFs {
     /// path, not inode: the kernel may know the file by the inode it was
     /// created or looked up as, the tree by another.
     fn forget_writers_at(&self, view: &View, path: &str, writers: &[Arc<WriteFile>]) {
-        {
-            // The caller holds a state: copied only if `path` is in it.
-            let mut st = view.state.lock();
-            if st.creating.contains_key(path) {
-                Arc::make_mut(&mut st.creating).remove(path);
-            }
-        }
+        Arc::make_mut(&mut view.state.lock().creating).remove(path);
         let mut writes = self.writes.lock();
         for wf in writers {
             if *wf.path.lock() == path {
@@ -2651,13 +2650,12 @@ impl LakeFs {
         let _in_order = hold(&writers);
         let state = self.state(&view)?;
         let (_, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
-        let mut dirs = matches!(src, Some(Entry::Dir(_)));
-        if let Some((_, dst)) = self.child(&view, &state, &to)? {
-            dirs |= matches!(dst, Some(Entry::Dir(_)));
+        let dst = self.child(&view, &state, &to)?.map(|(_, e)| e);
+        if let Some(dst) = &dst {
             if no_replace {
                 return Err(FsError::Exists);
             }
-            match (&src, &dst) {
+            match (&src, dst) {
                 (Some(Entry::Dir(_)), Some(Entry::Dir(h))) if state.trees.count(h)? > 0 => {
                     return Err(FsError::NotEmpty)
                 }
@@ -2666,6 +2664,12 @@ impl LakeFs {
                 (_, Some(Entry::Dir(_))) => return Err(FsError::IsADirectory),
                 _ => {}
             }
+        }
+        // Let go of before `creating` is edited (see `unlink`).
+        drop(state);
+        let is_dir = |e: &Option<Entry>| matches!(e, Some(Entry::Dir(_)));
+        let dirs = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
+        if dst.is_some() {
             self.forget_writers_at(&view, &to, &writers);
         }
         let mut ops = Vec::new();
@@ -2707,8 +2711,6 @@ impl LakeFs {
                 .filter(|(p, _)| rebase(p).is_some())
                 .map(|(p, i)| (p.clone(), *i))
                 .collect();
-            // Copied only if a lookup holds it meanwhile, and only if
-            // something in it moves (the rename's caller holds a state).
             if !moved.is_empty() {
                 let creating = Arc::make_mut(&mut st.creating);
                 for (p, i) in moved {
