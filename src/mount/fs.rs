@@ -637,22 +637,6 @@ fn ino_of(parts: &[&[u8]]) -> u64 {
     x | (1 << 63)
 }
 
-/// A spool closed for good, under every inode it was opened through;
-/// unless it was opened again meanwhile (opens of a spool found in
-/// `writes` count themselves under its lock: see `LakeFs::spool_of`).
-fn forget_spool(writes: &Mutex<Writes>, wf: &Arc<WriteFile>) {
-    let mut writes = writes.lock();
-    if wf.opens.load(Ordering::SeqCst) == 0 {
-        for ino in wf.inos.lock().drain(..) {
-            if writes.get(&ino).is_some_and(|w| Arc::ptr_eq(w, wf)) {
-                writes.by_ino.remove(&ino);
-            }
-        }
-        let path = wf.path.lock().clone();
-        writes.unindex(wf, path);
-    }
-}
-
 /// Every inode the kernel was given, by number; and those of branch
 /// views by (view, hash of the path) too, so a rename or removal of a file
 /// or symlink finds its inodes without going through them all (with 200k
@@ -800,18 +784,38 @@ impl Writes {
         self.by_ino.is_empty() && self.by_path.is_empty()
     }
 
-    /// Put a spool in the table under `ino` (and its path).
+    /// Put a new spool in the table, under `ino` and its path.
     fn add(&mut self, ino: u64, wf: &Arc<WriteFile>) {
+        self.also_under(ino, wf);
+        self.index(wf, wf.path.lock().clone());
+    }
+
+    /// A spool in the table is open through `ino` too.
+    fn also_under(&mut self, ino: u64, wf: &Arc<WriteFile>) {
         self.by_ino.insert(ino, wf.clone());
         wf.inos.lock().push(ino);
-        if !wf.meta.lock().unlinked {
-            let path = wf.path.lock().clone();
-            self.by_path.insert((wf.view, path), wf.clone());
+    }
+
+    /// A spool closed for good, under every inode it was opened through;
+    /// unless it was opened again meanwhile (opens of a spool found here
+    /// count themselves under the table's lock: see `LakeFs::spool_of`).
+    fn forget(&mut self, wf: &Arc<WriteFile>) {
+        if wf.opens.load(Ordering::SeqCst) != 0 {
+            return;
         }
+        for ino in wf.inos.lock().drain(..) {
+            if self.get(&ino).is_some_and(|w| Arc::ptr_eq(w, wf)) {
+                self.by_ino.remove(&ino);
+            }
+        }
+        self.unindex(wf, wf.path.lock().clone());
     }
 
     /// The file being written at `path` in a view, if any.
     fn at(&self, view: u64, path: &str) -> Option<&Arc<WriteFile>> {
+        if self.by_path.is_empty() {
+            return None; // (no key to build)
+        }
         self.by_path.get(&(view, path.to_string()))
     }
 
@@ -823,6 +827,11 @@ impl Writes {
             .take_while(move |((v, p), _)| *v == view && p.starts_with(path))
             .filter(move |((_, p), _)| is_under(p, path))
             .map(|(_, wf)| wf)
+    }
+
+    /// `wf` is at `path` now.
+    fn index(&mut self, wf: &Arc<WriteFile>, path: String) {
+        self.by_path.insert((wf.view, path), wf.clone());
     }
 
     /// `wf` is no longer at `path` (moved, unlinked or forgotten).
@@ -2084,7 +2093,7 @@ impl LakeFs {
             Some(wf) => wf.clone(),
             None => {
                 let same = writes.at(view.id, path).cloned()?;
-                writes.add(ino, &same);
+                writes.also_under(ino, &same);
                 same
             }
         };
@@ -2097,7 +2106,7 @@ impl LakeFs {
     /// Drop an open of a spool that was not a handle's; the last forgets it.
     fn close_spool(&self, wf: &Arc<WriteFile>) {
         if close_ref(wf) {
-            forget_spool(&self.writes, wf);
+            self.writes.lock().forget(wf);
         }
     }
 
@@ -2341,11 +2350,13 @@ impl LakeFs {
             // The kernel may hold pages of another version for the others
             // (one never opened for writing was never made to drop them):
             // dropped at their next open.
-            let others: Vec<u64> = {
-                let _writes = self.writes.lock();
-                let inos = wf.inos.lock();
-                inos.iter().copied().filter(|i| *i != ino).collect()
-            };
+            let others: Vec<u64> = wf
+                .inos
+                .lock()
+                .iter()
+                .copied()
+                .filter(|i| *i != ino)
+                .collect();
             self.stale_pages.lock().extend(others.iter().copied());
             let file = light(file);
             let mut nodes = self.nodes.lock();
@@ -2382,7 +2393,7 @@ impl LakeFs {
             // Normally flushed already; writes through mmap may not be.
             let res = self.commit_write(ino, &wf);
             if last {
-                forget_spool(&self.writes, &wf);
+                self.writes.lock().forget(&wf);
                 if let Ok(Node::File { view, path, .. }) = self.node(ino) {
                     let mut st = view.state.lock();
                     if st.creating.get(&path) == Some(&ino) {
@@ -2721,16 +2732,12 @@ impl LakeFs {
         }
         {
             let mut writes = self.writes.lock();
-            let moved: Vec<Arc<WriteFile>> = writes.under(view.id, from).cloned().collect();
-            for wf in &moved {
-                let mut p = wf.path.lock();
-                let new = rebase(&p).expect("under `from`");
-                let old = std::mem::replace(&mut *p, new);
-                writes.unindex(wf, old);
-            }
-            for wf in moved {
-                let path = wf.path.lock().clone();
-                writes.by_path.insert((view.id, path), wf);
+            let moving: Vec<Arc<WriteFile>> = writes.under(view.id, from).cloned().collect();
+            for wf in moving {
+                let new = rebase(&wf.path.lock()).expect("under `from`");
+                let old = std::mem::replace(&mut *wf.path.lock(), new.clone());
+                writes.unindex(&wf, old);
+                writes.index(&wf, new);
             }
         }
         // What was at `to` is gone; else it would move with `to` next.
