@@ -708,11 +708,9 @@ impl Nodes {
             .collect()
     }
 
-    /// Remove those of these inodes whose node `remove` picks.
-    fn remove_if(&mut self, inos: &[u64], remove: impl Fn(&Node) -> bool) {
+    fn remove(&mut self, inos: &[u64]) {
         for ino in inos {
-            if self.by_ino.get(ino).is_some_and(|n| remove(n)) {
-                let old = self.by_ino.remove(ino).expect("just seen");
+            if let Some(old) = self.by_ino.remove(ino) {
                 self.unindex(*ino, &old);
             }
         }
@@ -721,18 +719,21 @@ impl Nodes {
     /// Change nodes' paths: `f` returns a node's new path, if it moves.
     fn repath(&mut self, inos: &[u64], mut f: impl FnMut(u64, &Node) -> Option<String>) {
         for &ino in inos {
-            let Some(node) = self.by_ino.get(&ino) else {
+            let Some(node) = self.by_ino.get_mut(&ino) else {
                 continue;
             };
             let Some(new) = f(ino, node) else {
                 continue;
             };
-            let mut node = self.by_ino.remove(&ino).expect("just seen");
-            self.unindex(ino, &node);
-            if let Node::Tree { path, .. } | Node::File { path, .. } = &mut *node {
+            if let Some(h) = path_key(node) {
+                self.by_path.remove(&(h, ino));
+            }
+            if let Node::Tree { path, .. } | Node::File { path, .. } = &mut **node {
                 *path = new;
             }
-            self.insert(ino, node);
+            if let Some(h) = path_key(node) {
+                self.by_path.insert((h, ino));
+            }
         }
     }
 
@@ -2704,14 +2705,7 @@ impl LakeFs {
     /// `dirs`: what moves, or what it replaces, is a directory (else only
     /// inodes of `from` and `to` themselves are looked at).
     fn moved(&self, view: &View, from: &str, to: &str, dirs: bool) {
-        let prefix = format!("{from}/");
-        let rebase = |p: &str| -> Option<String> {
-            if p == from {
-                Some(to.to_string())
-            } else {
-                p.strip_prefix(&prefix).map(|rest| format!("{to}/{rest}"))
-            }
-        };
+        let rebase = |p: &str| is_under(p, from).then(|| format!("{to}{}", &p[from.len()..]));
         {
             let mut st = view.state.lock();
             // Sorted: `from` and what is under it come together, from it.
@@ -2719,7 +2713,7 @@ impl LakeFs {
                 .creating
                 .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
                 .take_while(|(p, _)| p.starts_with(from))
-                .filter(|(p, _)| rebase(p).is_some())
+                .filter(|(p, _)| is_under(p, from))
                 .map(|(p, i)| (p.clone(), *i))
                 .collect();
             if !moved.is_empty() {
@@ -2777,7 +2771,7 @@ impl LakeFs {
     fn detach(&self, view: &View, path: &str, below: bool) {
         let mut nodes = self.nodes.lock();
         let inos = nodes.of(view.id, path, below, true);
-        nodes.remove_if(&inos, |node| matches!(node, Node::Tree { .. }));
+        nodes.remove(&inos);
         drop(nodes);
         let mut moved_to = self.moved_to.lock();
         if below {
