@@ -23,9 +23,7 @@ trap 'bench_cleanup; rm -rf "$SHM"' EXIT
 PIN=(taskset -c 0)
 
 "$T" init >/dev/null; "$T" repo create bench >/dev/null
-"$T" mount "$MNT" --cache-dir "$WORK/cache" --writeback >"$WORK/mount.log" 2>&1 &
-PID=$!
-for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+start_mount "$WORK/mount.log" --cache-dir "$WORK/cache" --writeback
 B=$MNT/bench/main
 
 make_tree "$WORK/tree" 20000 4096

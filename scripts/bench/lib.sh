@@ -68,6 +68,15 @@ bench_dirs() {
   PID=
   export TARN_LAKE=file://$WORK/lake
 }
+# start_mount LOG [mount args...]: `tarn mount $MNT` in the background
+# (its pid in PID, its output in LOG), once it is mounted.
+start_mount() {
+  local log=$1; shift
+  "$T" mount "$MNT" "$@" >"$log" 2>&1 &
+  PID=$!
+  for _ in $(seq 200); do mountpoint -q "$MNT" && return 0; sleep 0.05; done
+  echo "mount failed: $(tail -3 "$log")" >&2; exit 1
+}
 bench_cleanup() {
   fusermount3 -uz "$MNT" 2>/dev/null || true
   if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi

@@ -19,9 +19,7 @@ bench_dirs many-open
 trap bench_cleanup EXIT
 
 "$T" init >/dev/null; "$T" repo create bench >/dev/null
-"$T" mount "$MNT" --cache-dir "$WORK/cache" --writeback >"$WORK/mount.log" 2>&1 &
-PID=$!
-for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+start_mount "$WORK/mount.log" --cache-dir "$WORK/cache" --writeback
 
 # steps DIR N: µs per file of each step ("open write stat other close"), the
 # caller pinned to CPU 0 (the mount's io_uring queue for it runs there too;

@@ -29,10 +29,7 @@ dd_time() { local t0 t1; t0=$(now); dd if="$1" of=/dev/null bs=1M status=none; t
 
 mount_pinned() { # REF [extra args]
   local ref=$1; shift
-  "$T" mount "$MNT" --ref "$ref" --cache-dir "$WORK/cache" "$@" >"$WORK/mount.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 200); do mountpoint -q "$MNT" && return 0; sleep 0.05; done
-  echo "mount failed: $(tail -3 "$WORK/mount.log")" >&2; exit 1
+  start_mount "$WORK/mount.log" --ref "$ref" --cache-dir "$WORK/cache" "$@"
 }
 unmount() { "$T" umount "$MNT"; wait "$PID" 2>/dev/null || true; PID=; }
 

@@ -50,9 +50,7 @@ for n in "${COUNTS[@]}"; do
   "$T" put "$WORK/src$n" "$repo/main/data" >/dev/null
   "$T" commit "$repo/main" -m "$n files" >/dev/null
   rm -rf "$WORK/src$n"
-  "$T" mount "$MNT" --cache-dir "$WORK/cache$n" >"$WORK/mount$n.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+  start_mount "$WORK/mount$n.log" --cache-dir "$WORK/cache$n"
   B=$MNT/$repo/main
   listed=$(find "$B/data" -type f | wc -l)
   read -r r u d <<<"$(ops "$B/ops")"

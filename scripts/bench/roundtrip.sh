@@ -30,9 +30,7 @@ for n in 20000 2000; do
 done
 
 "$T" init >/dev/null; "$T" repo create bench >/dev/null
-"$T" mount "$MNT" --cache-dir "$WORK/cache" --writeback >"$WORK/mount.log" 2>&1 &
-PID=$!
-for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+start_mount "$WORK/mount.log" --cache-dir "$WORK/cache" --writeback
 B=$MNT/bench/main
 for _ in $(seq 200); do ls /proc/$PID/task/*/comm >/dev/null 2>&1 && grep -qs tarn-uring /proc/$PID/task/*/comm && break; sleep 0.05; done
 grep -qs tarn-uring /proc/$PID/task/*/comm || { echo "no io_uring queue threads: this kernel serves the mount through /dev/fuse" >&2; exit 1; }

@@ -19,9 +19,7 @@ trap bench_cleanup EXIT
 chunks() { find "$WORK/lake/chunks" -type f | wc -l; }
 
 "$T" init >/dev/null; "$T" repo create bench >/dev/null
-"$T" mount "$MNT" --cache-dir "$WORK/cache" >"$WORK/mount.log" 2>&1 &
-PID=$!
-for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+start_mount "$WORK/mount.log" --cache-dir "$WORK/cache"
 B=$MNT/bench/main
 SRC=$WORK/src.bin
 head -c $((2 << 30)) /dev/urandom >"$SRC"
@@ -72,9 +70,7 @@ staged_files=$("$T" ls -r bench/main --json | python3 -c 'import json,sys; print
 
 echo "== untar with --writeback" >&2
 "$T" umount "$MNT"; wait "$PID" 2>/dev/null || true
-"$T" mount "$MNT" --cache-dir "$WORK/cache-wb" --writeback >"$WORK/mount-wb.log" 2>&1 &
-PID=$!
-for _ in $(seq 200); do mountpoint -q "$MNT" && break; sleep 0.05; done
+start_mount "$WORK/mount-wb.log" --cache-dir "$WORK/cache-wb" --writeback
 # Each --writeback untar is paired with a local untar (with sync) just before
 # it: the same 20k local creates take 0.3 s or 4 s depending on what was
 # deleted before (see above), so a baseline from another moment says little.
