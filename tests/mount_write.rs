@@ -347,6 +347,87 @@ fn a_users_own_mount_checks_their_permission_bits() {
 }
 
 #[test]
+fn inodes_the_kernel_lets_go_of_the_daemon_lets_go_of_too() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    for transport in [&[][..], &["--writeback"][..]] {
+        let m = Mount::new(&s, "mnt", transport);
+        let dev = m.p("sales/dev");
+        let path = |i: usize| dev.join(format!("d{}/f{i}", i / 500));
+        let mut model = std::collections::BTreeMap::new();
+        for i in 0..2000 {
+            if i % 500 == 0 {
+                std::fs::create_dir_all(path(i).parent().unwrap()).unwrap();
+            }
+            std::fs::write(path(i), format!("{i}\n")).unwrap();
+            model.insert(i, format!("{i}\n"));
+        }
+        {
+            // Held open, as other tests may drop the kernel's inodes
+            // meanwhile: the daemon holds at least these.
+            let open: Vec<std::fs::File> = (0..500)
+                .map(|i| std::fs::File::open(path(i * 4)).unwrap())
+                .collect();
+            assert!(daemon_inodes(&dev) >= open.len() as u64);
+        }
+        if !drop_kernel_inodes() {
+            return;
+        }
+        // FORGETs come asynchronously, and the kernel may keep a few.
+        wait_until(
+            "the daemon to let go of the inodes",
+            Duration::from_secs(20),
+            || {
+                drop_kernel_inodes();
+                daemon_inodes(&dev) < 100
+            },
+        );
+        // Everything is found again, under the numbers it had.
+        for (i, want) in &model {
+            assert_eq!(&std::fs::read_to_string(path(*i)).unwrap(), want);
+        }
+        // And changes as before: overwritten, renamed (also over another),
+        // removed, then committed.
+        for i in (0..2000).step_by(7) {
+            std::fs::write(path(i), "new\n").unwrap();
+            model.insert(i, "new\n".into());
+        }
+        drop_kernel_inodes();
+        for i in (1..2000).step_by(11) {
+            std::fs::rename(path(i), path(i + 1000 - 2000 * (i / 1000))).unwrap();
+            let moved = model.remove(&i).unwrap();
+            model.insert(i + 1000 - 2000 * (i / 1000), moved);
+        }
+        drop_kernel_inodes();
+        for i in (3..2000).step_by(13) {
+            if model.remove(&i).is_some() {
+                std::fs::remove_file(path(i)).unwrap();
+            }
+        }
+        ctl(&dev, "commit -m after-forgets").unwrap();
+        let out = s.path(&format!("out{}", transport.len()));
+        s.ok(&["get", "sales/dev", out.to_str().unwrap()]);
+        let got: Vec<(String, Vec<u8>)> = tree_files(&out)
+            .into_iter()
+            .filter(|(p, _)| !p.ends_with('/'))
+            .collect();
+        let want: std::collections::BTreeMap<String, Vec<u8>> = model
+            .iter()
+            .map(|(i, c)| (format!("d{}/f{i}", i / 500), c.clone().into_bytes()))
+            .collect();
+        let wrong: Vec<_> = got
+            .iter()
+            .filter(|(p, c)| want.get(p) != Some(c))
+            .map(|(p, _)| p)
+            .collect();
+        assert!(wrong.is_empty(), "wrong or extra files: {wrong:?}");
+        assert_eq!(got.len(), want.len(), "files missing");
+    }
+}
+
+#[test]
 fn closed_files_survive_kill_9() {
     if !fuse_available() {
         return;
@@ -667,6 +748,11 @@ fn random_file_operations_match_a_plain_directory() {
                     log.join("\n")
                 );
             }
+            if step % 25 == 12 && drop_kernel_inodes() {
+                // The daemon forgets every inode the kernel lets go of;
+                // what it shows next must not change.
+                log.push("drop the kernel's inodes".into());
+            }
             if step % 40 == 39 {
                 let _ = std::fs::write(branch.join(".tarn/ctl"), format!("commit -m step{step}\n"));
                 log.push("commit".into());
@@ -763,6 +849,11 @@ fn concurrent_random_operations_each_match_their_own_plain_directory() {
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
                     let name = format!("f{}", k % 5);
                     let at = format!("sales/dev/cli/{name}");
+                    if k % 8 == 3 {
+                        // The kernel letting go of inodes while writers
+                        // look them up (FORGETs racing lookups).
+                        drop_kernel_inodes();
+                    }
                     match k % 4 {
                         0 => {
                             let _ = ctl(&branch, &format!("commit -m during{k}"));

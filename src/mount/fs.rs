@@ -642,14 +642,30 @@ fn ino_of(parts: &[&[u8]]) -> u64 {
 /// or symlink finds its inodes without going through them all (with 200k
 /// looked up, a walk made each rename 6 ms). What is under a directory
 /// still takes a walk (`of` with `below`).
+///
+/// Each inode counts the replies that gave it to the kernel (lookups,
+/// creates, READDIRPLUS entries); the kernel's FORGET takes them back, and
+/// an inode with none left is dropped (`forget`): a mount that writes or
+/// lists millions of files holds only the inodes the kernel still holds.
+/// One removed from its path (unlink, rmdir, a rename over it) keeps its
+/// count until the kernel forgets it, so a later reply with the same
+/// number (the same version back at the same path) adds to that count
+/// rather than starting a new one the old FORGET would take away.
 #[derive(Default)]
 struct Nodes {
     /// Boxed: the map's slots stay small, which is most of the daemon's
     /// memory with a million inodes looked up (and twice that while the
     /// table grows).
-    by_ino: HashMap<u64, Box<Node>>,
+    by_ino: HashMap<u64, Box<Known>>,
     /// (hash of view and path, inode): ~25 bytes an inode.
     by_path: std::collections::BTreeSet<(u64, u64)>,
+}
+
+/// An inode number's node (none once removed from its path while the
+/// kernel still holds it) and how many replies gave it to the kernel.
+struct Known {
+    node: Option<Node>,
+    lookups: u64,
 }
 
 /// Where a node is in a branch view, hashed (see `Nodes`). Pinned views
@@ -673,29 +689,66 @@ fn path_hash(view: u64, path: &str) -> u64 {
 
 impl Nodes {
     fn get(&self, ino: &u64) -> Option<&Node> {
-        self.by_ino.get(ino).map(|n| &**n)
+        self.by_ino.get(ino)?.node.as_ref()
     }
 
-    fn insert(&mut self, ino: u64, node: Box<Node>) {
+    /// Set an inode's node (its count, if it has one, stays).
+    fn insert(&mut self, ino: u64, node: Node) {
         let key = path_key(&node);
-        if let Some(old) = self.by_ino.insert(ino, node) {
-            self.unindex(ino, &old);
+        let known = self.by_ino.entry(ino).or_insert_with(|| {
+            Box::new(Known {
+                node: None,
+                lookups: 0,
+            })
+        });
+        let old = known.node.replace(node);
+        if let Some(h) = old.as_ref().and_then(path_key) {
+            self.by_path.remove(&(h, ino));
         }
         if let Some(h) = key {
             self.by_path.insert((h, ino));
         }
     }
 
-    fn insert_if_absent(&mut self, ino: u64, node: impl FnOnce() -> Node) {
-        if !self.by_ino.contains_key(&ino) {
-            self.insert(ino, Box::new(node()));
+    /// Set the node of an inode the kernel holds or was given; one it
+    /// forgot stays forgotten.
+    fn update(&mut self, ino: u64, node: Node) {
+        if self.by_ino.contains_key(&ino) {
+            self.insert(ino, node);
         }
     }
 
-    fn unindex(&mut self, ino: u64, node: &Node) {
-        if let Some(h) = path_key(node) {
+    fn insert_if_absent(&mut self, ino: u64, node: impl FnOnce() -> Node) {
+        if self.get(&ino).is_none() {
+            self.insert(ino, node());
+        }
+    }
+
+    /// A reply gives `ino` to the kernel: false if it has no node (a
+    /// FORGET or a removal took it since it was looked up).
+    fn counted(&mut self, ino: u64) -> bool {
+        match self.by_ino.get_mut(&ino) {
+            Some(known) if known.node.is_some() => {
+                known.lookups += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The kernel forgot `n` of an inode's lookups: its node, if that was
+    /// the last and it had one.
+    fn forget(&mut self, ino: u64, n: u64) -> Option<Node> {
+        let known = self.by_ino.get_mut(&ino)?;
+        known.lookups = known.lookups.saturating_sub(n);
+        if known.lookups > 0 || ino == ROOT_INO {
+            return None;
+        }
+        let node = self.by_ino.remove(&ino)?.node?;
+        if let Some(h) = path_key(&node) {
             self.by_path.remove(&(h, ino));
         }
+        Some(node)
     }
 
     /// The inodes of `path` in a view (and, rarely, of others whose
@@ -708,10 +761,18 @@ impl Nodes {
             .collect()
     }
 
+    /// Take inodes from their paths; one the kernel holds keeps its count.
     fn remove(&mut self, inos: &[u64]) {
         for ino in inos {
-            if let Some(old) = self.by_ino.remove(ino) {
-                self.unindex(*ino, &old);
+            let Some(known) = self.by_ino.get_mut(ino) else {
+                continue;
+            };
+            let old = known.node.take();
+            if known.lookups == 0 {
+                self.by_ino.remove(ino);
+            }
+            if let Some(h) = old.as_ref().and_then(path_key) {
+                self.by_path.remove(&(h, *ino));
             }
         }
     }
@@ -719,7 +780,7 @@ impl Nodes {
     /// Change nodes' paths: `f` returns a node's new path, if it moves.
     fn repath(&mut self, inos: &[u64], mut f: impl FnMut(u64, &Node) -> Option<String>) {
         for &ino in inos {
-            let Some(node) = self.by_ino.get_mut(&ino) else {
+            let Some(node) = self.by_ino.get_mut(&ino).and_then(|k| k.node.as_mut()) else {
                 continue;
             };
             let Some(new) = f(ino, node) else {
@@ -728,7 +789,7 @@ impl Nodes {
             if let Some(h) = path_key(node) {
                 self.by_path.remove(&(h, ino));
             }
-            if let Node::Tree { path, .. } | Node::File { path, .. } = &mut **node {
+            if let Node::Tree { path, .. } | Node::File { path, .. } = node {
                 *path = new;
             }
             if let Some(h) = path_key(node) {
@@ -754,7 +815,7 @@ impl Nodes {
         }
         self.by_ino
             .iter()
-            .filter(|(_, n)| pick(n, false))
+            .filter(|(_, k)| k.node.as_ref().is_some_and(|n| pick(n, false)))
             .map(|(ino, _)| *ino)
             .collect()
     }
@@ -951,7 +1012,7 @@ impl LakeFs {
             }
             None => Node::Root,
         };
-        fs.nodes.lock().insert(ROOT_INO, Box::new(root));
+        fs.nodes.lock().insert(ROOT_INO, root);
         Ok(fs)
     }
 
@@ -978,12 +1039,10 @@ impl LakeFs {
     /// version again, unless the file is open for writing; the kernel's
     /// pages of it are the other version's, dropped at its next open.
     fn remember_version(&self, ino: u64, view: &Arc<View>, path: String, f: &File) {
-        let node = || {
-            Box::new(Node::File {
-                view: view.clone(),
-                path,
-                file: f.clone(),
-            })
+        let node = || Node::File {
+            view: view.clone(),
+            path,
+            file: f.clone(),
         };
         let open = self.writes.lock().contains_key(&ino);
         let mut nodes = self.nodes.lock();
@@ -1649,6 +1708,16 @@ impl LakeFs {
         }
     }
 
+    /// What is at `path` in a view, as `child` finds it, without making
+    /// an inode for it (the kernel is given none): `Some(None)` for a file
+    /// being created.
+    fn child_entry(&self, state: &ViewState, path: &str) -> Result<Option<Option<Entry>>> {
+        if state.creating.contains_key(path) {
+            return Ok(Some(None));
+        }
+        Ok(state.entry_at(path)?.map(Some))
+    }
+
     /// What is at `path` in a view: a file being created, or a tree entry.
     fn child(
         &self,
@@ -1665,7 +1734,41 @@ impl LakeFs {
         }
     }
 
+    /// Find `name` in directory `parent` for the kernel: the inode's count
+    /// of replies (see `Nodes`) takes this one.
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        // A FORGET can drop the inode between finding it and counting the
+        // reply; finding it again makes its node anew.
+        for _ in 0..3 {
+            let attr = self.find(parent, name)?;
+            if self.nodes.lock().counted(attr.ino) {
+                return Ok(attr);
+            }
+        }
+        Err(FsError::Stale)
+    }
+
+    /// The kernel let go of `n` lookups of an inode (FORGET): once it
+    /// holds none, the mount forgets the inode too.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let Some(node) = self.nodes.lock().forget(ino, n) else {
+            return;
+        };
+        self.stale_pages.lock().remove(&ino);
+        if let Node::Tree { view, path } | Node::File { view, path, .. } = node {
+            let key = (view.id, path);
+            let mut moved_to = self.moved_to.lock();
+            if let Some(here) = moved_to.get_mut(&key) {
+                here.retain(|i| *i != ino);
+                if here.is_empty() {
+                    moved_to.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// `lookup` without counting the reply.
+    fn find(&self, parent: u64, name: &str) -> Result<Attr> {
         match self.node(parent)? {
             Node::Root => {
                 self.lake.repo_config(name)?;
@@ -1854,6 +1957,8 @@ impl LakeFs {
                 match self.lookup(dir, name) {
                     Ok(attr) => {
                         if add(at, name, &attr) {
+                            // Not in this reply: the kernel never saw it.
+                            self.forget(attr.ino, 1);
                             return Ok(());
                         }
                     }
@@ -2362,13 +2467,13 @@ impl LakeFs {
             let file = light(file);
             let mut nodes = self.nodes.lock();
             for ino in others.into_iter().chain([ino]) {
-                nodes.insert(
+                nodes.update(
                     ino,
-                    Box::new(Node::File {
+                    Node::File {
                         view: view.clone(),
                         path: path.clone(),
                         file: file.clone(),
-                    }),
+                    },
                 );
             }
         }
@@ -2463,7 +2568,14 @@ impl LakeFs {
                 return Err(FsError::IsADirectory);
             }
             let (fh, _) = self.open(ino, true, if_exists == IfExists::Truncate)?;
-            return Ok((self.getattr(ino)?, fh));
+            let attr = self.getattr(ino);
+            if attr.is_err() || !self.nodes.lock().counted(ino) {
+                // Forgotten since it was found (see `lookup`): the kernel
+                // looks it up again on ESTALE.
+                let _ = self.release(fh);
+                return Err(attr.err().unwrap_or(FsError::Stale));
+            }
+            return Ok((attr?, fh));
         }
         let now = now_ns();
         let file = File {
@@ -2489,14 +2601,19 @@ impl LakeFs {
         )?);
         self.stream_writes(&wf);
         open_ref(&wf);
-        self.nodes.lock().insert(
-            ino,
-            Box::new(Node::File {
-                view: view.clone(),
-                path: child.clone(),
-                file,
-            }),
-        );
+        {
+            // Counted as it is made: the reply gives it to the kernel.
+            let mut nodes = self.nodes.lock();
+            nodes.insert(
+                ino,
+                Node::File {
+                    view: view.clone(),
+                    path: child.clone(),
+                    file,
+                },
+            );
+            nodes.counted(ino);
+        }
         self.writes.lock().add(ino, &wf);
         Arc::make_mut(&mut view.state.lock().creating).insert(child, ino);
         let fh = self.add_handle(Handle::Write(wf, ino));
@@ -2512,7 +2629,7 @@ impl LakeFs {
         let state = self.state_with_pending(&view)?;
         self.dir_at(&state, &path)?;
         let child = join(&path, name);
-        if self.child(&view, &state, &child)?.is_some() {
+        if self.child_entry(&state, &child)?.is_some() {
             return Err(FsError::Exists);
         }
         Ok((view, child))
@@ -2553,12 +2670,12 @@ impl LakeFs {
         // held would make `Arc::make_mut` copy every file being created.
         let found = {
             let state = self.state(&view)?;
-            self.child(&view, &state, &child)?
+            self.child_entry(&state, &child)?
         };
         match found {
             None => Err(FsError::NotFound),
-            Some((_, Some(Entry::Dir(_)))) => Err(FsError::IsADirectory),
-            Some((_, entry)) => {
+            Some(Some(Entry::Dir(_))) => Err(FsError::IsADirectory),
+            Some(entry) => {
                 self.forget_writers_at(&view, &child, &writers);
                 if entry.is_some() {
                     self.delete(&view, &child, false)?;
@@ -2661,8 +2778,8 @@ impl LakeFs {
         let writers = self.writers_at(&view, &[&from, &to]);
         let _in_order = hold(&writers);
         let state = self.state(&view)?;
-        let (_, src) = self.child(&view, &state, &from)?.ok_or(FsError::NotFound)?;
-        let dst = self.child(&view, &state, &to)?.map(|(_, e)| e);
+        let src = self.child_entry(&state, &from)?.ok_or(FsError::NotFound)?;
+        let dst = self.child_entry(&state, &to)?;
         if let Some(dst) = &dst {
             if no_replace {
                 return Err(FsError::Exists);
@@ -2864,11 +2981,11 @@ impl LakeFs {
             )?;
             self.nodes.lock().insert(
                 ino,
-                Box::new(Node::File {
+                Node::File {
                     view: view.clone(),
                     path,
                     file: light(changed),
-                }),
+                },
             );
         }
         self.getattr(ino)
@@ -2902,6 +3019,8 @@ impl LakeFs {
                     "ref": view.name,
                     "branch": view.branch,
                     "commit": state.commit.to_hex(),
+                    // Of the whole mount: what the kernel holds (see `Nodes`).
+                    "inodes": self.nodes.lock().by_ino.len(),
                 });
                 format!("{v}\n")
             }
@@ -4123,6 +4242,78 @@ mod tests {
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, b), [b'x'; 20]);
         assert!(fs.writes.lock().is_empty());
+    }
+
+    #[test]
+    fn inodes_the_kernel_forgets_are_let_go_and_come_back_when_looked_up() {
+        let (_d, fs, main) = setup();
+        let held = || fs.nodes.lock().by_ino.len();
+        let before = held();
+        // A create gives the kernel its inode once; forgotten, it is gone.
+        let created = write(&fs, main, "f", b"data");
+        assert_eq!(held(), before + 1);
+        fs.forget(created, 1);
+        assert_eq!(held(), before);
+        // Two lookups: the inode stays until both are forgotten.
+        let f = fs.lookup(main, "f").unwrap().ino;
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, f);
+        fs.forget(f, 1);
+        assert_eq!(read_all(&fs, f), b"data");
+        fs.forget(f, 1);
+        assert!(matches!(fs.getattr(f), Err(FsError::NotFound)));
+        assert_eq!(held(), before);
+        // Looked up again: the same number, working as before.
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, f);
+        assert_eq!(read_all(&fs, f), b"data");
+        // A READDIRPLUS entry that did not fit in the reply is not counted.
+        let dir = fs.opendir(main).unwrap();
+        let mut left_out = None;
+        fs.readdirplus(dir, 0, |_, _, a| {
+            left_out = Some(a.ino);
+            true
+        })
+        .unwrap();
+        fs.release(dir).unwrap();
+        assert_eq!(left_out, Some(f));
+        fs.forget(f, 1);
+        assert_eq!(held(), before);
+        // Unlinked while the kernel holds it, and the same version back at
+        // the same path: that reply adds to the count the kernel's FORGET
+        // of the old inode takes from.
+        let f = fs.lookup(main, "f").unwrap().ino;
+        fs.unlink(main, "f").unwrap();
+        let again = write(&fs, main, "f", b"data");
+        fs.forget(again, 1);
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, f);
+        fs.forget(f, 1);
+        assert_eq!(read_all(&fs, f), b"data");
+        fs.forget(f, 1);
+        assert_eq!(held(), before);
+        // What a rename moved is let go of with its inode.
+        let a = write(&fs, main, "a", b"moved");
+        fs.rename(main, "a", main, "b", false).unwrap();
+        assert!(!fs.moved_to.lock().is_empty());
+        fs.forget(a, 1);
+        assert!(fs.moved_to.lock().is_empty());
+        assert_eq!(read_all(&fs, fs.lookup(main, "b").unwrap().ino), b"moved");
+        // Many files written and forgotten leave nothing behind.
+        let inos: Vec<u64> = (0..300)
+            .map(|i| write(&fs, main, &format!("m{i}"), b"x"))
+            .collect();
+        let listed: Vec<u64> = listed(&fs, main).into_iter().map(|(_, ino)| ino).collect();
+        for ino in inos.into_iter().chain(listed.iter().copied()) {
+            fs.forget(ino, 1);
+        }
+        let b = fs.lookup(main, "b").unwrap().ino;
+        fs.forget(b, 1);
+        assert!(
+            held() <= before + 1,
+            "{} inodes held, {before} before",
+            held()
+        );
+        // The root is never let go of.
+        fs.forget(ROOT_INO, 1_000_000);
+        assert!(fs.getattr(ROOT_INO).is_ok());
     }
 
     #[test]

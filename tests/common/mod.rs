@@ -240,6 +240,29 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Make the kernel let go of every dentry and inode it is not using (as
+/// memory pressure would): a FUSE daemon gets a FORGET for each. Needs
+/// root, as the mount tests do in CI; false where it is not allowed.
+pub fn drop_kernel_inodes() -> bool {
+    match std::fs::write("/proc/sys/vm/drop_caches", "2") {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run as root: cannot drop the kernel's caches: {e}"
+            );
+            false
+        }
+    }
+}
+
+/// How many inodes a mount's daemon holds (`.tarn/info` of a branch).
+pub fn daemon_inodes(branch_dir: &Path) -> u64 {
+    let info = std::fs::read_to_string(branch_dir.join(".tarn/info")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    v["inodes"].as_u64().expect("info tells the inodes held")
+}
+
 /// A running `tarn mount`; unmounted and stopped on drop, even when the test fails.
 pub struct Mount {
     pub dir: PathBuf,
