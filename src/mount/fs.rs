@@ -341,32 +341,104 @@ struct ViewState {
     pending: Arc<Pending>,
 }
 
-/// Ops staged by this mount and not yet applied to its view's tree: closes
-/// and new empty directories wait here (applying each on its own rewrites
-/// and hashes the directory's tree leaf every time; applied together, once
-/// per leaf); any other op is applied, with those before it, as soon as it
-/// is queued (see `LakeFs::may_pend`).
+/// Ops staged by this mount and not yet applied to its view's tree: closes,
+/// new empty directories, and unlinks and renames of files and symlinks
+/// wait here (applying each on its own rewrites and hashes the directory's
+/// tree leaf every time; applied together, once per leaf: an untar over
+/// files that exist unlinks each before creating it anew, rsync renames
+/// each file into place); any other op is applied, with those before it,
+/// as soon as it is queued (see `Pending::push`).
 #[derive(Clone, Default)]
 struct Pending {
     ops: Vec<Op>,
-    /// The newest entry each path is put with in `ops`.
-    entries: HashMap<String, Entry>,
+    /// What `ops` leave at each path they touch: the newest entry put or
+    /// moved there, or `None` where one was removed or moved away.
+    entries: HashMap<String, Option<Entry>>,
 }
 
 impl Pending {
-    fn push(&mut self, op: Op) {
-        if let Op::Put { path, entry } = &op {
-            self.entries.insert(path.clone(), entry.clone());
-        }
+    /// Queue `op` (`at`: the entry at a path in the view's tree, which
+    /// `ops` apply to). True if lookups see all it does in `entries`: a
+    /// put of a file or of an empty directory (`empty_dir`; nothing under
+    /// it but what is put after it), or an unlink or rename of a file or
+    /// symlink. Not a directory's removal or rename, nor a put of one with
+    /// content: lookups below it would miss it until applied.
+    fn push(
+        &mut self,
+        op: Op,
+        empty_dir: Option<&Hash>,
+        at: impl Fn(&str) -> Result<Option<Entry>>,
+    ) -> Result<bool> {
+        let leaf = |e: &Option<Entry>| matches!(e, Some(Entry::File(_) | Entry::Symlink(_)));
+        let waits = match &op {
+            Op::Put { path, entry } => {
+                self.entries.insert(path.clone(), Some(entry.clone()));
+                match entry {
+                    Entry::Dir(h) => Some(h) == empty_dir,
+                    _ => is_file_put(&op),
+                }
+            }
+            Op::Delete { path } => {
+                let was = self.entry(path, &at)?;
+                self.entries.insert(path.clone(), None);
+                leaf(&was)
+            }
+            Op::Move { from, to } => {
+                let moving = self.entry(from, &at)?;
+                let replaced = self.entry(to, &at)?;
+                let waits = leaf(&moving) && (replaced.is_none() || leaf(&replaced));
+                if waits {
+                    self.entries.insert(from.clone(), None);
+                    self.entries.insert(to.clone(), moving);
+                }
+                waits
+            }
+            Op::Graft { .. } => false,
+        };
         self.ops.push(op);
+        Ok(waits)
     }
 
-    fn rebuild(ops: Vec<Op>) -> Pending {
+    /// The entry at `path` once `ops` are applied to the tree `at` reads.
+    fn entry(
+        &self,
+        path: &str,
+        at: impl Fn(&str) -> Result<Option<Entry>>,
+    ) -> Result<Option<Entry>> {
+        match self.entries.get(path) {
+            Some(e) => Ok(e.clone()),
+            None => at(path),
+        }
+    }
+
+    /// The ops after some were applied to the tree `at` reads.
+    fn rebuild(ops: Vec<Op>, at: impl Fn(&str) -> Result<Option<Entry>>) -> Result<Pending> {
         let mut p = Pending::default();
         for op in ops {
-            p.push(op);
+            p.push(op, None, &at)?;
         }
-        p
+        Ok(p)
+    }
+
+    /// The files the ops leave put (where nothing after removed or moved
+    /// them away), as puts: a put of the same entry twice is the same tree.
+    fn files_left(&self) -> Vec<Op> {
+        let mut puts: Vec<Op> = self
+            .entries
+            .iter()
+            .filter_map(|(path, e)| match e {
+                Some(entry @ Entry::File(_)) => Some(Op::Put {
+                    path: path.clone(),
+                    entry: entry.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        puts.sort_by(|a, b| match (a, b) {
+            (Op::Put { path: a, .. }, Op::Put { path: b, .. }) => a.cmp(b),
+            _ => std::cmp::Ordering::Equal,
+        });
+        puts
     }
 }
 
@@ -445,10 +517,8 @@ fn same_version(a: &File, b: &File) -> bool {
 impl ViewState {
     /// The entry at `path`, counting puts still pending.
     fn entry_at(&self, path: &str) -> Result<Option<Entry>> {
-        match self.pending.entries.get(path) {
-            Some(e) => Ok(Some(e.clone())),
-            None => Ok(self.trees.lookup(&self.root, path)?),
-        }
+        self.pending
+            .entry(path, |p| Ok(self.trees.lookup(&self.root, p)?))
     }
 }
 
@@ -473,7 +543,8 @@ impl View {
                 st.root = new_root;
                 // Ops can only have been added after the ones applied.
                 let rest = st.pending.ops[applied..].to_vec();
-                st.pending = Arc::new(Pending::rebuild(rest));
+                let rebuilt = Pending::rebuild(rest, |p| Ok(trees.lookup(&new_root, p)?))?;
+                st.pending = Arc::new(rebuilt);
                 self.settle(st);
                 return Ok(());
             }
@@ -609,7 +680,7 @@ pub struct LakeFs {
     policies: Mutex<HashMap<String, (Arc<RepoConfig>, Instant)>>,
     /// The applier thread: views whose pending closes are to be applied.
     applier: mpsc::Sender<Weak<View>>,
-    /// The empty directory's hash (see `may_pend`).
+    /// The empty directory's hash (see `Pending::push`).
     empty_dir: Hash,
     /// Names the spill directories of working trees.
     next_spill: AtomicU64,
@@ -1139,9 +1210,28 @@ impl LakeFs {
             return ino;
         }
         match entry {
-            Entry::File(f) if view.branch.is_some() => self.file_ino(view, path, f),
+            Entry::File(f) if view.branch.is_some() => {
+                // Hashed once for both (a listing's entries are whole).
+                let f = light(f.clone());
+                self.held_version(view, path, &f)
+                    .unwrap_or_else(|| self.file_ino(view, path, &f))
+            }
             _ => self.tree_ino(view, path),
         }
+    }
+
+    /// An inode this mount holds for version `f` of `path`: the one a
+    /// file was created or written through. Its number is not the one
+    /// the version's content names, and a lookup answering with that one
+    /// would have the kernel drop its dentry and the inode (a FORGET and
+    /// a LOOKUP more for each file, when an untar runs over files it
+    /// wrote, or `ls -l` after it).
+    fn held_version(&self, view: &View, path: &str, f: &File) -> Option<u64> {
+        let nodes = self.nodes.lock();
+        nodes.at(view.id, path).into_iter().find(|ino| {
+            matches!(nodes.get(ino), Some(Node::File { view: v, path: p, file })
+                if v.id == view.id && p == path && same_version(file, f))
+        })
     }
 
     /// The inode for an entry found at `path` in a view.
@@ -1378,11 +1468,14 @@ impl LakeFs {
         let mut st = view.state.lock();
         fresh.creating = std::mem::take(&mut st.creating);
         // Closes that became pending meanwhile may be newer than what
-        // the reload read: applied again on top (a put of the same entry
-        // twice is the same tree). Other ops are not repeatable: one the
-        // reload missed is not in `seen` either, so a refresh brings it.
-        let closes = st.pending.ops.iter().filter(|op| is_file_put(op));
-        fresh.pending = Arc::new(Pending::rebuild(closes.cloned().collect()));
+        // the reload read: the files pending ops leave are put again on
+        // top (a put of the same entry twice is the same tree). Other ops
+        // are not repeatable: one the reload missed is not in `seen`
+        // either, so a refresh brings it.
+        let closes = st.pending.files_left();
+        fresh.pending = Arc::new(Pending::rebuild(closes, |p| {
+            Ok(fresh.trees.lookup(&fresh.root, p)?)
+        })?);
         *st = fresh.clone();
         *view.latest_seen.lock() = batches.iter().max().cloned();
         *view.seen.lock() = batches;
@@ -1506,32 +1599,26 @@ impl LakeFs {
             .map_err(FsError::Stage)
     }
 
-    /// Which ops may wait in `Pending`: those whose effect a lookup sees in
-    /// `Pending::entries` alone. A closed file, and a new empty directory
-    /// (nothing under it but what is put after it); not a directory with
-    /// content, which lookups below it would miss until applied.
-    fn may_pend(&self, op: &Op) -> bool {
-        match op {
-            Op::Put {
-                entry: Entry::Dir(h),
-                ..
-            } => *h == self.empty_dir,
-            op => is_file_put(op),
-        }
-    }
-
     fn apply_local(&self, view: &Arc<View>, id: &str, ops: Vec<Op>) -> Result<()> {
         let pending = {
             let mut st = view.state.lock();
             if view.seen.lock().contains(id) {
                 return Ok(()); // a refresh already picked it up
             }
-            // Closes wait to be applied together; anything else goes now,
-            // after them.
-            let all_wait = ops.iter().all(|op| self.may_pend(op));
-            let p = Arc::make_mut(&mut st.pending);
+            // Closes (and unlinks and renames of files) wait to be applied
+            // together; anything else goes now, after them.
+            let ViewState {
+                pending,
+                trees,
+                root,
+                ..
+            } = &mut *st;
+            let p = Arc::make_mut(pending);
+            let mut all_wait = true;
             for op in ops {
-                p.push(op);
+                all_wait &= p.push(op, Some(&self.empty_dir), |path| {
+                    Ok(trees.lookup(root, path)?)
+                })?;
             }
             view.note_latest(Some(id));
             view.seen.lock().insert(id.to_string());
@@ -2669,7 +2756,8 @@ impl LakeFs {
         // The state is let go of before `creating` is edited: a copy still
         // held would make `Arc::make_mut` copy every file being created.
         let found = {
-            let state = self.state(&view)?;
+            // An unlink of a file waits with the closes (`Pending::push`).
+            let state = self.state_with_pending(&view)?;
             self.child_entry(&state, &child)?
         };
         match found {
@@ -2777,9 +2865,17 @@ impl LakeFs {
         }
         let writers = self.writers_at(&view, &[&from, &to]);
         let _in_order = hold(&writers);
-        let state = self.state(&view)?;
-        let src = self.child_entry(&state, &from)?.ok_or(FsError::NotFound)?;
-        let dst = self.child_entry(&state, &to)?;
+        // A rename of a file waits with the closes (`Pending::push`); one
+        // of a directory, or over one, looks at the tree with them applied.
+        let mut state = self.state_with_pending(&view)?;
+        let is_dir = |e: &Option<Entry>| matches!(e, Some(Entry::Dir(_)));
+        let mut src = self.child_entry(&state, &from)?.ok_or(FsError::NotFound)?;
+        let mut dst = self.child_entry(&state, &to)?;
+        if is_dir(&src) || dst.as_ref().is_some_and(is_dir) {
+            state = self.state(&view)?;
+            src = self.child_entry(&state, &from)?.ok_or(FsError::NotFound)?;
+            dst = self.child_entry(&state, &to)?;
+        }
         if let Some(dst) = &dst {
             if no_replace {
                 return Err(FsError::Exists);
@@ -2796,7 +2892,6 @@ impl LakeFs {
         }
         // Let go of before `creating` is edited (see `unlink`).
         drop(state);
-        let is_dir = |e: &Option<Entry>| matches!(e, Some(Entry::Dir(_)));
         let dirs = is_dir(&src) || dst.as_ref().is_some_and(is_dir);
         if dst.is_some() {
             self.forget_writers_at(&view, &to, &writers);
@@ -3241,6 +3336,25 @@ mod tests {
     }
 
     /// A directory's entries with their inode numbers.
+    /// A second inode of a file, as the kernel may hold one: the one its
+    /// content names, beside the one it was written through (which
+    /// lookups answer with, `held_version`), counted as a lookup's.
+    fn other_inode(fs: &LakeFs, dir: u64, name: &str) -> u64 {
+        let held = fs.lookup(dir, name).unwrap().ino;
+        let (view, path) = fs.dir_node(dir).unwrap();
+        let child = join(&path, name);
+        let state = fs.state_with_pending(&view).unwrap();
+        let Some(Entry::File(f)) = state.entry_at(&child).unwrap() else {
+            panic!("{child} is not a file")
+        };
+        let f = light(f);
+        let ino = fs.file_ino(&view, &child, &f);
+        assert_ne!(ino, held);
+        fs.remember_version(ino, &view, child, &f);
+        assert!(fs.nodes.lock().counted(ino));
+        ino
+    }
+
     fn listed(fs: &LakeFs, dir: u64) -> Vec<(String, u64)> {
         let fh = fs.opendir(dir).unwrap();
         let mut out = Vec::new();
@@ -3403,11 +3517,48 @@ mod tests {
         // Listing applies them, in order, at once.
         assert_eq!(names(&fs, dir).len(), 10);
         assert_eq!(pending(), 0);
-        // Any other change applies what is pending before itself.
+        // Unlinks and renames of files wait with them (an untar over
+        // files that exist unlinks each; rsync renames each into place).
         write(&fs, dir, "g", b"g\n");
         fs.unlink(dir, "g").unwrap();
-        assert_eq!(pending(), 0);
+        assert_eq!(pending(), 2);
         assert_eq!(fs.lookup(dir, "g").unwrap_err().errno(), libc::ENOENT);
+        write(&fs, dir, "t", b"t\n");
+        write(&fs, dir, "u", b"old u\n");
+        fs.rename(dir, "t", dir, "u", false).unwrap();
+        assert_eq!(pending(), 5);
+        assert_eq!(fs.lookup(dir, "t").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(read_all(&fs, fs.lookup(dir, "u").unwrap().ino), b"t\n");
+        fs.rename(dir, "u", dir, "g", false).unwrap();
+        fs.unlink(dir, "g").unwrap();
+        assert_eq!(pending(), 7);
+        assert_eq!(fs.lookup(dir, "u").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(fs.lookup(dir, "g").unwrap_err().errno(), libc::ENOENT);
+        // A reload (a commit's) keeps what they did: files put, then
+        // unlinked or moved away, stay gone.
+        let tree = commit(&fs);
+        fs.reload(&view, "main").unwrap();
+        for gone in ["d/g", "d/t", "d/u"] {
+            assert!(at(&fs, &tree, gone).is_none(), "{gone} committed");
+        }
+        for gone in ["g", "t", "u"] {
+            assert_eq!(fs.lookup(dir, gone).unwrap_err().errno(), libc::ENOENT);
+        }
+        write(&fs, dir, "g", b"g again\n");
+        assert_eq!(
+            read_all(&fs, fs.lookup(dir, "g").unwrap().ino),
+            b"g again\n"
+        );
+        // Any other change applies what is pending before itself.
+        fs.mkdir(dir, "e").unwrap();
+        fs.rename(dir, "e", dir, "e2", false).unwrap();
+        assert_eq!(pending(), 0);
+        assert_eq!(fs.lookup(dir, "u").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(
+            read_all(&fs, fs.lookup(dir, "g").unwrap().ino),
+            b"g again\n"
+        );
+        assert_eq!(names(&fs, dir).len(), 12);
         // And the commit is what the view showed.
         let tree = commit(&fs);
         let Some(Entry::File(f)) = at(&fs, &tree, "d/f3") else {
@@ -3430,7 +3581,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(!view.apply_queued.load(Ordering::Acquire));
-        assert_eq!(names(&fs, dir).len(), 10 + PENDING_MAX + 5);
+        assert_eq!(names(&fs, dir).len(), 12 + PENDING_MAX + 5);
     }
 
     #[test]
@@ -3911,18 +4062,18 @@ mod tests {
             mode: Some(m),
             ..SetAttr::default()
         };
-        for (seed, other_inode) in [(1, false), (2, true)] {
+        for (seed, through_another) in [(1, false), (2, true)] {
             let name = format!("f{seed}");
             let a = write(&fs, main, &name, b"old");
             commit(&fs);
             // The same file through the inode it was written as, or through
             // another the kernel looked up meanwhile.
-            let b = if other_inode {
-                fs.lookup(main, &name).unwrap().ino
+            let b = if through_another {
+                other_inode(&fs, main, &name)
             } else {
                 a
             };
-            assert_eq!(a != b, other_inode);
+            assert_eq!(a != b, through_another);
             let fh = fs.open(a, true, false).unwrap().0;
             fs.write(fh, 0, &fresh_bytes(seed)).unwrap();
             slow_puts(&faults, "chunks/");
@@ -4041,7 +4192,7 @@ mod tests {
         // it is opened for writing through the inode it was created as.
         // (An inode looked up while the file is open for writing is the
         // file's spool, then the version its close wrote.)
-        let b = fs.lookup(main, "f").unwrap().ino;
+        let b = other_inode(&fs, main, "f");
         assert_ne!(a, b);
         let (fh, _) = fs.open(a, true, false).unwrap();
         fs.write(fh, 0, &v2).unwrap();
@@ -4062,7 +4213,7 @@ mod tests {
     fn a_chmod_through_one_inode_holds_for_a_write_through_another() {
         let (_d, fs, main) = setup();
         let a = write(&fs, main, "g", b"small and inline");
-        let b = fs.lookup(main, "g").unwrap().ino;
+        let b = other_inode(&fs, main, "g");
         assert_ne!(a, b, "two inodes of one version");
         let set = SetAttr {
             mode: Some(0o600),
@@ -4083,7 +4234,7 @@ mod tests {
     fn writes_through_two_inodes_of_one_file_share_its_spool() {
         let (_d, fs, main) = setup();
         let a = write(&fs, main, "h", &[b'.'; 20]);
-        let b = fs.lookup(main, "h").unwrap().ino;
+        let b = other_inode(&fs, main, "h");
         assert_ne!(a, b, "two inodes of one version");
         let (fa, _) = fs.open(a, true, false).unwrap();
         let (fb, _) = fs.open(b, true, false).unwrap();
@@ -4213,7 +4364,7 @@ mod tests {
         let (_d, fs, main) = setup();
         let a = write(&fs, main, "f", b"12345");
         commit(&fs);
-        let b = fs.lookup(main, "f").unwrap().ino;
+        let b = other_inode(&fs, main, "f");
         let (fh, _) = fs.open(a, true, false).unwrap();
         fs.write(fh, 0, &[b'x'; 20]).unwrap();
         // The kernel takes these as the file's size (an O_APPEND write
@@ -4242,6 +4393,31 @@ mod tests {
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, b), [b'x'; 20]);
         assert!(fs.writes.lock().is_empty());
+    }
+
+    #[test]
+    fn lookups_answer_with_the_inode_a_file_was_written_through() {
+        let (_d, fs, main) = setup();
+        let a = write(&fs, main, "f", b"one");
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, a);
+        commit(&fs);
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, a);
+        assert_eq!(listed(&fs, main), [("f".to_string(), a)]);
+        // Written again through it: still the one.
+        let (fh, _) = fs.open(a, true, true).unwrap();
+        fs.write(fh, 0, b"two").unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, a);
+        assert_eq!(read_all(&fs, a), b"two");
+        // Once the kernel forgot it (a create and three lookups), the
+        // version's own number.
+        fs.forget(a, 3);
+        assert_eq!(fs.lookup(main, "f").unwrap().ino, a);
+        fs.forget(a, 2);
+        let b = fs.lookup(main, "f").unwrap().ino;
+        assert_ne!(b, a);
+        assert_eq!(read_all(&fs, b), b"two");
     }
 
     #[test]
@@ -4411,7 +4587,7 @@ mod tests {
     fn a_rename_and_an_unlink_of_a_file_open_through_two_inodes_go_through() {
         let (_d, fs, main) = setup();
         let a = write(&fs, main, "h", b"0123456789");
-        let b = fs.lookup(main, "h").unwrap().ino;
+        let b = other_inode(&fs, main, "h");
         assert_ne!(a, b, "two inodes of one version");
         let (fa, _) = fs.open(a, true, false).unwrap();
         let (fb, _) = fs.open(b, true, false).unwrap();
