@@ -14,6 +14,8 @@ pair_ratio() {
 }
 # mbps SECONDS BYTES
 mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
+# drop: write back and drop the page, dentry and inode caches (root)
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }
 # machine: the description every recorded table starts with
 machine() { echo "$(date -u +%Y-%m-%d) — $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, kernel $(uname -r), local-dir lake on $(df -T /tmp | awk 'NR==2 {print $2}')"; }

@@ -23,7 +23,6 @@ cleanup() { fusermount3 -uz "$MNT" 2>/dev/null || true; [ -n "$PID" ] && kill "$
 trap cleanup EXIT
 export TARN_LAKE=file://$WORK/lake
 
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 # dd_time FILE: seconds to read FILE with dd bs=1M
 dd_time() { local t0 t1; t0=$(now); dd if="$1" of=/dev/null bs=1M status=none; t1=$(now); secs "$t0" "$t1"; }
 

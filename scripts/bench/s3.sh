@@ -35,7 +35,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 wait_mounted() { for _ in $(seq 300); do mountpoint -q "$1" && return 0; sleep 0.05; done; echo "$1 did not mount" >&2; exit 1; }
 for b in lake peers; do scripts/s3-server.sh bucket $b >/dev/null; done
 SIZE=$((SIZE_MIB << 20))

@@ -832,6 +832,18 @@ impl Nodes {
             .collect()
     }
 
+    /// The first inode of `path` in a view whose node `pick` takes.
+    fn find_at(&self, view: u64, path: &str, pick: impl Fn(&Node) -> bool) -> Option<u64> {
+        if self.by_path.is_empty() {
+            return None;
+        }
+        let h = path_hash(view, path);
+        self.by_path
+            .range((h, 0)..=(h, u64::MAX))
+            .map(|&(_, ino)| ino)
+            .find(|ino| self.get(ino).is_some_and(&pick))
+    }
+
     /// Take inodes from their paths; one the kernel holds keeps its count.
     fn remove(&mut self, inos: &[u64]) {
         for ino in inos {
@@ -1228,8 +1240,8 @@ impl LakeFs {
     /// wrote, or `ls -l` after it).
     fn held_version(&self, view: &View, path: &str, f: &File) -> Option<u64> {
         let nodes = self.nodes.lock();
-        nodes.at(view.id, path).into_iter().find(|ino| {
-            matches!(nodes.get(ino), Some(Node::File { view: v, path: p, file })
+        nodes.find_at(view.id, path, |node| {
+            matches!(node, Node::File { view: v, path: p, file }
                 if v.id == view.id && p == path && same_version(file, f))
         })
     }
