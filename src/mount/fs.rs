@@ -362,14 +362,16 @@ impl Pending {
     /// put of a file or of an empty directory (`empty_dir`; nothing under
     /// it but what is put after it), or an unlink or rename of a file or
     /// symlink. Not a directory's removal or rename, nor a put of one with
-    /// content: lookups below it would miss it until applied.
+    /// content: lookups below it would miss it until applied; nor an op on
+    /// a path `at` failed to read (applying it tells the error).
     fn push(
         &mut self,
         op: Op,
         empty_dir: Option<&Hash>,
         at: impl Fn(&str) -> Result<Option<Entry>>,
-    ) -> Result<bool> {
-        let leaf = |e: &Option<Entry>| matches!(e, Some(Entry::File(_) | Entry::Symlink(_)));
+    ) -> bool {
+        let leaf =
+            |e: &Result<Option<Entry>>| matches!(e, Ok(Some(Entry::File(_) | Entry::Symlink(_))));
         let waits = match &op {
             Op::Put { path, entry } => {
                 self.entries.insert(path.clone(), Some(entry.clone()));
@@ -379,15 +381,15 @@ impl Pending {
                 }
             }
             Op::Delete { path } => {
-                let was = self.entry(path, &at)?;
+                let was = self.entry(path, &at);
                 self.entries.insert(path.clone(), None);
                 leaf(&was)
             }
             Op::Move { from, to } => {
-                let moving = self.entry(from, &at)?;
-                let replaced = self.entry(to, &at)?;
-                let waits = leaf(&moving) && (replaced.is_none() || leaf(&replaced));
-                if waits {
+                let moving = self.entry(from, &at);
+                let replaced = self.entry(to, &at);
+                let waits = leaf(&moving) && (matches!(replaced, Ok(None)) || leaf(&replaced));
+                if let (true, Ok(moving)) = (waits, moving) {
                     self.entries.insert(from.clone(), None);
                     self.entries.insert(to.clone(), moving);
                 }
@@ -396,7 +398,7 @@ impl Pending {
             Op::Graft { .. } => false,
         };
         self.ops.push(op);
-        Ok(waits)
+        waits
     }
 
     /// The entry at `path` once `ops` are applied to the tree `at` reads.
@@ -412,33 +414,36 @@ impl Pending {
     }
 
     /// The ops after some were applied to the tree `at` reads.
-    fn rebuild(ops: Vec<Op>, at: impl Fn(&str) -> Result<Option<Entry>>) -> Result<Pending> {
+    fn rebuild(ops: Vec<Op>, at: impl Fn(&str) -> Result<Option<Entry>>) -> Pending {
         let mut p = Pending::default();
         for op in ops {
-            p.push(op, None, &at)?;
+            p.push(op, None, &at);
         }
-        Ok(p)
+        p
     }
 
-    /// The files the ops leave put (where nothing after removed or moved
-    /// them away), as puts: a put of the same entry twice is the same tree.
-    fn files_left(&self) -> Vec<Op> {
-        let mut puts: Vec<Op> = self
-            .entries
-            .iter()
-            .filter_map(|(path, e)| match e {
-                Some(entry @ Entry::File(_)) => Some(Op::Put {
-                    path: path.clone(),
-                    entry: entry.clone(),
-                }),
-                _ => None,
-            })
-            .collect();
-        puts.sort_by(|a, b| match (a, b) {
-            (Op::Put { path: a, .. }, Op::Put { path: b, .. }) => a.cmp(b),
-            _ => std::cmp::Ordering::Equal,
-        });
-        puts
+    /// The closes (puts of files) no later op removed, moved away or
+    /// replaced: a put of the same entry twice is the same tree.
+    fn closes_left(&self) -> Vec<Op> {
+        let mut left: BTreeMap<&str, Option<&Op>> = BTreeMap::new();
+        for op in &self.ops {
+            match op {
+                Op::Put { path, .. } => {
+                    left.insert(path, is_file_put(op).then_some(op));
+                }
+                Op::Delete { path } => {
+                    left.insert(path, None);
+                }
+                Op::Move { from, to } => {
+                    left.insert(from, None);
+                    left.insert(to, None);
+                }
+                Op::Graft { path, .. } => {
+                    left.insert(path, None);
+                }
+            }
+        }
+        left.into_values().flatten().cloned().collect()
     }
 }
 
@@ -543,7 +548,7 @@ impl View {
                 st.root = new_root;
                 // Ops can only have been added after the ones applied.
                 let rest = st.pending.ops[applied..].to_vec();
-                let rebuilt = Pending::rebuild(rest, |p| Ok(trees.lookup(&new_root, p)?))?;
+                let rebuilt = Pending::rebuild(rest, |p| Ok(trees.lookup(&new_root, p)?));
                 st.pending = Arc::new(rebuilt);
                 self.settle(st);
                 return Ok(());
@@ -1480,14 +1485,14 @@ impl LakeFs {
         let mut st = view.state.lock();
         fresh.creating = std::mem::take(&mut st.creating);
         // Closes that became pending meanwhile may be newer than what
-        // the reload read: the files pending ops leave are put again on
-        // top (a put of the same entry twice is the same tree). Other ops
-        // are not repeatable: one the reload missed is not in `seen`
-        // either, so a refresh brings it.
-        let closes = st.pending.files_left();
+        // the reload read: applied again on top (a put of the same entry
+        // twice is the same tree), unless a later op removed, moved or
+        // replaced the file. Other ops are not repeatable: one the reload
+        // missed is not in `seen` either, so a refresh brings it.
+        let closes = st.pending.closes_left();
         fresh.pending = Arc::new(Pending::rebuild(closes, |p| {
             Ok(fresh.trees.lookup(&fresh.root, p)?)
-        })?);
+        }));
         *st = fresh.clone();
         *view.latest_seen.lock() = batches.iter().max().cloned();
         *view.seen.lock() = batches;
@@ -1630,7 +1635,7 @@ impl LakeFs {
             for op in ops {
                 all_wait &= p.push(op, Some(&self.empty_dir), |path| {
                     Ok(trees.lookup(root, path)?)
-                })?;
+                });
             }
             view.note_latest(Some(id));
             view.seen.lock().insert(id.to_string());
