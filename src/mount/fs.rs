@@ -756,6 +756,23 @@ fn path_key(node: &Node) -> Option<u64> {
     }
 }
 
+/// Are two nodes at one path of one view (one key in `Nodes::by_path`)?
+fn same_place(a: &Node, b: &Node) -> bool {
+    match (a, b) {
+        (
+            Node::Tree { view: va, path: pa }
+            | Node::File {
+                view: va, path: pa, ..
+            },
+            Node::Tree { view: vb, path: pb }
+            | Node::File {
+                view: vb, path: pb, ..
+            },
+        ) => va.id == vb.id && pa == pb,
+        _ => false,
+    }
+}
+
 fn path_hash(view: u64, path: &str) -> u64 {
     use std::hash::{Hash as _, Hasher as _};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -770,7 +787,6 @@ impl Nodes {
 
     /// Set an inode's node (its count, if it has one, stays).
     fn insert(&mut self, ino: u64, node: Node) {
-        let key = path_key(&node);
         let known = self.by_ino.entry(ino).or_insert_with(|| {
             Box::new(Known {
                 node: None,
@@ -778,6 +794,12 @@ impl Nodes {
             })
         });
         let old = known.node.replace(node);
+        // Another version at the same place (every close): indexed as is.
+        let new = known.node.as_ref().expect("just set");
+        if old.as_ref().is_some_and(|old| same_place(old, new)) {
+            return;
+        }
+        let key = path_key(new);
         if let Some(h) = old.as_ref().and_then(path_key) {
             self.by_path.remove(&(h, ino));
         }
