@@ -741,7 +741,10 @@ struct Nodes {
 /// kernel still holds it) and how many replies gave it to the kernel.
 struct Known {
     node: Option<Node>,
-    lookups: u64,
+    /// (Past 2^32 it stays there: the inode is then never dropped.)
+    lookups: u32,
+    /// Made by a create: its number is no path's (see `LakeFs::moved`).
+    created: bool,
 }
 
 /// Where a node is in a branch view, hashed (see `Nodes`). Pinned views
@@ -791,6 +794,7 @@ impl Nodes {
             Box::new(Known {
                 node: None,
                 lookups: 0,
+                created: false,
             })
         });
         let old = known.node.replace(node);
@@ -827,18 +831,32 @@ impl Nodes {
     fn counted(&mut self, ino: u64) -> bool {
         match self.by_ino.get_mut(&ino) {
             Some(known) if known.node.is_some() => {
-                known.lookups += 1;
+                known.lookups = known.lookups.saturating_add(1);
                 true
             }
             _ => false,
         }
     }
 
+    /// An inode a create made (its number from nothing about its path).
+    fn created(&mut self, ino: u64) {
+        if let Some(known) = self.by_ino.get_mut(&ino) {
+            known.created = true;
+        }
+    }
+
+    fn is_created(&self, ino: u64) -> bool {
+        self.by_ino.get(&ino).is_some_and(|k| k.created)
+    }
+
     /// The kernel forgot `n` of an inode's lookups: its node, if that was
     /// the last and it had one.
     fn forget(&mut self, ino: u64, n: u64) -> Option<Node> {
         let known = self.by_ino.get_mut(&ino)?;
-        known.lookups = known.lookups.saturating_sub(n);
+        if known.lookups == u32::MAX {
+            return None;
+        }
+        known.lookups = known.lookups.saturating_sub(n.min(u32::MAX as u64) as u32);
         if known.lookups > 0 || ino == ROOT_INO {
             return None;
         }
@@ -2739,6 +2757,7 @@ impl LakeFs {
                 },
             );
             nodes.counted(ino);
+            nodes.created(ino);
         }
         self.writes.lock().add(ino, &wf);
         Arc::make_mut(&mut view.state.lock().creating).insert(child, ino);
@@ -2991,19 +3010,32 @@ impl LakeFs {
         let mut moved_away = self.moved_away.lock();
         let mut moved_to = self.moved_to.lock();
         let inos = nodes.of(view.id, from, dirs, false);
+        // A path's generation changes only when an inode numbered from it
+        // leaves: not one a create made (rsync's temporary files, each of
+        // a new name, would otherwise leave a generation behind apiece),
+        // nor one a rename brought there (numbered from where it came).
+        let created: HashSet<u64> = inos
+            .iter()
+            .copied()
+            .filter(|ino| nodes.is_created(*ino))
+            .collect();
         nodes.repath(&inos, |ino, node| {
             let (Node::Tree { path, .. } | Node::File { path, .. }) = node else {
                 return None;
             };
             let n = rebase(path)?;
             let old = (view.id, path.clone());
+            let mut came_here = false;
             if let Some(here) = moved_to.get_mut(&old) {
+                came_here = here.contains(&ino);
                 here.retain(|i| *i != ino);
                 if here.is_empty() {
                     moved_to.remove(&old);
                 }
             }
-            *moved_away.entry(old).or_default() += 1;
+            if !came_here && !created.contains(&ino) {
+                *moved_away.entry(old).or_default() += 1;
+            }
             moved_to.entry((view.id, n.clone())).or_default().push(ino);
             Some(n)
         });
@@ -4432,6 +4464,35 @@ mod tests {
         fs.release(fh).unwrap();
         assert_eq!(read_all(&fs, b), [b'x'; 20]);
         assert!(fs.writes.lock().is_empty());
+    }
+
+    #[test]
+    fn renames_of_new_files_into_place_leave_nothing_behind() {
+        let (_d, fs, main) = setup();
+        // rsync: each file written to a temporary name of its own, then
+        // renamed over the file; the kernel lets go of the one replaced.
+        for round in 0..3 {
+            for i in 0..100 {
+                let tmp = format!(".f{i}.{round}");
+                let a = write(&fs, main, &tmp, format!("{round}").as_bytes());
+                fs.rename(main, &tmp, main, &format!("f{i}"), false)
+                    .unwrap();
+                if round == 2 {
+                    fs.forget(a, 1);
+                }
+            }
+        }
+        assert!(fs.moved_away.lock().is_empty());
+        assert!(fs.moved_to.lock().is_empty());
+        // A file numbered from its path that moves away does change the
+        // path's generation: the same content there next is another inode.
+        let b = fs.lookup(main, "f0").unwrap().ino;
+        fs.rename(main, "f0", main, "g", false).unwrap();
+        assert_eq!(fs.moved_away.lock().len(), 1);
+        let c = write(&fs, main, "f0", b"2");
+        fs.forget(c, 1);
+        assert_ne!(fs.lookup(main, "f0").unwrap().ino, b);
+        assert_eq!(fs.lookup(main, "g").unwrap().ino, b);
     }
 
     #[test]
