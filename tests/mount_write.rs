@@ -395,10 +395,12 @@ fn inodes_the_kernel_lets_go_of_the_daemon_lets_go_of_too() {
             model.insert(i, "new\n".into());
         }
         drop_kernel_inodes();
+        // Each to the file 1000 away, in another directory, over it.
+        let across = |i: usize| (i + 1000) % 2000;
         for i in (1..2000).step_by(11) {
-            std::fs::rename(path(i), path(i + 1000 - 2000 * (i / 1000))).unwrap();
+            std::fs::rename(path(i), path(across(i))).unwrap();
             let moved = model.remove(&i).unwrap();
-            model.insert(i + 1000 - 2000 * (i / 1000), moved);
+            model.insert(across(i), moved);
         }
         drop_kernel_inodes();
         for i in (3..2000).step_by(13) {
