@@ -759,6 +759,27 @@ fn path_key(node: &Node) -> Option<u64> {
     }
 }
 
+/// May inode `node` answer for `entry` at `path` in a view: the same
+/// place, and for a file the same version?
+fn answers_for(node: &Node, view: &View, path: &str, entry: &Entry) -> bool {
+    match (node, entry) {
+        (
+            Node::File {
+                view: v,
+                path: p,
+                file,
+            },
+            Entry::File(f),
+        ) => v.id == view.id && p == path && same_version(file, f),
+        (Node::Tree { view: v, path: p }, _) => {
+            v.id == view.id
+                && p == path
+                && (view.branch.is_none() || !matches!(entry, Entry::File(_)))
+        }
+        _ => false,
+    }
+}
+
 /// Are two nodes at one path of one view (one key in `Nodes::by_path`)?
 fn same_place(a: &Node, b: &Node) -> bool {
     match (a, b) {
@@ -869,23 +890,19 @@ impl Nodes {
 
     /// The inodes of `path` in a view (and, rarely, of others whose
     /// hash is the same: callers check the node's view and path).
-    fn at(&self, view: u64, path: &str) -> Vec<u64> {
+    fn at(&self, view: u64, path: &str) -> impl Iterator<Item = u64> + '_ {
         let h = path_hash(view, path);
         self.by_path
             .range((h, 0)..=(h, u64::MAX))
             .map(|&(_, ino)| ino)
-            .collect()
     }
 
     /// The first inode of `path` in a view whose node `pick` takes.
     fn find_at(&self, view: u64, path: &str, pick: impl Fn(&Node) -> bool) -> Option<u64> {
         if self.by_path.is_empty() {
-            return None;
+            return None; // (no hash to make)
         }
-        let h = path_hash(view, path);
-        self.by_path
-            .range((h, 0)..=(h, u64::MAX))
-            .map(|&(_, ino)| ino)
+        self.at(view, path)
             .find(|ino| self.get(ino).is_some_and(&pick))
     }
 
@@ -937,9 +954,10 @@ impl Nodes {
             _ => false,
         };
         if !below {
-            let mut inos = self.at(view, path);
-            inos.retain(|ino| self.get(ino).is_some_and(|n| pick(n, true)));
-            return inos;
+            return self
+                .at(view, path)
+                .filter(|ino| self.get(ino).is_some_and(|n| pick(n, true)))
+                .collect();
         }
         self.by_ino
             .iter()
@@ -1243,21 +1261,10 @@ impl LakeFs {
             moved_to.get(&(view.id, path.to_string()))?.clone()
         };
         let nodes = self.nodes.lock();
-        inos.into_iter().find(|ino| match (nodes.get(ino), entry) {
-            (
-                Some(Node::File {
-                    view: v,
-                    path: p,
-                    file,
-                }),
-                Entry::File(f),
-            ) => v.id == view.id && p == path && same_version(file, f),
-            (Some(Node::Tree { view: v, path: p }), _) => {
-                v.id == view.id
-                    && p == path
-                    && (view.branch.is_none() || !matches!(entry, Entry::File(_)))
-            }
-            _ => false,
+        inos.into_iter().find(|ino| {
+            nodes
+                .get(ino)
+                .is_some_and(|n| answers_for(n, view, path, entry))
         })
     }
 
@@ -1270,25 +1277,22 @@ impl LakeFs {
             Entry::File(f) if view.branch.is_some() => {
                 // Hashed once for both (a listing's entries are whole).
                 let f = light(f.clone());
-                self.held_version(view, path, &f)
+                self.held_version(view, path, &Entry::File(f.clone()))
                     .unwrap_or_else(|| self.file_ino(view, path, &f))
             }
             _ => self.tree_ino(view, path),
         }
     }
 
-    /// An inode this mount holds for version `f` of `path`: the one a
-    /// file was created or written through. Its number is not the one
+    /// An inode this mount holds for `file` (an entry of `path`): the one
+    /// it was created or written through. Its number is not the one
     /// the version's content names, and a lookup answering with that one
     /// would have the kernel drop its dentry and the inode (a FORGET and
     /// a LOOKUP more for each file, when an untar runs over files it
     /// wrote, or `ls -l` after it).
-    fn held_version(&self, view: &View, path: &str, f: &File) -> Option<u64> {
+    fn held_version(&self, view: &View, path: &str, file: &Entry) -> Option<u64> {
         let nodes = self.nodes.lock();
-        nodes.find_at(view.id, path, |node| {
-            matches!(node, Node::File { view: v, path: p, file }
-                if v.id == view.id && p == path && same_version(file, f))
-        })
+        nodes.find_at(view.id, path, |n| answers_for(n, view, path, file))
     }
 
     /// The inode for an entry found at `path` in a view.
