@@ -14,6 +14,12 @@ pair_ratio() {
 }
 # mbps SECONDS BYTES
 mbps() { awk -v s="$1" -v b="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
+# timed CMD...: seconds CMD takes
+timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); secs "$t0" "$t1"; }
+# synced CMD...: CMD, then sync (for timing local-disk baselines)
+synced() { "$@"; sync; }
+# rss FIELD: the mount daemon's VmRSS or VmHWM, in MiB
+rss() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' "/proc/$PID/status"; }
 # drop: write back and drop the page, dentry and inode caches (root)
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 ms() { awk -v s="$1" 'BEGIN {printf "%.1f", s*1000}'; }

@@ -37,15 +37,8 @@ for d in sorted(os.listdir(root)):
         os.rename(tmp, f"{root}/{d}/{f}")
 PY
 }
-# timed DEST SYNC CMD...: seconds CMD takes (and a sync after, if SYNC=1)
-timed() {
-  local sync=$1 t0 t1; shift
-  t0=$(now); "$@"; [ "$sync" = 1 ] && sync; t1=$(now)
-  secs "$t0" "$t1"
-}
 lsr() { ls -lR "$1" >/dev/null; }
 inodes() { python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('inodes', '-'))" "$B/.tarn/info"; }
-rss() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' "/proc/$PID/status"; }
 
 "$T" init >/dev/null; "$T" repo create bench >/dev/null
 start_mount "$WORK/mount.log" --writeback --cache-dir "$WORK/cache"
@@ -54,22 +47,22 @@ L=$WORK/local
 mkdir -p "$B/t" "$L/t"
 
 echo "== untar, untar over it, rsync-style" >&2
-first_l=$(timed 1 tar -xf "$TAR" -C "$L/t")
-first_t=$(timed 0 tar -xf "$TAR" -C "$B/t")
+first_l=$(timed synced tar -xf "$TAR" -C "$L/t")
+first_t=$(timed tar -xf "$TAR" -C "$B/t")
 over_l=(); over_t=(); rs_l=(); rs_t=()
 for _ in 1 2 3; do
-  over_l+=("$(timed 1 tar -xf "$TAR" -C "$L/t")")
-  over_t+=("$(timed 0 tar -xf "$TAR" -C "$B/t")")
-  rs_l+=("$(timed 1 rsync_like "$L/t")")
-  rs_t+=("$(timed 0 rsync_like "$B/t")")
+  over_l+=("$(timed synced tar -xf "$TAR" -C "$L/t")")
+  over_t+=("$(timed tar -xf "$TAR" -C "$B/t")")
+  rs_l+=("$(timed synced rsync_like "$L/t")")
+  rs_t+=("$(timed rsync_like "$B/t")")
 done
 echo "untar: tarn $first_t local $first_l; over: tarn ${over_t[*]} local ${over_l[*]}; rsync-like: tarn ${rs_t[*]} local ${rs_l[*]}" >&2
 
 echo "== ls -lR" >&2
 ls_l=(); ls_t=()
 for _ in 1 2 3; do
-  drop; ls_l+=("$(timed 0 lsr "$L/t")")
-  drop; ls_t+=("$(timed 0 lsr "$B/t")")
+  drop; ls_l+=("$(timed lsr "$L/t")")
+  drop; ls_t+=("$(timed lsr "$B/t")")
 done
 
 held=$(inodes); rss_now=$(rss VmRSS); rss_peak=$(rss VmHWM)

@@ -60,7 +60,6 @@ tarn_mount() { # DIR CACHE [args]
   mkdir -p "$dir"; "$T" --lake "$L" mount "$dir" --cache-dir "$cache" "$@" >"$WORK/tarn-mount.log" 2>&1 &
   PIDS+=($!); MNTS+=("$dir"); wait_mounted "$dir"
 }
-timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); secs "$t0" "$t1"; }
 rd() { dd if="$1" of=/dev/null bs=1M status=none; }
 
 echo "== cold reads" >&2

@@ -89,8 +89,7 @@ for i in 1 2 3 4 5; do
   wb_tar+=("$(secs "$t0" "$t1")"); wb_up+=("$(secs "$t0" "$t2")")
 done
 # The daemon's memory with the five untars' 100k files staged, and after
-# committing them through the control file (kB; VmHWM is the peak).
-rss() { awk -v k="$1:" '$1 == k {print int($2 / 1024)}' "/proc/$PID/status"; }
+# committing them through the control file (VmHWM is the peak).
 rss_staged=$(rss VmRSS)
 t0=$(now); echo 'commit -m "the --writeback untars"' >"$B/.tarn/ctl"; t1=$(now)
 wb_commit=$(secs "$t0" "$t1")
