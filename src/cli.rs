@@ -243,6 +243,12 @@ enum Command {
         /// queues a recent kernel offers.
         #[arg(long)]
         no_io_uring: bool,
+        /// Keep the io_uring queue threads in the normal scheduling class.
+        /// By default they run in the idle class while nothing else keeps
+        /// them waiting, so a caller they answer stays on its CPU (no wakeup
+        /// of another CPU per request).
+        #[arg(long)]
+        no_idle_queues: bool,
     },
     /// Unmount a tarn mount.
     Umount { dir: PathBuf },
@@ -981,6 +987,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             writeback,
             no_io_uring,
+            no_idle_queues,
         } => {
             let (source, dir) = match args.as_slice() {
                 [dir] => (pinned, dir.clone()),
@@ -1041,6 +1048,7 @@ fn run(cli: Cli) -> Result<()> {
                     threads,
                     writeback,
                     io_uring: !no_io_uring,
+                    idle_queues: !no_idle_queues,
                 },
                 signals,
             )?;
@@ -1161,6 +1169,7 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
             "allow_other" => args.push("--allow-other".into()),
             "writeback" => args.push("--writeback".into()),
             "no_io_uring" => args.push("--no-io-uring".into()),
+            "no_idle_queues" => args.push("--no-idle-queues".into()),
             "ref" => args.extend(flag("ref")?),
             "cache_dir" => args.extend(flag("cache-dir")?),
             "cache_size" => args.extend(flag("cache-size")?),
@@ -1168,7 +1177,7 @@ fn mount_helper_args(spec: &str, dir: &Path, options: &str, sloppy: bool) -> Res
             "threads" => args.extend(flag("threads")?),
             k if IGNORED_MOUNT_OPTIONS.contains(&k) || k.starts_with("x-") || k.starts_with("comment=") => {}
             _ if sloppy => {}
-            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, writeback, no_io_uring, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
+            _ => bail!("unknown mount option {opt:?} (tarn knows ro, allow_other, writeback, no_io_uring, no_idle_queues, ref=, cache_dir=, cache_size=, metadata_ttl=, threads=)"),
         }
     }
     Ok(args)

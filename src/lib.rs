@@ -10,5 +10,6 @@ pub mod hooks;
 pub mod mount;
 pub mod repo;
 pub mod store;
+pub mod thread_class;
 pub mod tree;
 pub mod units;

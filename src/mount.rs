@@ -10,6 +10,7 @@ pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod sched;
 pub mod uring;
 pub mod write;
 
@@ -37,6 +38,9 @@ pub struct MountOptions {
     /// Serve requests through per-CPU io_uring queues where the kernel
     /// offers them (Linux 6.14+).
     pub io_uring: bool,
+    /// Run the io_uring queue threads in the idle scheduling class while
+    /// nothing else keeps them waiting (`mount::sched`).
+    pub idle_queues: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +171,7 @@ pub fn run(
         .map_err(io("FUSE device"))?;
     let queues = if adapter.io_uring.load(std::sync::atomic::Ordering::Relaxed) {
         Some(
-            uring::Queues::start(adapter.clone(), &dev, opts.threads)
+            uring::Queues::start(adapter.clone(), &dev, opts.threads, opts.idle_queues)
                 .map_err(io("io_uring queues"))?,
         )
     } else {

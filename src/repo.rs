@@ -521,7 +521,10 @@ impl Lake {
             }
         };
         if self.background_cleanup {
-            std::thread::spawn(delete);
+            std::thread::spawn(move || {
+                crate::thread_class::leave_inherited_idle();
+                delete()
+            });
         } else {
             delete();
         }

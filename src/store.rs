@@ -95,6 +95,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             // flight without competing with FUSE threads for the 2 cores.
             .worker_threads(4)
             .thread_name("tarn-io")
+            .on_thread_start(crate::thread_class::leave_inherited_idle)
             .enable_all()
             .build()
             .expect("tokio runtime")
@@ -1064,6 +1065,34 @@ pub(crate) mod conformance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_threads_leave_a_class_inherited_from_an_idle_caller() {
+        let idle: Vec<bool> = std::thread::spawn(|| {
+            if !crate::thread_class::set_idle(true) {
+                return Vec::new();
+            }
+            // All at once: more than the pool had, so this idle thread
+            // starts new ones.
+            let all = Arc::new(std::sync::Barrier::new(64));
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let all = all.clone();
+                    runtime().spawn_blocking(move || {
+                        all.wait();
+                        crate::thread_class::is_idle()
+                    })
+                })
+                .collect();
+            tasks
+                .into_iter()
+                .map(|t| runtime().block_on(t).unwrap())
+                .collect()
+        })
+        .join()
+        .unwrap();
+        assert!(!idle.contains(&true), "{idle:?}");
+    }
 
     #[test]
     fn memory_backend_conforms() {

@@ -24,26 +24,6 @@ fn branch_setup() -> Scratch {
     s
 }
 
-/// Does this kernel offer FUSE over io_uring, and io_uring to processes at
-/// all? Asked once a daemon is up: a root daemon turns the module parameter
-/// on where it can (in a container it may not).
-fn io_uring_offered() -> bool {
-    let enabled = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
-        .is_ok_and(|v| v.trim() == "Y");
-    let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
-        .is_ok_and(|v| v.trim() != "0");
-    enabled && !io_uring_disabled
-}
-
-/// The names of a process's threads.
-fn thread_names(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect()
-}
-
 #[test]
 fn posix_operations_and_their_errors() {
     if !fuse_available() {

@@ -148,6 +148,7 @@ impl Assembly {
             let spawned = std::thread::Builder::new()
                 .name(format!("tarn-whole-{i}"))
                 .spawn(move || {
+                    crate::thread_class::leave_inherited_idle();
                     worker.work(&cache);
                     worker.finish(&cache);
                 });

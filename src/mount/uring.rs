@@ -1,7 +1,9 @@
 //! FUSE over io_uring (Linux 6.14+, module parameter `fuse.enable_uring`):
 //! the kernel keeps one request queue per CPU and puts each request on the
 //! queue of the CPU its caller runs on; here a thread pinned to that CPU
-//! serves the queue, so caller and server wake each other on one CPU.
+//! serves the queue, so caller and server wake each other on one CPU (and,
+//! in the idle scheduling class, `super::sched`, the caller woken by a reply
+//! stays there).
 //! Through `/dev/fuse` every request is two wakeups the scheduler puts on
 //! another CPU about half the time, and on a small VM a wakeup across CPUs
 //! costs ~30 µs: an untar of 20k small files took 4–5 s that way, and
@@ -30,6 +32,7 @@ use parking_lot::Mutex;
 
 use super::fs::{Attr, FsError, HandleOp, Kind};
 use super::fuse::{errno, name_str, FuseAdapter, SetAttrIn, MAX_WRITE};
+use super::sched::QueueClass;
 
 /// Requests one queue's thread can hold at once (the kernel hands each
 /// entry one request; a caller waits while all are busy).
@@ -120,7 +123,13 @@ impl Queues {
     /// queue registered before it uses any) and `helpers` helper threads.
     /// Until all queues are registered, and if registering fails, requests
     /// keep coming through `/dev/fuse`.
-    pub fn start(adapter: Arc<FuseAdapter>, dev: &OwnedFd, helpers: usize) -> io::Result<Queues> {
+    /// `idle`: queue threads take the idle scheduling class (`QueueClass`).
+    pub fn start(
+        adapter: Arc<FuseAdapter>,
+        dev: &OwnedFd,
+        helpers: usize,
+        idle: bool,
+    ) -> io::Result<Queues> {
         let (jobs, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..helpers.max(1) {
@@ -143,7 +152,7 @@ impl Queues {
             std::thread::Builder::new()
                 .name(format!("tarn-uring-{qid}"))
                 .spawn(move || {
-                    if let Err(e) = serve(&adapter, dev, qid as u16, jobs) {
+                    if let Err(e) = serve(&adapter, dev, qid as u16, jobs, idle) {
                         tracing::warn!(qid, %e, "io_uring queue ended");
                     }
                     let _ = end.send(());
@@ -244,8 +253,15 @@ impl Queue {
     }
 }
 
-fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>) -> io::Result<()> {
+fn serve(
+    adapter: &FuseAdapter,
+    dev: OwnedFd,
+    qid: u16,
+    jobs: mpsc::Sender<Job>,
+    idle: bool,
+) -> io::Result<()> {
     pin_to_cpu(qid as usize);
+    let mut class = QueueClass::start(idle);
     let ring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
@@ -276,6 +292,7 @@ fn serve(adapter: &FuseAdapter, dev: OwnedFd, qid: u16, jobs: mpsc::Sender<Job>)
     push(&mut q.ring, wake_read(&done, &mut wake_buf), WAKE)?;
     let mut live = ENTRIES;
     while live > 0 {
+        class.tick();
         match q.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,

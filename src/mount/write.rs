@@ -107,6 +107,7 @@ impl Stream {
         std::thread::Builder::new()
             .name("tarn-stream-up".into())
             .spawn(move || {
+                crate::thread_class::leave_inherited_idle();
                 // The first failure is kept and told at every barrier.
                 let mut failed: Option<String> = None;
                 for msg in up_rx {
@@ -133,6 +134,7 @@ impl Stream {
         std::thread::Builder::new()
             .name("tarn-stream-cut".into())
             .spawn(move || {
+                crate::thread_class::leave_inherited_idle();
                 let mut cutter = Cutter::new(params, Vec::new());
                 for msg in cut_rx {
                     match msg {
@@ -657,6 +659,51 @@ mod tests {
         assert_eq!(&all[..2], b"01");
         drop(wf);
         assert_eq!(spools(), 0, "the spool file goes with the write file");
+    }
+
+    /// The scheduling class of this process's threads named `name`.
+    fn classes_of(name: &str) -> Vec<i32> {
+        let mut out = Vec::new();
+        for t in fs::read_dir("/proc/self/task").unwrap() {
+            let t = t.unwrap();
+            let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == name {
+                let tid: i32 = t.file_name().to_str().unwrap().parse().unwrap();
+                // SAFETY: a thread id of this process.
+                out.push(unsafe { libc::sched_getscheduler(tid) });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_stream_started_by_an_idle_thread_runs_in_the_normal_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("memory://class-{}", ulid::Ulid::new())).unwrap();
+        let wf =
+            Arc::new(WriteFile::new(dir.path(), 0, "f".into(), 0o644, 0, |_| Ok(0), true).unwrap());
+        wf.stream_to(store, ChunkParams::default());
+        let writer = wf.clone();
+        let started = std::thread::spawn(move || {
+            if !crate::thread_class::set_idle(true) {
+                return false;
+            }
+            writer
+                .write(0, &vec![7u8; MEMORY_SPOOL as usize + 1])
+                .unwrap();
+            true
+        })
+        .join()
+        .unwrap();
+        if !started {
+            return; // the idle class is not ours to take here
+        }
+        assert!(wf.streamed().unwrap().is_some(), "streaming");
+        for name in ["tarn-stream-up", "tarn-stream-cut"] {
+            let classes = classes_of(name);
+            assert!(!classes.is_empty(), "{name} runs");
+            assert!(!classes.contains(&libc::SCHED_IDLE), "{name}: {classes:?}");
+        }
     }
 
     #[test]

@@ -263,6 +263,26 @@ pub fn daemon_inodes(branch_dir: &Path) -> u64 {
     v["inodes"].as_u64().expect("info tells the inodes held")
 }
 
+/// Does this kernel offer FUSE over io_uring, and io_uring to processes at
+/// all? Asked once a daemon is up: a root daemon turns the module parameter
+/// on where it can (in a container it may not).
+pub fn io_uring_offered() -> bool {
+    let enabled = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y");
+    let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .is_ok_and(|v| v.trim() != "0");
+    enabled && !io_uring_disabled
+}
+
+/// The names of a process's threads.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 /// A running `tarn mount`; unmounted and stopped on drop, even when the test fails.
 pub struct Mount {
     pub dir: PathBuf,

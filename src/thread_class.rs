@@ -1,0 +1,60 @@
+//! The calling thread's scheduling class. The mount's io_uring queue
+//! threads run in the idle class (`mount::sched`), and a new thread takes
+//! the class of the thread that starts it (`SCHED_RESET_ON_FORK` resets
+//! real-time classes only). So a thread that may be started while a queue
+//! thread serves a request (the store's runtime threads, a big file's
+//! chunker and uploader, whole-file assembly, background cleanup) leaves
+//! the idle class first: else it would run only when nothing else wants a
+//! CPU, with no guard to bring it back.
+
+/// Put the calling thread in the idle class (`SCHED_IDLE`), or in the
+/// normal one (`SCHED_OTHER`). False if the kernel refused.
+pub fn set_idle(idle: bool) -> bool {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid struct.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+}
+
+/// Is the calling thread in the idle class?
+pub fn is_idle() -> bool {
+    // SAFETY: pid 0 is the calling thread.
+    unsafe { libc::sched_getscheduler(0) == libc::SCHED_IDLE }
+}
+
+/// Leave the idle class if the thread was started in it. Call first thing
+/// in a thread that serves others.
+pub fn leave_inherited_idle() {
+    if is_idle() {
+        set_idle(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_started_by_an_idle_one_leaves_the_idle_class() {
+        let (inherited, after) = std::thread::spawn(|| {
+            if !set_idle(true) {
+                return (true, false);
+            }
+            std::thread::spawn(|| {
+                let inherited = is_idle();
+                leave_inherited_idle();
+                (inherited, is_idle())
+            })
+            .join()
+            .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(inherited, "a new thread takes its starter's class");
+        assert!(!after);
+    }
+}
