@@ -10,14 +10,25 @@
 /// Put the calling thread in the idle class (`SCHED_IDLE`), or in the
 /// normal one (`SCHED_OTHER`). False if the kernel refused.
 pub fn set_idle(idle: bool) -> bool {
+    set_idle_of(0, idle)
+}
+
+/// `set_idle` for the thread `tid` of this process (0: the caller).
+pub fn set_idle_of(tid: i32, idle: bool) -> bool {
     let policy = if idle {
         libc::SCHED_IDLE
     } else {
         libc::SCHED_OTHER
     };
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid struct.
-    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
+    // SAFETY: `param` is a valid struct; a bad tid is refused (ESRCH).
+    unsafe { libc::sched_setscheduler(tid, policy, &param) == 0 }
+}
+
+/// The calling thread's id.
+pub fn tid() -> i32 {
+    // SAFETY: gettid(2) takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
 }
 
 /// Is the calling thread in the idle class?

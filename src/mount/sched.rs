@@ -17,16 +17,23 @@
 //! 21–58 s instead of 1.4 s next to two busy loops. So each thread watches
 //! how long it waits to run (`/proc/thread-self/schedstat`, its second
 //! field) and goes back to the normal class for a while when it waits long
-//! (`Guard`). Where the thread could not come back from the idle class
-//! (without `CAP_SYS_NICE` or a raised `RLIMIT_NICE`) it never leaves the
-//! normal one.
+//! (`Guard`). The guard looks between requests; one long request in the
+//! idle class under load (a branch view's refresh, a close chunking a few
+//! MiB on a local lake) would run at a few thousandths of a CPU, so a
+//! `Watchdog` thread in the normal class moves a queue thread that has
+//! served one request for over `LONG_REQUEST` to the normal class itself.
+//! Where the thread could not come back from the idle class (without
+//! `CAP_SYS_NICE` or a raised `RLIMIT_NICE`) it never leaves the normal one.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::thread_class::set_idle;
+use parking_lot::Mutex;
+
+use crate::thread_class::{set_idle, set_idle_of, tid};
 
 /// How often a thread in the idle class looks at its waits: often enough
 /// that a few requests at most wait a tick each before it turns back.
@@ -45,6 +52,11 @@ const HOLD_MAX: Duration = Duration::from_secs(64);
 /// A stay in the idle class this long without waiting long resets the stay
 /// in the normal class to `HOLD_MIN`.
 const CALM: Duration = Duration::from_secs(30);
+/// A request served this long in the idle class is moved to the normal
+/// class (by the watchdog, which looks this often while requests come):
+/// under load a request waits at most about twice this for a fair share of
+/// a CPU. Requests of a small file take µs.
+const LONG_REQUEST: Duration = Duration::from_millis(10);
 
 /// What `/proc/thread-self/schedstat` says: nanoseconds waited to run
 /// (runnable, not running) and how many times the thread ran.
@@ -113,67 +125,237 @@ impl Guard {
             if !long {
                 return None;
             }
-            if now.duration_since(self.since) >= CALM {
-                self.hold = HOLD_MIN;
-            }
-            self.staying = self.hold;
-            self.hold = (self.hold * 2).min(HOLD_MAX);
-            self.idle = false;
-        } else {
-            if now.duration_since(self.since) < self.staying {
-                return None;
-            }
-            self.idle = true;
+            self.turn_back(now);
+            return Some(false);
         }
+        if now.duration_since(self.since) < self.staying {
+            return None;
+        }
+        self.idle = true;
         self.since = now;
-        Some(self.idle)
+        Some(true)
+    }
+
+    /// To the normal class, for `hold` (which doubles for next time, unless
+    /// the idle class was calm for long).
+    fn turn_back(&mut self, now: Instant) {
+        if now.duration_since(self.since) >= CALM {
+            self.hold = HOLD_MIN;
+        }
+        self.staying = self.hold;
+        self.hold = (self.hold * 2).min(HOLD_MAX);
+        self.idle = false;
+        self.since = now;
     }
 }
 
-/// A queue thread's class and its guard; made by the thread itself.
+/// What a queue thread in the idle class shows the watchdog.
+#[derive(Debug)]
+struct Slot {
+    tid: AtomicI32,
+    /// When the request being served began (`Watchdog::now`); 0 between
+    /// requests.
+    busy_since: AtomicU64,
+    /// Requests begun (so the watchdog sees requests come and go between
+    /// two looks).
+    begun: AtomicU64,
+    idle: AtomicBool,
+    /// The watchdog moved the thread to the normal class; its guard takes
+    /// note at its next tick.
+    rescued: AtomicBool,
+}
+
+/// Moves a queue thread serving one request for over `LONG_REQUEST` in the
+/// idle class to the normal class. Looks every `LONG_REQUEST` while
+/// requests come; sleeps (parked) while none does.
+pub struct Watchdog {
+    base: Instant,
+    slots: Mutex<Vec<Arc<Slot>>>,
+    parked: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+impl Watchdog {
+    /// Start the watchdog's thread; it ends once the watchdog is dropped.
+    /// (It holds only a `Weak`, so the queue threads own the watchdog.)
+    pub fn start() -> std::io::Result<Arc<Watchdog>> {
+        let dog = Arc::new(Watchdog {
+            base: Instant::now(),
+            slots: Mutex::new(Vec::new()),
+            parked: AtomicBool::new(false),
+            thread: OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&dog);
+        let handle = std::thread::Builder::new()
+            .name("tarn-uring-watch".into())
+            .spawn(move || watch(weak))?;
+        let _ = dog.thread.set(handle.thread().clone());
+        Ok(dog)
+    }
+
+    /// Nanoseconds since the watchdog started; never 0.
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64 + 1
+    }
+
+    fn register(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            tid: AtomicI32::new(tid()),
+            busy_since: AtomicU64::new(0),
+            begun: AtomicU64::new(0),
+            idle: AtomicBool::new(true),
+            rescued: AtomicBool::new(false),
+        });
+        self.slots.lock().push(slot.clone());
+        slot
+    }
+
+    /// Move any thread serving one request for too long to the normal
+    /// class. True if requests came since `begun` (per slot) was taken.
+    fn look(&self, begun: &mut Vec<u64>) -> bool {
+        let now = self.now();
+        let slots = self.slots.lock().clone();
+        begun.resize(slots.len(), 0);
+        let mut active = false;
+        for (slot, seen) in slots.iter().zip(begun.iter_mut()) {
+            let since = slot.busy_since.load(Ordering::SeqCst);
+            let count = slot.begun.load(Ordering::Relaxed);
+            active |= since != 0 || count != *seen;
+            *seen = count;
+            let long = since != 0 && now.saturating_sub(since) > LONG_REQUEST.as_nanos() as u64;
+            if long && slot.idle.load(Ordering::SeqCst) {
+                // Noted first: once the thread is in the normal class, its
+                // next tick finds the note.
+                slot.idle.store(false, Ordering::SeqCst);
+                slot.rescued.store(true, Ordering::SeqCst);
+                let tid = slot.tid.load(Ordering::Relaxed);
+                if set_idle_of(tid, false) {
+                    tracing::debug!(tid, "io_uring queue thread moved to the normal class");
+                } else {
+                    // Its guard returns it to the idle class after its stay.
+                    tracing::warn!(tid, "io_uring queue thread could not leave the idle class");
+                }
+            }
+        }
+        active
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Its thread, parked or not, then finds it gone and ends.
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+fn watch(dog: Weak<Watchdog>) {
+    let mut begun = Vec::new();
+    loop {
+        let Some(d) = dog.upgrade() else { return };
+        if d.look(&mut begun) {
+            drop(d);
+            std::thread::sleep(LONG_REQUEST);
+            continue;
+        }
+        // Nothing came: sleep until a request begins. A request begun
+        // after `parked` is set sees it and wakes this thread; one begun
+        // before is seen here.
+        d.parked.store(true, Ordering::SeqCst);
+        let busy = d
+            .slots
+            .lock()
+            .iter()
+            .any(|s| s.busy_since.load(Ordering::SeqCst) != 0);
+        drop(d);
+        if !busy {
+            std::thread::park();
+        }
+        if let Some(d) = dog.upgrade() {
+            d.parked.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A queue thread's class, its guard and what its watchdog sees; made by
+/// the thread itself.
 pub struct QueueClass {
-    /// The thread's own schedstat, and the guard; none if the thread stays
-    /// in the normal class.
-    watch: Option<(File, Guard)>,
+    /// None if the thread stays in the normal class.
+    watch: Option<Watched>,
+}
+
+struct Watched {
+    /// The thread's own schedstat.
+    file: File,
+    guard: Guard,
+    dog: Arc<Watchdog>,
+    slot: Arc<Slot>,
 }
 
 impl QueueClass {
-    /// Put the calling thread in the idle class if `wanted` and it could
-    /// come back from it; else leave it as it is.
-    pub fn start(wanted: bool) -> QueueClass {
-        let watch = (wanted && may_come_back())
-            .then(|| {
-                let file = File::open("/proc/thread-self/schedstat").ok()?;
-                let waits = read(&file)?;
-                set_idle(true).then(|| (file, Guard::new(Instant::now(), waits)))
+    /// Put the calling thread in the idle class, watched by `dog`, if there
+    /// is one and the thread could come back from the class; else leave it
+    /// as it is.
+    pub fn start(dog: Option<&Arc<Watchdog>>) -> QueueClass {
+        let watch = dog.filter(|_| may_come_back()).and_then(|dog| {
+            let file = File::open("/proc/thread-self/schedstat").ok()?;
+            let waits = read(&file)?;
+            set_idle(true).then(|| Watched {
+                file,
+                guard: Guard::new(Instant::now(), waits),
+                dog: dog.clone(),
+                slot: dog.register(),
             })
-            .flatten();
+        });
         QueueClass { watch }
     }
 
     /// Is the thread in the idle class now?
     pub fn idle(&self) -> bool {
-        self.watch.as_ref().is_some_and(|(_, g)| g.idle)
+        self.watch.as_ref().is_some_and(|w| w.guard.idle)
+    }
+
+    /// Serve one request: the watchdog sees how long it takes.
+    pub fn serve<T>(&self, request: impl FnOnce() -> T) -> T {
+        let Some(w) = self.watch.as_ref().filter(|w| w.guard.idle) else {
+            return request();
+        };
+        w.slot.begun.fetch_add(1, Ordering::Relaxed);
+        w.slot.busy_since.store(w.dog.now(), Ordering::SeqCst);
+        if w.dog.parked.load(Ordering::SeqCst) {
+            if let Some(t) = w.dog.thread.get() {
+                t.unpark();
+            }
+        }
+        let out = request();
+        w.slot.busy_since.store(0, Ordering::SeqCst);
+        out
     }
 
     /// Look at the waits if a check is due, and change class if need be.
     /// Called after each round of requests (a clock read when no check is
     /// due).
     pub fn tick(&mut self) {
-        let Some((file, guard)) = &mut self.watch else {
+        let Some(w) = &mut self.watch else {
             return;
         };
         let now = Instant::now();
-        if !guard.due(now) {
+        if w.slot.rescued.swap(false, Ordering::SeqCst) {
+            w.guard.turn_back(now);
+        }
+        if !w.guard.due(now) {
             return;
         }
-        let Some(waits) = read(file) else {
+        let Some(waits) = read(&w.file) else {
             return;
         };
-        if let Some(idle) = guard.check(now, waits) {
-            let (waited_ns, runs) = guard.window;
+        if let Some(idle) = w.guard.check(now, waits) {
+            let (waited_ns, runs) = w.guard.window;
             tracing::debug!(idle, waited_ns, runs, "io_uring queue thread changes class");
-            if !set_idle(idle) && !idle {
+            if set_idle(idle) {
+                w.slot.idle.store(idle, Ordering::SeqCst);
+            } else if !idle {
                 tracing::warn!("io_uring queue thread could not leave the idle class");
             }
         }
@@ -273,13 +455,47 @@ mod tests {
 
     /// The class a queue thread ends up in, from a thread of its own.
     fn class_taken(wanted: bool) -> (bool, i32) {
+        let dog = wanted.then(|| Watchdog::start().unwrap());
         std::thread::spawn(move || {
-            let c = QueueClass::start(wanted);
+            let c = QueueClass::start(dog.as_ref());
             // SAFETY: the calling thread's policy; no arguments.
             (c.idle(), unsafe { libc::sched_getscheduler(0) })
         })
         .join()
         .unwrap()
+    }
+
+    #[test]
+    fn a_long_request_in_the_idle_class_is_moved_to_the_normal_class() {
+        let dog = Watchdog::start().unwrap();
+        let seen = std::thread::spawn(move || {
+            let mut class = QueueClass::start(Some(&dog));
+            if !class.idle() {
+                return None; // the idle class is not ours to take here
+            }
+            // Quick requests stay in the idle class.
+            for _ in 0..100 {
+                class.serve(|| assert!(crate::thread_class::is_idle()));
+                class.tick();
+            }
+            // A request that runs on (here: until it is moved, or 5 s).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let moved = class.serve(|| {
+                while crate::thread_class::is_idle() && Instant::now() < deadline {
+                    std::hint::spin_loop();
+                }
+                !crate::thread_class::is_idle()
+            });
+            let idle_before_tick = class.idle();
+            class.tick();
+            Some((moved, idle_before_tick, class.idle()))
+        })
+        .join()
+        .unwrap();
+        if let Some(seen) = seen {
+            // Moved mid-request; the guard takes note at its next tick.
+            assert_eq!(seen, (true, true, false));
+        }
     }
 
     #[test]

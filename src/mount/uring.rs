@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 
 use super::fs::{Attr, FsError, HandleOp, Kind};
 use super::fuse::{errno, name_str, FuseAdapter, SetAttrIn, MAX_WRITE};
-use super::sched::QueueClass;
+use super::sched::{QueueClass, Watchdog};
 
 /// Requests one queue's thread can hold at once (the kernel hands each
 /// entry one request; a caller waits while all are busy).
@@ -130,6 +130,7 @@ impl Queues {
         helpers: usize,
         idle: bool,
     ) -> io::Result<Queues> {
+        let dog = if idle { Some(Watchdog::start()?) } else { None };
         let (jobs, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..helpers.max(1) {
@@ -149,10 +150,11 @@ impl Queues {
             let adapter = adapter.clone();
             let jobs = jobs.clone();
             let end = end.clone();
+            let dog = dog.clone();
             std::thread::Builder::new()
                 .name(format!("tarn-uring-{qid}"))
                 .spawn(move || {
-                    if let Err(e) = serve(&adapter, dev, qid as u16, jobs, idle) {
+                    if let Err(e) = serve(&adapter, dev, qid as u16, jobs, dog.as_ref()) {
                         tracing::warn!(qid, %e, "io_uring queue ended");
                     }
                     let _ = end.send(());
@@ -258,10 +260,10 @@ fn serve(
     dev: OwnedFd,
     qid: u16,
     jobs: mpsc::Sender<Job>,
-    idle: bool,
+    dog: Option<&Arc<Watchdog>>,
 ) -> io::Result<()> {
     pin_to_cpu(qid as usize);
-    let mut class = QueueClass::start(idle);
+    let mut class = QueueClass::start(dog);
     let ring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
@@ -345,7 +347,7 @@ fn serve(
                 }
                 continue;
             }
-            handle(adapter, &mut entry.lock());
+            class.serve(|| handle(adapter, &mut entry.lock()));
             q.commit(i)?;
         }
     }
