@@ -2039,7 +2039,7 @@ mod tests {
         let a = mount_helper_args(
             "file:///srv/lake",
             Path::new("/mnt/lake"),
-            "rw,_netdev,nofail,x-systemd.automount,ref=sales/v1,cache_dir=/var/cache/tarn,cache_size=20G,allow_other,ro,no_io_uring",
+            "rw,_netdev,nofail,x-systemd.automount,ref=sales/v1,cache_dir=/var/cache/tarn,cache_size=20G,allow_other,ro,no_io_uring,no_idle_queues",
             false,
         )
         .unwrap();
@@ -2059,7 +2059,8 @@ mod tests {
                 "20G",
                 "--allow-other",
                 "--read-only",
-                "--no-io-uring"
+                "--no-io-uring",
+                "--no-idle-queues"
             ]
         );
         // fuse-style spec (tarn#URL) and empty options
