@@ -181,7 +181,10 @@ fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
     assert_eq!(idle_others, Vec::<String>::new());
 
     // Busy loops on every CPU keep the queue threads waiting: they go back
-    // to the normal class (and the requests are answered all along).
+    // to the normal class (and the requests are answered all along). Either
+    // of the two ways does it here, the guard (waits between requests) or
+    // the watchdog (a request preempted for long); their unit tests take
+    // each alone.
     let stop = Arc::new(AtomicBool::new(false));
     let loops = busy_loops(&stop);
     let left_idle = std::panic::catch_unwind(|| {
