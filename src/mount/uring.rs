@@ -130,7 +130,14 @@ impl Queues {
         helpers: usize,
         idle: bool,
     ) -> io::Result<Queues> {
-        let dog = if idle { Some(Watchdog::start()?) } else { None };
+        // Without its watchdog the idle class is not safe: then none.
+        let dog = idle
+            .then(|| {
+                Watchdog::start()
+                    .inspect_err(|e| tracing::warn!(%e, "queue watchdog not started"))
+                    .ok()
+            })
+            .flatten();
         let (jobs, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..helpers.max(1) {
