@@ -27,7 +27,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -161,7 +161,7 @@ impl Guard {
 /// What a queue thread in the idle class shows the watchdog.
 #[derive(Debug)]
 struct Slot {
-    tid: AtomicI32,
+    tid: i32,
     /// When the request being served began (`Watchdog::now`); 0 between
     /// requests.
     busy_since: AtomicU64,
@@ -209,7 +209,7 @@ impl Watchdog {
 
     fn register(&self) -> Arc<Slot> {
         let slot = Arc::new(Slot {
-            tid: AtomicI32::new(tid()),
+            tid: tid(),
             busy_since: AtomicU64::new(0),
             begun: AtomicU64::new(0),
             idle: AtomicBool::new(true),
@@ -237,7 +237,7 @@ impl Watchdog {
                 // next tick finds the note.
                 slot.idle.store(false, Ordering::SeqCst);
                 slot.rescued.store(true, Ordering::SeqCst);
-                let tid = slot.tid.load(Ordering::Relaxed);
+                let tid = slot.tid;
                 if set_idle_of(tid, false) {
                     tracing::debug!(tid, "io_uring queue thread moved to the normal class");
                 } else {
