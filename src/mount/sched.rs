@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::thread_class::{set_idle, set_idle_of, tid};
+use crate::thread_class::{may_leave_idle, set_idle, set_idle_of, tid};
 
 /// How often a thread in the idle class looks at its waits: often enough
 /// that a few requests at most wait a tick each before it turns back.
@@ -307,7 +307,7 @@ impl QueueClass {
     /// is one and the thread could come back from the class; else leave it
     /// as it is.
     pub fn start(dog: Option<&Arc<Watchdog>>) -> QueueClass {
-        let watch = dog.filter(|_| may_come_back()).and_then(|dog| {
+        let watch = dog.filter(|_| may_leave_idle()).and_then(|dog| {
             let file = File::open("/proc/thread-self/schedstat").ok()?;
             let waits = read(&file)?;
             set_idle(true).then(|| Watched {
@@ -382,20 +382,6 @@ fn read(file: &File) -> Option<Waits> {
     let mut buf = [0u8; 96];
     let n = file.read_at(&mut buf, 0).ok()?;
     Waits::parse(std::str::from_utf8(&buf[..n]).ok()?)
-}
-
-/// May a thread of this process leave the idle class once in it? Tried
-/// once, on a thread of its own (whose class then does not matter).
-fn may_come_back() -> bool {
-    static MAY: OnceLock<bool> = OnceLock::new();
-    *MAY.get_or_init(|| {
-        std::thread::Builder::new()
-            .name("tarn-sched-probe".into())
-            .spawn(|| set_idle(true) && set_idle(false))
-            .ok()
-            .and_then(|t| t.join().ok())
-            .unwrap_or(false)
-    })
 }
 
 #[cfg(test)]
@@ -536,7 +522,7 @@ mod tests {
     #[test]
     fn the_idle_class_is_taken_only_when_wanted_and_the_way_back_is_open() {
         assert_eq!(class_taken(false), (false, libc::SCHED_OTHER));
-        let expected = if may_come_back() {
+        let expected = if may_leave_idle() {
             (true, libc::SCHED_IDLE)
         } else {
             (false, libc::SCHED_OTHER)

@@ -685,7 +685,7 @@ mod tests {
         wf.stream_to(store, ChunkParams::default());
         let writer = wf.clone();
         let started = std::thread::spawn(move || {
-            if !crate::thread_class::set_idle(true) {
+            if !crate::thread_class::may_leave_idle() || !crate::thread_class::set_idle(true) {
                 return false;
             }
             writer
