@@ -153,10 +153,14 @@ fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
     }
     // Idle with the CPUs free (a first request slow for other reasons, say
     // a cold disk, may send a thread to the normal class for a second).
-    wait_until("the queue threads idle", Duration::from_secs(30), || {
-        requests_from_every_cpu(&file);
-        queues() == vec![SCHED_IDLE; cpus()]
-    });
+    wait_until(
+        "the queue threads idle (the test needs the CPUs otherwise free)",
+        Duration::from_secs(30),
+        || {
+            requests_from_every_cpu(&file);
+            queues() == vec![SCHED_IDLE; cpus()]
+        },
+    );
 
     // Threads started while a queue thread serves a request (the store's
     // runtime, a big file's chunker and uploader) would take its class;
