@@ -91,8 +91,6 @@ struct Guard {
     next_check: Instant,
     /// The waits at the last check.
     last: Waits,
-    /// What the last check saw: waited (ns) and runs since the one before.
-    window: (u64, u64),
     /// Checks in a row that saw long waits.
     long_checks: u32,
     /// How long the next turn to the normal class lasts.
@@ -108,7 +106,6 @@ impl Guard {
             since: now,
             next_check: now + CHECK_EVERY,
             last: waits,
-            window: (0, 0),
             long_checks: 0,
             hold: HOLD_MIN,
             staying: Duration::ZERO,
@@ -126,7 +123,6 @@ impl Guard {
         let waited = waits.waited_ns.saturating_sub(self.last.waited_ns);
         let runs = waits.runs.saturating_sub(self.last.runs);
         self.last = waits;
-        self.window = (waited, runs);
         if self.idle {
             let long = waited >= WAITED_AT_LEAST.as_nanos() as u64
                 && waited > WAIT_LIMIT.as_nanos() as u64 * runs.max(1);
@@ -168,10 +164,10 @@ struct Slot {
     /// Requests begun (so the watchdog sees requests come and go between
     /// two looks).
     begun: AtomicU64,
+    /// In the idle class. The watchdog clears it when it moves the thread
+    /// to the normal class; the thread's guard, still counting it idle,
+    /// takes note at its next tick.
     idle: AtomicBool,
-    /// The watchdog moved the thread to the normal class; its guard takes
-    /// note at its next tick.
-    rescued: AtomicBool,
 }
 
 /// Moves a queue thread serving one request for over `LONG_REQUEST` in the
@@ -213,7 +209,6 @@ impl Watchdog {
             busy_since: AtomicU64::new(0),
             begun: AtomicU64::new(0),
             idle: AtomicBool::new(true),
-            rescued: AtomicBool::new(false),
         });
         self.slots.lock().push(slot.clone());
         slot
@@ -223,7 +218,7 @@ impl Watchdog {
     /// class. True if requests came since `begun` (per slot) was taken.
     fn look(&self, begun: &mut Vec<u64>) -> bool {
         let now = self.now();
-        let slots = self.slots.lock().clone();
+        let slots = self.slots.lock();
         begun.resize(slots.len(), 0);
         let mut active = false;
         for (slot, seen) in slots.iter().zip(begun.iter_mut()) {
@@ -236,7 +231,6 @@ impl Watchdog {
                 // Noted first: once the thread is in the normal class, its
                 // next tick finds the note.
                 slot.idle.store(false, Ordering::SeqCst);
-                slot.rescued.store(true, Ordering::SeqCst);
                 let tid = slot.tid;
                 if set_idle_of(tid, false) {
                     tracing::debug!(tid, "io_uring queue thread moved to the normal class");
@@ -320,8 +314,9 @@ impl QueueClass {
         QueueClass { watch }
     }
 
-    /// Is the thread in the idle class now?
-    pub fn idle(&self) -> bool {
+    /// Is the thread in the idle class now (as its guard counts)?
+    #[cfg(test)]
+    fn idle(&self) -> bool {
         self.watch.as_ref().is_some_and(|w| w.guard.idle)
     }
 
@@ -350,8 +345,8 @@ impl QueueClass {
             return;
         };
         let now = Instant::now();
-        if w.slot.rescued.swap(false, Ordering::SeqCst) {
-            w.guard.turn_back(now);
+        if w.guard.idle && !w.slot.idle.load(Ordering::SeqCst) {
+            w.guard.turn_back(now); // the watchdog moved it
         }
         if !w.guard.due(now) {
             return;
@@ -359,14 +354,13 @@ impl QueueClass {
         let Some(waits) = read(&w.file) else {
             return;
         };
+        let before = w.guard.last;
         if let Some(idle) = w.guard.check(now, waits) {
-            let (waited_ns, runs) = w.guard.window;
-            let tid = tid();
             tracing::debug!(
-                tid,
+                tid = w.slot.tid,
                 idle,
-                waited_ns,
-                runs,
+                waited_ns = waits.waited_ns.saturating_sub(before.waited_ns),
+                runs = waits.runs.saturating_sub(before.runs),
                 "io_uring queue thread changes class"
             );
             if set_idle(idle) {
