@@ -15,26 +15,6 @@ use std::time::Duration;
 const SCHED_OTHER: i32 = 0;
 const SCHED_IDLE: i32 = 5;
 
-/// Each thread of a process: its name and scheduling policy.
-fn all_threads(pid: u32) -> Vec<(String, i32)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let (Ok(name), Ok(stat)) = (
-            std::fs::read_to_string(t.join("comm")),
-            std::fs::read_to_string(t.join("stat")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        // Fields from the third on follow the name's closing parenthesis;
-        // the policy is the 41st.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let policy = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
-        out.push((name.trim().to_string(), policy));
-    }
-    out
-}
-
 /// An io_uring queue thread (`tarn-uring-N`; not a helper,
 /// `tarn-uring-help-N`)?
 fn is_queue(name: &str) -> bool {
@@ -42,9 +22,18 @@ fn is_queue(name: &str) -> bool {
         .is_some_and(|n| n.parse::<u32>().is_ok())
 }
 
+/// Make requests from every CPU until all of a daemon's queue threads are
+/// in the class `policy`.
+fn wait_for_queues(what: &str, timeout: Duration, pid: u32, file: &Path, policy: i32) {
+    wait_until(what, timeout, || {
+        requests_from_every_cpu(file);
+        queue_policies(pid) == vec![policy; cpus()]
+    });
+}
+
 /// The scheduling policy of each io_uring queue thread of a daemon.
 fn queue_policies(pid: u32) -> Vec<i32> {
-    all_threads(pid)
+    threads(pid)
         .into_iter()
         .filter(|(name, _)| is_queue(name))
         .map(|(_, policy)| policy)
@@ -153,13 +142,12 @@ fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
     }
     // Idle with the CPUs free (a first request slow for other reasons, say
     // a cold disk, may send a thread to the normal class for a second).
-    wait_until(
+    wait_for_queues(
         "the queue threads idle (the test needs the CPUs otherwise free)",
         Duration::from_secs(30),
-        || {
-            requests_from_every_cpu(&file);
-            queues() == vec![SCHED_IDLE; cpus()]
-        },
+        pid,
+        &file,
+        SCHED_IDLE,
     );
 
     // Threads started while a queue thread serves a request (the store's
@@ -192,7 +180,7 @@ fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
         std::fs::read(branch.join("big0")).unwrap(),
         pseudo_random(3 << 20, 0)
     );
-    let idle_others: Vec<String> = all_threads(pid)
+    let idle_others: Vec<String> = threads(pid)
         .into_iter()
         .filter(|(name, policy)| *policy == SCHED_IDLE && !is_queue(name))
         .map(|(name, _)| name)
@@ -225,12 +213,11 @@ fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
     // Once the CPUs are free again they return to the idle class (after a
     // stay in the normal one of a second, or a few if they turned back
     // more than once).
-    wait_until(
+    wait_for_queues(
         "the queue threads idle again",
         Duration::from_secs(90),
-        || {
-            requests_from_every_cpu(&file);
-            queues() == vec![SCHED_IDLE; cpus()]
-        },
+        pid,
+        &file,
+        SCHED_IDLE,
     );
 }

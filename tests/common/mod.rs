@@ -276,11 +276,28 @@ pub fn io_uring_offered() -> bool {
 
 /// The names of a process's threads.
 pub fn thread_names(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect()
+    threads(pid).into_iter().map(|(name, _)| name).collect()
+}
+
+/// A process's threads: each one's name and scheduling policy
+/// (`SCHED_OTHER` 0, `SCHED_IDLE` 5, ...).
+pub fn threads(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(t.join("comm")),
+            std::fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields from the third on follow the name's closing parenthesis;
+        // the policy is the 41st.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let policy = rest.split(' ').nth(41 - 3).unwrap().parse().unwrap();
+        out.push((name.trim().to_string(), policy));
+    }
+    out
 }
 
 /// A running `tarn mount`; unmounted and stopped on drop, even when the test fails.
