@@ -33,6 +33,7 @@ use parking_lot::Mutex;
 use super::fs::{Attr, FsError, HandleOp, Kind};
 use super::fuse::{errno, name_str, FuseAdapter, SetAttrIn, MAX_WRITE};
 use super::sched::{QueueClass, Watchdog};
+use crate::thread_class::may_leave_idle;
 
 /// Requests one queue's thread can hold at once (the kernel hands each
 /// entry one request; a caller waits while all are busy).
@@ -130,8 +131,9 @@ impl Queues {
         helpers: usize,
         idle: bool,
     ) -> io::Result<Queues> {
-        // Without its watchdog the idle class is not safe: then none.
-        let dog = idle
+        // Only where a thread may come back from the idle class; and
+        // without its watchdog the class is not safe: then none.
+        let dog = (idle && may_leave_idle())
             .then(|| {
                 Watchdog::start()
                     .inspect_err(|e| tracing::warn!(%e, "queue watchdog not started"))
