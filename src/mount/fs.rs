@@ -747,16 +747,23 @@ struct Known {
     created: bool,
 }
 
+impl Node {
+    /// The view and path of a node in a view (a directory, symlink or
+    /// file; not the root, a repository or a control file).
+    fn place(&self) -> Option<(&View, &str)> {
+        match self {
+            Node::Tree { view, path } | Node::File { view, path, .. } => Some((view, path)),
+            _ => None,
+        }
+    }
+}
+
 /// Where a node is in a branch view, hashed (see `Nodes`). Pinned views
 /// never change: their nodes are not indexed (a million looked up cost
 /// no more).
 fn path_key(node: &Node) -> Option<u64> {
-    match node {
-        Node::Tree { view, path } | Node::File { view, path, .. } if view.branch.is_some() => {
-            Some(path_hash(view.id, path))
-        }
-        _ => None,
-    }
+    let (view, path) = node.place()?;
+    view.branch.is_some().then(|| path_hash(view.id, path))
 }
 
 /// May inode `node` answer for `entry` at `path` in a view: the same
@@ -782,17 +789,8 @@ fn answers_for(node: &Node, view: &View, path: &str, entry: &Entry) -> bool {
 
 /// Are two nodes at one path of one view (one key in `Nodes::by_path`)?
 fn same_place(a: &Node, b: &Node) -> bool {
-    match (a, b) {
-        (
-            Node::Tree { view: va, path: pa }
-            | Node::File {
-                view: va, path: pa, ..
-            },
-            Node::Tree { view: vb, path: pb }
-            | Node::File {
-                view: vb, path: pb, ..
-            },
-        ) => va.id == vb.id && pa == pb,
+    match (a.place(), b.place()) {
+        (Some((va, pa)), Some((vb, pb))) => va.id == vb.id && pa == pb,
         _ => false,
     }
 }
