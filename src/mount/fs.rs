@@ -944,12 +944,11 @@ impl Nodes {
     /// The inodes of `path` in a view, or of it and all below it (a walk
     /// over every inode); with `trees`, only directories and symlinks.
     fn of(&self, view: u64, path: &str, below: bool, trees: bool) -> Vec<u64> {
-        let pick = |node: &Node, exact: bool| match node {
-            Node::Tree { view: v, path: p } => v.id == view && is_at(p, path, exact),
-            Node::File {
-                view: v, path: p, ..
-            } => !trees && v.id == view && is_at(p, path, exact),
-            _ => false,
+        let pick = |node: &Node, exact: bool| {
+            (!trees || matches!(node, Node::Tree { .. }))
+                && node
+                    .place()
+                    .is_some_and(|(v, p)| v.id == view && is_at(p, path, exact))
         };
         if !below {
             return self
