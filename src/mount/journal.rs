@@ -6,12 +6,16 @@
 //! crash are uploaded when the next daemon starts with the same cache dir.
 //!
 //! Layout under `<cache>/journal/`:
-//! - `log/<seq>`: segments of records, one per close, appended with one
-//!   `write` each (in the kernel once it returns: it survives the daemon
-//!   being killed; `sync` makes it survive a machine crash). A record is
-//!   `len: u32 LE`, the payload's check (`record_check`), the payload
-//!   (a postcard `JournalEntry`). A segment is named by the sequence number
-//!   of its first record and closed at `SEGMENT_BYTES`.
+//! - `log/<seq>`: segments of records, one per close, each copied into the
+//!   segment's file mapped in memory (in the page cache once copied: it
+//!   survives the daemon being killed; `sync` makes it survive a machine
+//!   crash). A record is `len: u32 LE`, the payload's check
+//!   (`record_check`), the payload (a postcard `JournalEntry`). A segment
+//!   is named by the sequence number of its first record, allocated whole
+//!   when made (`log/next`, made ahead in the background, numbered when
+//!   taken), and closed at `SEGMENT_BYTES`, cut to its last record. One a
+//!   daemon left open ends in zeros: a zero length ends its records. Where
+//!   a segment cannot be allocated and mapped, its records are written.
 //! - `upload.pos`: `SEG OFFSET INTENT`, the next record to upload and, while
 //!   a group of records is being staged, where that group ends: a daemon
 //!   that dies meanwhile is followed by one that stages exactly that group
@@ -26,7 +30,6 @@
 //!   segments that cannot be read, for a person; their chunks are kept.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,10 +81,100 @@ enum Upload {
 struct Appender {
     /// Sequence number of the next record.
     next: u64,
-    /// The open segment: its number, file and size.
-    segment: Option<(u64, std::fs::File, u64)>,
+    /// The open segment.
+    segment: Option<Segment>,
     /// The last record's buffer, for the next one.
     buffer: Vec<u8>,
+}
+
+/// The next log segment, made ready before it is needed.
+#[derive(Default)]
+struct Spare {
+    ready: Option<Segment>,
+    making: bool,
+}
+
+/// The name of a segment made ahead, in `log/`, until it is numbered.
+const SPARE: &str = "next";
+
+/// The log segment being appended to.
+struct Segment {
+    /// Its number: the sequence number of its first record.
+    seq: u64,
+    file: std::fs::File,
+    /// Bytes of whole records in it; what follows is zeros.
+    size: u64,
+    /// The file mapped, its blocks allocated when it was made: an append
+    /// is a copy into the page cache (as durable as a `write`), no system
+    /// call. `None` where the blocks could not be allocated: records are
+    /// then written.
+    map: Option<memmap2::MmapMut>,
+}
+
+impl Segment {
+    fn create(path: &Path, seq: u64, room: u64) -> std::io::Result<Segment> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let map = Self::map(&file, room);
+        Ok(Segment {
+            seq,
+            file,
+            size: 0,
+            map,
+        })
+    }
+
+    fn map(file: &std::fs::File, room: u64) -> Option<memmap2::MmapMut> {
+        use std::os::fd::AsRawFd;
+        let len = room.next_multiple_of(4096);
+        // Allocated up front, so a copy into the mapping never needs a
+        // block: on a full disk it would end the daemon (SIGBUS) instead
+        // of failing a close.
+        // SAFETY: fallocate on a descriptor we own.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) } != 0 {
+            return None;
+        }
+        // SAFETY: the file is this daemon's own segment, made just now; it
+        // is not truncated while mapped (see `Drop`).
+        let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map_mut(file) }.ok()?;
+        // Fault its pages in now, not one by one in the closes that follow.
+        let _ = map.advise(memmap2::Advice::PopulateWrite);
+        Some(map)
+    }
+
+    /// Can `len` more bytes go in?
+    fn has_room(&self, len: usize) -> bool {
+        self.map
+            .as_ref()
+            .is_none_or(|m| self.size as usize + len <= m.len())
+    }
+
+    fn append(&mut self, record: &[u8]) -> std::io::Result<()> {
+        match &mut self.map {
+            Some(m) => {
+                let at = self.size as usize;
+                // Its head (a length, never zero) last: a record is whole
+                // wherever a head is, even in a daemon killed mid-copy.
+                m[at + RECORD_HEAD..at + record.len()].copy_from_slice(&record[RECORD_HEAD..]);
+                m[at..at + RECORD_HEAD].copy_from_slice(&record[..RECORD_HEAD]);
+            }
+            None => std::os::unix::fs::FileExt::write_all_at(&self.file, record, self.size)?,
+        }
+        self.size += record.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Segment {
+    /// A closed segment ends with its last whole record: the rest of its
+    /// allocation (or a torn write) is cut off.
+    fn drop(&mut self) {
+        drop(self.map.take());
+        let _ = self.file.set_len(self.size);
+    }
 }
 
 /// A record buffer bigger than this is not kept for the next record.
@@ -122,6 +215,8 @@ pub struct Journal {
     append: Mutex<Appender>,
     /// A segment is closed once it holds this many bytes.
     segment_bytes: std::sync::atomic::AtomicU64,
+    /// The next segment, made ahead (see `make_spare`).
+    spare: Arc<Mutex<Spare>>,
     /// Entries (written or being written) that need each journaled chunk.
     needed: Mutex<HashMap<Hash, usize>>,
     pending: Mutex<Pending>,
@@ -152,6 +247,7 @@ impl Journal {
             objects,
             append: Mutex::new(Appender::default()),
             segment_bytes: SEGMENT_BYTES.into(),
+            spare: Arc::default(),
             needed: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
@@ -169,7 +265,7 @@ impl Journal {
         let mut next = 0;
         for (seg, path) in j.segments()? {
             let from = if seg == pos.segment { pos.offset } else { 0 };
-            let (records, _) = read_records(&path, from)?;
+            let (records, _) = read_records(&path, from, None)?;
             if seg >= pos.segment {
                 for r in &records {
                     j.count(1);
@@ -179,6 +275,8 @@ impl Journal {
             next = next.max(seg + records.len() as u64 + 1);
         }
         j.append.lock().next = next.max(pos.segment + 1);
+        // A segment made ahead by an earlier daemon, never used.
+        let _ = std::fs::remove_file(j.spare_path());
         Ok(Arc::new(j))
     }
 
@@ -353,24 +451,73 @@ impl Journal {
         let limit = self
             .segment_bytes
             .load(std::sync::atomic::Ordering::Relaxed);
-        if a.segment.as_ref().is_none_or(|s| s.2 >= limit) {
+        if a.segment
+            .as_ref()
+            .is_none_or(|s| s.size >= limit || !s.has_room(record.len()))
+        {
+            a.segment = None; // closed first: its file is cut to its records
             let seq = a.next;
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .open(self.dir.join("log").join(format!("{seq:020}")))
-                .map_err(io_err)?;
-            a.segment = Some((seq, f, 0));
+            let path = self.dir.join("log").join(format!("{seq:020}"));
+            let room = limit.max(record.len() as u64);
+            let made = match self.take_spare(room) {
+                Some(mut spare) if std::fs::rename(self.spare_path(), &path).is_ok() => {
+                    spare.seq = seq;
+                    spare
+                }
+                _ => Segment::create(&path, seq, room).map_err(io_err)?,
+            };
+            a.segment = Some(made);
+            self.make_spare(limit);
         }
-        let (_, f, size) = a.segment.as_mut().expect("opened");
-        if let Err(e) = f.write_all(record) {
+        let segment = a.segment.as_mut().expect("opened");
+        if let Err(e) = segment.append(record) {
             // A torn record ends its segment: the next append starts another.
             a.segment = None;
             return Err(io_err(e));
         }
-        *size += record.len() as u64;
         a.next += 1;
         Ok(())
+    }
+
+    /// Where the next segment is made ready, before it has a number.
+    fn spare_path(&self) -> PathBuf {
+        self.dir.join("log").join(SPARE)
+    }
+
+    /// The segment made ahead, if it is ready and `room` fits in it.
+    fn take_spare(&self, room: u64) -> Option<Segment> {
+        let mut slot = self.spare.lock();
+        slot.ready.take_if(|s| s.has_room(room as usize))
+    }
+
+    /// Make the next segment ready in the background: allocating and
+    /// mapping one takes milliseconds, a close should not wait for it.
+    fn make_spare(&self, room: u64) {
+        {
+            let mut slot = self.spare.lock();
+            if slot.making || slot.ready.is_some() {
+                return;
+            }
+            slot.making = true;
+        }
+        let slot = self.spare.clone();
+        let path = self.spare_path();
+        let started = std::thread::Builder::new()
+            .name("tarn-journal".into())
+            .spawn(move || {
+                crate::thread_class::leave_inherited_idle();
+                let _ = std::fs::remove_file(&path);
+                let made = Segment::create(&path, 0, room);
+                if let Err(e) = &made {
+                    tracing::debug!(%e, "no journal segment made ahead");
+                }
+                let mut slot = slot.lock();
+                slot.ready = made.ok();
+                slot.making = false;
+            });
+        if started.is_err() {
+            self.spare.lock().making = false;
+        }
     }
 
     /// Wait until nothing is left to upload, or `limit` passes.
@@ -390,7 +537,7 @@ impl Journal {
     fn mark(&self) -> (u64, u64) {
         let a = self.append.lock();
         match &a.segment {
-            Some((seg, _, size)) => (*seg, *size),
+            Some(s) => (s.seq, s.size),
             // The next segment is numbered `next`: all is before it.
             None => (a.next, 0),
         }
@@ -474,13 +621,12 @@ impl Journal {
             }
             loop {
                 // Was the segment closed (no more appends) before this read?
-                let closed = self
-                    .append
-                    .lock()
-                    .segment
-                    .as_ref()
-                    .is_none_or(|s| s.0 != seg);
-                let (records, torn) = read_records(&path, pos.offset).map_err(io_err)?;
+                // If not, what is in it so far (it is allocated beyond).
+                let appended = (self.append.lock().segment.as_ref())
+                    .filter(|s| s.seq == seg)
+                    .map(|s| s.size);
+                let closed = appended.is_none();
+                let (records, torn) = read_records(&path, pos.offset, appended).map_err(io_err)?;
                 let mut i = 0;
                 while i < records.len() {
                     let first = &records[i].entry;
@@ -521,8 +667,8 @@ impl Journal {
                 }
                 // Appends happen under this lock, so the segment's length is
                 // settled while it is held.
-                let mut a = self.append.lock();
-                let open = a.segment.as_ref().filter(|s| s.0 == seg).map(|s| s.2);
+                let a = self.append.lock();
+                let open = a.segment.as_ref().filter(|s| s.seq == seg).map(|s| s.size);
                 let len = match open {
                     Some(size) => size,
                     None => std::fs::metadata(&path).map_err(io_err)?.len(),
@@ -540,7 +686,10 @@ impl Journal {
                     // a torn tail is left, an append that never returned.
                 }
                 if open.is_some() {
-                    a.segment = None;
+                    // All uploaded, and closes go on appending to it: it
+                    // stays until it is full (made and allocated ahead,
+                    // a segment is not worth making for a close or two).
+                    break;
                 }
                 std::fs::remove_file(&path).map_err(io_err)?;
                 drop(a);
@@ -666,21 +815,26 @@ impl Journal {
 
 /// The records of a log segment from `from` on, and whether it ends with a
 /// damaged record (a torn tail, only ever unacknowledged, reads as the end).
-fn read_records(path: &Path, from: u64) -> std::io::Result<(Vec<Record>, bool)> {
+fn read_records(path: &Path, from: u64, to: Option<u64>) -> std::io::Result<(Vec<Record>, bool)> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
         Err(e) => return Err(e),
     };
-    // Only what was appended since `from`: a segment is read a little at a
+    // Only what was appended since `from` (up to `to`, where the appends
+    // have got to in an open segment): a segment is read a little at a
     // time while closes append to it.
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from))?;
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut f, &mut bytes)?;
+    let limit = to.map_or(u64::MAX, |to| to.saturating_sub(from));
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), &mut bytes)?;
     let mut out = Vec::new();
     let mut at = 0;
     while at + RECORD_HEAD <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if len == 0 {
+            break; // the zeros after the last record of a segment left open
+        }
         let start = at + RECORD_HEAD;
         let Some(payload) = bytes.get(start..start + len) else {
             break; // torn tail
@@ -735,6 +889,7 @@ fn chunks_of(ops: &[Op]) -> Vec<Hash> {
 mod tests {
     use super::*;
     use crate::tree::File;
+    use std::io::Write;
 
     fn lake() -> Lake {
         let s = Store::open(&format!("memory://journal-{}", ulid::Ulid::new())).unwrap();
@@ -828,19 +983,12 @@ mod tests {
     fn a_group_being_staged_when_the_daemon_died_is_staged_again_whole() {
         let l = lake();
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("journal/log");
-        let segment = || std::fs::read_dir(&log).unwrap().next().unwrap().unwrap();
         let (seg, first_end) = {
             let j = Journal::open(dir.path()).unwrap();
             put(&l, &j, "main", "a", "1");
-            let first_end = segment().metadata().unwrap().len();
+            let (seg, first_end) = j.mark();
             put(&l, &j, "main", "b", "2");
-            let seg: u64 = segment()
-                .file_name()
-                .into_string()
-                .unwrap()
-                .parse()
-                .unwrap();
+            assert_eq!(j.mark().0, seg, "one segment");
             (seg, first_end)
         };
         // The daemon died while staging a group of the first record alone
@@ -857,11 +1005,7 @@ mod tests {
         assert_eq!(l.store().list("repos/r/staging").unwrap().len(), 2);
         assert_eq!(text(&l, "main", "a"), "1");
         assert_eq!(text(&l, "main", "b"), "2");
-        assert_eq!(
-            std::fs::read_dir(&log).unwrap().count(),
-            0,
-            "uploaded, emptied"
-        );
+        assert!(j.segments().unwrap().is_empty(), "uploaded, emptied");
     }
 
     #[test]
@@ -922,7 +1066,7 @@ mod tests {
         garbled[last] ^= 1;
         bytes.extend(garbled);
         std::fs::write(&seg, &bytes).unwrap();
-        let (records, stopped) = read_records(&seg, 0).unwrap();
+        let (records, stopped) = read_records(&seg, 0, None).unwrap();
         let paths: Vec<_> = records
             .iter()
             .map(|r| match &r.entry.ops[0] {
@@ -938,19 +1082,14 @@ mod tests {
     fn a_torn_last_record_is_not_an_entry() {
         let l = lake();
         let dir = tempfile::tempdir().unwrap();
-        {
+        let seg = {
             let j = Journal::open(dir.path()).unwrap();
             put(&l, &j, "main", "a", "1");
             put(&l, &j, "main", "b", "2");
-        }
+            j.mark().0
+        };
         // The daemon died in the middle of writing a third record.
-        let log = dir.path().join("journal/log");
-        let seg = std::fs::read_dir(&log)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let seg = dir.path().join(format!("journal/log/{seg:020}"));
         let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         let j = Journal::open(dir.path()).unwrap();
@@ -960,7 +1099,104 @@ mod tests {
         assert_eq!(j.upload_all(&l).unwrap(), 3);
         assert_eq!(text(&l, "main", "a"), "3");
         assert_eq!(text(&l, "main", "b"), "2");
-        assert_eq!(std::fs::read_dir(&log).unwrap().count(), 0);
+        // The old one is gone; the new one stays open for the next closes.
+        let left: Vec<u64> = j.segments().unwrap().iter().map(|s| s.0).collect();
+        assert_eq!(left, [j.mark().0]);
+        assert!(!seg.exists());
+    }
+
+    #[test]
+    fn a_segment_left_open_by_a_killed_daemon_is_uploaded_whole() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for i in 0..3 {
+            put(&l, &j, "main", &format!("f{i}"), &i.to_string());
+        }
+        let (seg, end) = j.mark();
+        // Killed: the segment is not closed, its allocation not cut off.
+        std::mem::forget(j);
+        let path = dir.path().join(format!("journal/log/{seg:020}"));
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > end,
+            "zeros follow"
+        );
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.pending.lock().total, 3);
+        assert_eq!(j.upload_all(&l).unwrap(), 3);
+        for i in 0..3 {
+            assert_eq!(text(&l, "main", &format!("f{i}")), i.to_string());
+        }
+        assert!(j.segments().unwrap().is_empty(), "uploaded, not set aside");
+        assert!(!dir.path().join("journal/orphaned").exists());
+    }
+
+    #[test]
+    fn a_segment_made_ahead_is_used_and_one_left_over_is_removed() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.segment_bytes
+            .store(600, std::sync::atomic::Ordering::Relaxed);
+        let spare = j.spare_path();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        put(&l, &j, "main", "a", &"1".repeat(700));
+        while j.spare.lock().ready.is_none() {
+            assert!(Instant::now() < deadline, "a segment is made ahead");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        use std::os::unix::fs::MetadataExt;
+        let made = std::fs::metadata(&spare).unwrap().ino();
+        put(&l, &j, "main", "b", "2"); // past 600 bytes: the next segment
+        let segments = j.segments().unwrap();
+        assert_eq!(segments.len(), 2);
+        let second = std::fs::metadata(&segments[1].1).unwrap().ino();
+        assert_eq!(second, made, "the segment made ahead, numbered");
+        assert_eq!(j.upload_all(&l).unwrap(), 2);
+        assert_eq!(text(&l, "main", "b"), "2");
+        while j.spare.lock().ready.is_none() {
+            assert!(Instant::now() < deadline, "another is made ahead");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(j);
+        assert!(spare.exists(), "never used");
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(!spare.exists(), "removed by the next daemon");
+        assert_eq!(j.pending.lock().total, 0);
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_mapped_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        let entry = |path: &str| JournalEntry {
+            repo: "r".into(),
+            branch: "main".into(),
+            batch: "b".into(),
+            ops: vec![Op::Delete { path: path.into() }],
+        };
+        let record = |e: &JournalEntry| {
+            let mut r = crate::tree::encode_after(&[0; RECORD_HEAD], e, 64);
+            let (head, payload) = r.split_at_mut(RECORD_HEAD);
+            head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+            head[4..].copy_from_slice(&record_check(payload));
+            r
+        };
+        let mut s = Segment {
+            seq: 0,
+            file: std::fs::File::create(&path).unwrap(),
+            size: 0,
+            map: None,
+        };
+        assert!(s.has_room(1 << 30));
+        s.append(&record(&entry("a"))).unwrap();
+        s.append(&record(&entry("b"))).unwrap();
+        let size = s.size;
+        let (records, damaged) = read_records(&path, 0, Some(size)).unwrap();
+        assert_eq!((records.len(), damaged), (2, false));
+        assert_eq!(records[1].end, size);
+        drop(s);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
     }
 
     #[test]
