@@ -2543,8 +2543,18 @@ impl LakeFs {
         };
         let path = wf.path.lock().clone();
         let what = format!("spool of {path}");
-        let (entry, journaled) = match &self.cfg.writeback {
-            Some(journal) => {
+        let small = |content| {
+            Entry::File(File {
+                size: meta.size,
+                mode: meta.mode,
+                mtime: meta.mtime,
+                content,
+            })
+        };
+        let (entry, journaled) = match (&self.cfg.writeback, wf.inline()) {
+            // Stored as it is, in the file's directory.
+            (Some(_), Some(bytes)) => (small(Content::Inline(bytes)), vec![]),
+            (Some(journal), None) => {
                 let (content, size, chunks) = journal
                     .store_file(self.lake.config().chunking, wf.reader()?, &what)
                     .map_err(FsError::Stage)?;
@@ -2556,7 +2566,8 @@ impl LakeFs {
                 };
                 (Entry::File(file), chunks)
             }
-            None => {
+            (None, Some(bytes)) => (small(Content::Inline(bytes)), vec![]),
+            (None, None) => {
                 let entry = match wf.streamed()? {
                     // Cut and stored while it was written.
                     Some((refs, size)) => Entry::File(File {
