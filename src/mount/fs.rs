@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 
 use super::assembly::Assembly;
 use super::cache::ChunkCache;
@@ -671,7 +672,7 @@ pub struct LakeFs {
     views: Mutex<HashMap<(String, String), Arc<View>>>,
     next_view: AtomicU64,
     negative: Mutex<HashMap<(String, String), Instant>>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Mutex<FxHashMap<u64, Handle>>,
     next_handle: AtomicU64,
     /// Files open for writing.
     writes: Mutex<Writes>,
@@ -689,6 +690,8 @@ pub struct LakeFs {
     empty_dir: Hash,
     /// Names the spill directories of working trees.
     next_spill: AtomicU64,
+    /// Numbers each create, for its inode number (see `create`).
+    creates: AtomicU64,
     /// Inodes whose pages in the kernel are of another version (see
     /// `entry_node`): opened next without keeping them.
     stale_pages: Mutex<HashSet<u64>>,
@@ -732,7 +735,7 @@ struct Nodes {
     /// Boxed: the map's slots stay small, which is most of the daemon's
     /// memory with a million inodes looked up (and twice that while the
     /// table grows).
-    by_ino: HashMap<u64, Box<Known>>,
+    by_ino: FxHashMap<u64, Box<Known>>,
     /// (hash of view and path, inode): ~25 bytes an inode.
     by_path: std::collections::BTreeSet<(u64, u64)>,
 }
@@ -970,7 +973,7 @@ impl Nodes {
 /// was not opened through finds it without going through them all.
 #[derive(Default)]
 struct Writes {
-    by_ino: HashMap<u64, Arc<WriteFile>>,
+    by_ino: FxHashMap<u64, Arc<WriteFile>>,
     /// Sorted, so what is below a directory comes together.
     by_path: BTreeMap<(u64, String), Arc<WriteFile>>,
 }
@@ -1132,7 +1135,7 @@ impl LakeFs {
             views: Mutex::new(HashMap::new()),
             next_view: AtomicU64::new(1),
             negative: Mutex::new(HashMap::new()),
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(FxHashMap::default()),
             next_handle: AtomicU64::new(1),
             writes: Mutex::new(Writes::default()),
             moved_away: Mutex::new(HashMap::new()),
@@ -1141,6 +1144,7 @@ impl LakeFs {
             applier,
             empty_dir,
             next_spill: AtomicU64::new(0),
+            creates: AtomicU64::new(0),
             stale_pages: Mutex::new(HashSet::new()),
             file_order: (0..FILE_ORDER_STRIPES).map(|_| Mutex::new(())).collect(),
             spill_after: VIEW_SPILL_AFTER,
@@ -2542,7 +2546,7 @@ impl LakeFs {
             return Err(FsError::BadHandle);
         };
         let path = wf.path.lock().clone();
-        let what = format!("spool of {path}");
+        let what = || format!("spool of {path}");
         let small = |content| {
             Entry::File(File {
                 size: meta.size,
@@ -2556,7 +2560,7 @@ impl LakeFs {
             (Some(_), Some(bytes)) => (small(Content::Inline(bytes)), vec![]),
             (Some(journal), None) => {
                 let (content, size, chunks) = journal
-                    .store_file(self.lake.config().chunking, wf.reader()?, &what)
+                    .store_file(self.lake.config().chunking, wf.reader()?, &what())
                     .map_err(FsError::Stage)?;
                 let file = File {
                     size,
@@ -2578,7 +2582,7 @@ impl LakeFs {
                     }),
                     None => {
                         self.lake
-                            .store_file(wf.reader()?, meta.mode, meta.mtime, &what)?
+                            .store_file(wf.reader()?, meta.mode, meta.mtime, &what())?
                             .0
                     }
                 };
@@ -2744,7 +2748,7 @@ impl LakeFs {
             b"new",
             &view.id.to_le_bytes(),
             child.as_bytes(),
-            ulid::Ulid::new().to_string().as_bytes(),
+            &self.creates.fetch_add(1, Ordering::Relaxed).to_le_bytes(),
         ]);
         let wf = Arc::new(WriteFile::new(
             &self.cfg.spool_dir,

@@ -40,7 +40,7 @@ pub struct WriteFile {
     /// they last wrote: while there are none, a new reader gets a snapshot
     /// of what the closes staged, even before the kernel's (asynchronous)
     /// release of the last handle.
-    pub writers: Mutex<std::collections::HashSet<u64>>,
+    pub writers: Mutex<rustc_hash::FxHashSet<u64>>,
     /// Held while a close (or fsync) of this file is staged: one at a
     /// time, in order. A close can come in the middle of writing — another
     /// process closing a descriptor it inherited, as every exec does with
