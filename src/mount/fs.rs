@@ -2547,18 +2547,8 @@ impl LakeFs {
         };
         let path = wf.path.lock().clone();
         let what = || format!("spool of {path}");
-        let small = |content| {
-            Entry::File(File {
-                size: meta.size,
-                mode: meta.mode,
-                mtime: meta.mtime,
-                content,
-            })
-        };
-        let (entry, journaled) = match (&self.cfg.writeback, wf.inline()) {
-            // Stored as it is, in the file's directory.
-            (Some(_), Some(bytes)) => (small(Content::Inline(bytes)), vec![]),
-            (Some(journal), None) => {
+        let (entry, journaled) = match &self.cfg.writeback {
+            Some(journal) => {
                 let (content, size, chunks) = journal
                     .store_file(self.lake.config().chunking, wf.reader()?, &what())
                     .map_err(FsError::Stage)?;
@@ -2570,8 +2560,7 @@ impl LakeFs {
                 };
                 (Entry::File(file), chunks)
             }
-            (None, Some(bytes)) => (small(Content::Inline(bytes)), vec![]),
-            (None, None) => {
+            None => {
                 let entry = match wf.streamed()? {
                     // Cut and stored while it was written.
                     Some((refs, size)) => Entry::File(File {

@@ -464,25 +464,6 @@ impl WriteFile {
     }
 
     /// A reader over the spool's current bytes.
-    /// The content of a small file held in memory (`INLINE_MAX` bytes or
-    /// fewer): what storing it would keep inline, without going through a
-    /// reader and the chunker (a close of each file of an untar).
-    pub fn inline(&self) -> Option<bytes::Bytes> {
-        let size = self.meta.lock().size;
-        if size > crate::chunk::INLINE_MAX {
-            return None;
-        }
-        match &*self.spool.read() {
-            Spool::Memory(v) => {
-                let n = (size as usize).min(v.len());
-                let mut bytes = v[..n].to_vec();
-                bytes.resize(size as usize, 0);
-                Some(bytes.into())
-            }
-            _ => None,
-        }
-    }
-
     pub fn reader(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
         if matches!(*self.spool.read(), Spool::Stream(_)) {
             let mut spool = self.spool.write();
@@ -678,32 +659,6 @@ mod tests {
         assert_eq!(&all[..2], b"01");
         drop(wf);
         assert_eq!(spools(), 0, "the spool file goes with the write file");
-    }
-
-    #[test]
-    fn a_small_file_in_memory_is_its_inline_content_as_storing_it_would_keep() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("memory://inline-{}", ulid::Ulid::new())).unwrap();
-        let wf = WriteFile::new(dir.path(), 0, "f".into(), 0o644, 0, |_| Ok(0), false).unwrap();
-        let stored = |wf: &WriteFile| {
-            let params = ChunkParams::default();
-            match crate::chunk::store_content(&store, params, wf.reader().unwrap(), "f") {
-                Ok((crate::chunk::Stored::Inline(b), _)) => Some(bytes::Bytes::from(b)),
-                _ => None,
-            }
-        };
-        assert_eq!(wf.inline(), Some(bytes::Bytes::new()), "empty");
-        wf.write(0, b"abc").unwrap();
-        wf.truncate(6).unwrap(); // a sparse tail
-        assert_eq!(wf.inline().as_deref(), Some(&b"abc\0\0\0"[..]));
-        assert_eq!(wf.inline(), stored(&wf));
-        let max = crate::chunk::INLINE_MAX;
-        wf.write(max - 1, b"z").unwrap();
-        assert_eq!(wf.inline().map(|b| b.len() as u64), Some(max));
-        assert_eq!(wf.inline(), stored(&wf));
-        wf.write(max, b"!").unwrap();
-        assert_eq!(wf.inline(), None, "one byte more is chunked");
-        assert_eq!(stored(&wf), None);
     }
 
     /// The scheduling class of this process's threads named `name`.
