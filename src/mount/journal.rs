@@ -141,8 +141,13 @@ impl Segment {
         // is not truncated while mapped (see `Drop`).
         let map = unsafe { memmap2::MmapOptions::new().len(len as usize).map_mut(file) }.ok()?;
         // Fault its pages in now, not one by one in the closes that follow.
-        let _ = map.advise(memmap2::Advice::PopulateWrite);
-        Some(map)
+        // A fault the file system refuses here (no room to write, on a
+        // copy-on-write one) would end the daemon in a close: written
+        // instead. (EINVAL: a kernel before 5.14; they fault as they come.)
+        match map.advise(memmap2::Advice::PopulateWrite) {
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => None,
+            _ => Some(map),
+        }
     }
 
     /// Can `len` more bytes go in?
