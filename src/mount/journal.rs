@@ -670,31 +670,25 @@ impl Journal {
                     self.uploaded_to(seg, u64::MAX);
                     break;
                 }
-                // Appends happen under this lock, so the segment's length is
-                // settled while it is held.
+                // Appends happen under this lock, so whether the segment is
+                // closed, and its length then, is settled while it is held.
                 let a = self.append.lock();
-                let open = a.segment.as_ref().filter(|s| s.seq == seg).map(|s| s.size);
-                let len = match open {
-                    Some(size) => size,
-                    None => std::fs::metadata(&path).map_err(io_err)?.len(),
-                };
-                if pos.offset < len {
-                    if open.is_some() {
-                        break; // closes are appending: the next pass goes on
-                    }
+                if a.segment.as_ref().is_some_and(|s| s.seq == seg) {
+                    // Closes go on appending to it: the next pass goes on
+                    // from here. It stays until it is full (made and
+                    // allocated ahead, a segment is not worth making for a
+                    // close or two).
+                    break;
+                }
+                if pos.offset < std::fs::metadata(&path).map_err(io_err)?.len() {
                     if !records.is_empty() || !closed {
                         // Appended before the segment was closed (maybe
                         // after this read): read it again, now settled.
                         continue;
                     }
                     // Read after it was closed, and no whole record: only
-                    // a torn tail is left, an append that never returned.
-                }
-                if open.is_some() {
-                    // All uploaded, and closes go on appending to it: it
-                    // stays until it is full (made and allocated ahead,
-                    // a segment is not worth making for a close or two).
-                    break;
+                    // a torn tail (an append that never returned) or the
+                    // zeros after the records of a segment left open.
                 }
                 std::fs::remove_file(&path).map_err(io_err)?;
                 drop(a);
