@@ -680,15 +680,15 @@ impl Journal {
                     // close or two).
                     break;
                 }
-                if pos.offset < std::fs::metadata(&path).map_err(io_err)?.len() {
-                    if !records.is_empty() || !closed {
-                        // Appended before the segment was closed (maybe
-                        // after this read): read it again, now settled.
-                        continue;
-                    }
-                    // Read after it was closed, and no whole record: only
-                    // a torn tail (an append that never returned) or the
-                    // zeros after the records of a segment left open.
+                // Something after what was read, appended before the segment
+                // was closed (maybe after this read): read it again, now
+                // settled. If it was read after the close and held no whole
+                // record, it is only a torn tail (an append that never
+                // returned) or the zeros after the records of a segment a
+                // dead daemon left open.
+                let more = pos.offset < std::fs::metadata(&path).map_err(io_err)?.len();
+                if more && (!records.is_empty() || !closed) {
+                    continue;
                 }
                 std::fs::remove_file(&path).map_err(io_err)?;
                 drop(a);
