@@ -437,13 +437,7 @@ impl Journal {
 
     fn append_record(&self, entry: &JournalEntry) -> Result<(), String> {
         let mut a = self.append.lock();
-        // Encoded after room for its head: the record is built in place,
-        // in the last record's buffer.
-        let mut record =
-            crate::tree::encode_after_in(&[0; RECORD_HEAD], entry, std::mem::take(&mut a.buffer));
-        let (head, payload) = record.split_at_mut(RECORD_HEAD);
-        head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        head[4..].copy_from_slice(&record_check(payload));
+        let record = record_in(entry, std::mem::take(&mut a.buffer));
         let res = self.write_record(&mut a, &record);
         if record.capacity() <= KEEP_BUFFER {
             a.buffer = record;
@@ -464,12 +458,9 @@ impl Journal {
             let seq = a.next;
             let path = self.dir.join("log").join(format!("{seq:020}"));
             let room = limit.max(record.len() as u64);
-            let made = match self.take_spare(room) {
-                Some(mut spare) if std::fs::rename(self.spare_path(), &path).is_ok() => {
-                    spare.seq = seq;
-                    spare
-                }
-                _ => Segment::create(&path, seq, room).map_err(io_err)?,
+            let made = match self.take_spare(seq, &path, room) {
+                Some(spare) => spare,
+                None => Segment::create(&path, seq, room).map_err(io_err)?,
             };
             a.segment = Some(made);
             self.make_spare(limit);
@@ -489,10 +480,17 @@ impl Journal {
         self.dir.join("log").join(SPARE)
     }
 
-    /// The segment made ahead, if it is ready and `room` fits in it.
-    fn take_spare(&self, room: u64) -> Option<Segment> {
-        let mut slot = self.spare.lock();
-        slot.ready.take_if(|s| s.has_room(room as usize))
+    /// The segment made ahead, if it is ready and `room` fits in it,
+    /// numbered `seq` at `path`.
+    fn take_spare(&self, seq: u64, path: &Path, room: u64) -> Option<Segment> {
+        let mut spare = self
+            .spare
+            .lock()
+            .ready
+            .take_if(|s| s.has_room(room as usize))?;
+        std::fs::rename(self.spare_path(), path).ok()?;
+        spare.seq = seq;
+        Some(spare)
     }
 
     /// Make the next segment ready in the background: allocating and
@@ -853,6 +851,16 @@ fn read_records(path: &Path, from: u64, to: Option<u64>) -> std::io::Result<(Vec
     Ok((out, false))
 }
 
+/// `entry` as a record (head and payload), built in place in `buf`: encoded
+/// after room for its head, which is filled in after.
+fn record_in(entry: &JournalEntry, buf: Vec<u8>) -> Vec<u8> {
+    let mut record = crate::tree::encode_after_in(&[0; RECORD_HEAD], entry, buf);
+    let (head, payload) = record.split_at_mut(RECORD_HEAD);
+    head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..].copy_from_slice(&record_check(payload));
+    record
+}
+
 /// A record's check: the CRC-32C of its payload, 8 bytes LE. It only has
 /// to tell a torn or garbled record (the chunks an entry names are checked
 /// by their hashes); in hardware it costs a fifth of a blake3 of 4 KiB,
@@ -1174,13 +1182,7 @@ mod tests {
             batch: "b".into(),
             ops: vec![Op::Delete { path: path.into() }],
         };
-        let record = |e: &JournalEntry| {
-            let mut r = crate::tree::encode_after(&[0; RECORD_HEAD], e, 64);
-            let (head, payload) = r.split_at_mut(RECORD_HEAD);
-            head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-            head[4..].copy_from_slice(&record_check(payload));
-            r
-        };
+        let record = |e: &JournalEntry| record_in(e, Vec::new());
         let mut s = Segment {
             seq: 0,
             file: std::fs::File::create(&path).unwrap(),
