@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-const SCHED_OTHER: i32 = 0;
-const SCHED_IDLE: i32 = 5;
+use libc::{SCHED_IDLE, SCHED_OTHER};
 
 /// An io_uring queue thread (`tarn-uring-N`; not a helper,
 /// `tarn-uring-help-N`)?
@@ -85,22 +84,6 @@ fn busy_loops(stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
         .collect()
 }
 
-/// Could a thread of this test (so one of the daemon it starts, with the
-/// same privileges) come back from the idle class? Tried on a thread of
-/// its own.
-fn may_leave_the_idle_class() -> bool {
-    std::thread::spawn(|| {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: pid 0 is the calling thread; `param` is a valid struct.
-        unsafe {
-            libc::sched_setscheduler(0, SCHED_IDLE, &param) == 0
-                && libc::sched_setscheduler(0, SCHED_OTHER, &param) == 0
-        }
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
     if !fuse_available() {
@@ -133,7 +116,9 @@ fn queue_threads_leave_the_idle_class_under_load_and_come_back() {
     assert_eq!(policies, vec![SCHED_OTHER; cpus()]);
     drop(normal);
 
-    if !may_leave_the_idle_class() {
+    // Could the daemon (this test's privileges) come back from the idle
+    // class? The check the daemon itself makes.
+    if !tarn::thread_class::may_leave_idle() {
         // Without CAP_SYS_NICE a thread could not come back from the idle
         // class, so it never enters it.
         requests_from_every_cpu(&file);
