@@ -15,7 +15,8 @@
 //!   when made (`log/next`, made ahead in the background, numbered when
 //!   taken), and closed at `SEGMENT_BYTES`, cut to its last record. One a
 //!   daemon left open ends in zeros: a zero length ends its records. Where
-//!   a segment cannot be allocated and mapped, its records are written.
+//!   a segment cannot be allocated and mapped, or its file system copies
+//!   on write (`writes_in_place`), its records are written.
 //! - `upload.pos`: `SEG OFFSET INTENT`, the next record to upload and, while
 //!   a group of records is being staged, where that group ends: a daemon
 //!   that dies meanwhile is followed by one that stages exactly that group
@@ -129,6 +130,13 @@ impl Segment {
 
     fn map(file: &std::fs::File, room: u64) -> Option<memmap2::MmapMut> {
         use std::os::fd::AsRawFd;
+        // SAFETY: fstatfs fills the struct it is given.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0
+            || !writes_in_place(st.f_type as i64)
+        {
+            return None;
+        }
         let len = room.next_multiple_of(4096);
         // Allocated up front, so a copy into the mapping never needs a
         // block: on a full disk it would end the daemon (SIGBUS) instead
@@ -180,6 +188,20 @@ impl Drop for Segment {
         drop(self.map.take());
         let _ = self.file.set_len(self.size);
     }
+}
+
+/// Does a file system of this type (`statfs`'s `f_type`) write a mapped
+/// page of a file over the blocks `fallocate` gave it, whenever it is
+/// written? Then a copy into a mapped segment never needs room the disk may
+/// not have. A copy-on-write one (btrfs, ZFS, bcachefs) needs new blocks for
+/// a page written again after it went to disk, and where there are none the
+/// copy ends the daemon (SIGBUS) instead of failing a close: segments there
+/// are written, not mapped. So are they on file systems not known here.
+fn writes_in_place(f_type: i64) -> bool {
+    const EXT4: i64 = 0xEF53; // ext2, ext3 and ext4
+    const XFS: i64 = 0x5846_5342;
+    const TMPFS: i64 = 0x0102_1994;
+    matches!(f_type, EXT4 | XFS | TMPFS)
 }
 
 /// A record buffer bigger than this is not kept for the next record.
@@ -1198,6 +1220,20 @@ mod tests {
         assert_eq!(records[1].end, size);
         drop(s);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+    }
+
+    #[test]
+    fn segments_are_mapped_only_where_the_file_system_writes_in_place() {
+        const BTRFS: i64 = 0x9123_683E;
+        const ZFS: i64 = 0x2FC1_2FC1;
+        assert!(writes_in_place(0xEF53) && writes_in_place(0x5846_5342));
+        assert!(!writes_in_place(BTRFS) && !writes_in_place(ZFS));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Segment::create(&dir.path().join("seg"), 0, 1 << 20).unwrap();
+        use std::os::fd::AsRawFd;
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstatfs(s.file.as_raw_fd(), &mut st) }, 0);
+        assert_eq!(s.map.is_some(), writes_in_place(st.f_type as i64));
     }
 
     #[test]
