@@ -755,8 +755,67 @@ struct Nodes {
     /// memory with a million inodes looked up (and twice that while the
     /// table grows).
     by_ino: FxHashMap<u64, Box<Known>>,
-    /// (hash of view and path, inode): ~25 bytes an inode.
-    by_path: std::collections::BTreeSet<(u64, u64)>,
+    /// The inodes at each place (hash of view and path).
+    by_path: PathIndex,
+}
+
+/// Inodes by the hash of their view and path: almost always one a place.
+/// Hashed, not ordered: a create adds one, and finding where in an
+/// ordered set of 100k took 0.8 µs. One inode a place in `first`, any
+/// more in `more` (~20–40 bytes an inode).
+#[derive(Default)]
+struct PathIndex {
+    first: FxHashMap<u64, u64>,
+    more: FxHashMap<u64, Vec<u64>>,
+}
+
+impl PathIndex {
+    fn insert(&mut self, h: u64, ino: u64) {
+        match self.first.entry(h) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(ino);
+            }
+            std::collections::hash_map::Entry::Occupied(o) if *o.get() == ino => {}
+            std::collections::hash_map::Entry::Occupied(_) => {
+                let more = self.more.entry(h).or_default();
+                if !more.contains(&ino) {
+                    more.push(ino);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, h: u64, ino: u64) {
+        if self.first.get(&h) == Some(&ino) {
+            let next = self.more.get_mut(&h).and_then(Vec::pop);
+            if self.more.get(&h).is_some_and(Vec::is_empty) {
+                self.more.remove(&h);
+            }
+            match next {
+                Some(next) => self.first.insert(h, next),
+                None => self.first.remove(&h),
+            };
+        } else if let Some(more) = self.more.get_mut(&h) {
+            more.retain(|i| *i != ino);
+            if more.is_empty() {
+                self.more.remove(&h);
+            }
+        }
+    }
+
+    /// The inodes at `h`, in no particular order.
+    fn get(&self, h: u64) -> impl Iterator<Item = u64> + '_ {
+        let more = self.more.get(&h).map(Vec::as_slice).unwrap_or_default();
+        self.first
+            .get(&h)
+            .copied()
+            .into_iter()
+            .chain(more.iter().copied())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_empty()
+    }
 }
 
 /// An inode number's node (none once removed from its path while the
@@ -846,10 +905,10 @@ impl Nodes {
         }
         let key = path_key(new);
         if let Some(h) = old.as_ref().and_then(path_key) {
-            self.by_path.remove(&(h, ino));
+            self.by_path.remove(h, ino);
         }
         if let Some(h) = key {
-            self.by_path.insert((h, ino));
+            self.by_path.insert(h, ino);
         }
     }
 
@@ -903,7 +962,7 @@ impl Nodes {
         }
         let node = self.by_ino.remove(&ino)?.node?;
         if let Some(h) = path_key(&node) {
-            self.by_path.remove(&(h, ino));
+            self.by_path.remove(h, ino);
         }
         Some(node)
     }
@@ -911,10 +970,7 @@ impl Nodes {
     /// The inodes of `path` in a view (and, rarely, of others whose
     /// hash is the same: callers check the node's view and path).
     fn at(&self, view: u64, path: &str) -> impl Iterator<Item = u64> + '_ {
-        let h = path_hash(view, path);
-        self.by_path
-            .range((h, 0)..=(h, u64::MAX))
-            .map(|&(_, ino)| ino)
+        self.by_path.get(path_hash(view, path))
     }
 
     /// The first inode of `path` in a view whose node `pick` takes.
@@ -937,7 +993,7 @@ impl Nodes {
                 self.by_ino.remove(ino);
             }
             if let Some(h) = old.as_ref().and_then(path_key) {
-                self.by_path.remove(&(h, *ino));
+                self.by_path.remove(h, *ino);
             }
         }
     }
@@ -952,13 +1008,13 @@ impl Nodes {
                 continue;
             };
             if let Some(h) = path_key(node) {
-                self.by_path.remove(&(h, ino));
+                self.by_path.remove(h, ino);
             }
             if let Node::Tree { path, .. } | Node::File { path, .. } = node {
                 *path = new;
             }
             if let Some(h) = path_key(node) {
-                self.by_path.insert((h, ino));
+                self.by_path.insert(h, ino);
             }
         }
     }
@@ -3449,6 +3505,32 @@ fn read_external(
 mod tests {
     //! The filesystem core, driven directly: no kernel, no mount.
     use super::*;
+
+    #[test]
+    fn a_path_index_keeps_every_inode_of_a_place() {
+        let mut ix = super::PathIndex::default();
+        let at = |ix: &super::PathIndex, h| {
+            let mut v: Vec<u64> = ix.get(h).collect();
+            v.sort();
+            v
+        };
+        ix.insert(7, 1);
+        ix.insert(7, 1);
+        ix.insert(7, 2);
+        ix.insert(7, 3);
+        ix.insert(8, 4);
+        assert_eq!(at(&ix, 7), [1, 2, 3]);
+        ix.remove(7, 1); // the first goes: another takes its place
+        assert_eq!(at(&ix, 7), [2, 3]);
+        ix.remove(7, 3);
+        ix.remove(7, 9); // not there
+        assert_eq!(at(&ix, 7), [2]);
+        ix.remove(7, 2);
+        assert!(at(&ix, 7).is_empty() && ix.more.is_empty());
+        assert_eq!(at(&ix, 8), [4]);
+        ix.remove(8, 4);
+        assert!(ix.is_empty());
+    }
     use crate::store::Store;
 
     fn setup() -> (tempfile::TempDir, LakeFs, u64) {
