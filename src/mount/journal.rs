@@ -12,9 +12,10 @@
 //!   crash). A record is `len: u32 LE`, the payload's check
 //!   (`record_check`), the payload (a postcard `JournalEntry`). A segment
 //!   is named by the sequence number of its first record, allocated whole
-//!   when made (`log/next`, made ahead in the background, numbered when
-//!   taken), and closed at `SEGMENT_BYTES`, cut to its last record. One a
-//!   daemon left open ends in zeros: a zero length ends its records. Where
+//!   when made (`log/next`, made ahead by the uploader, numbered when
+//!   taken), and closed at `SEGMENT_BYTES`, then cut to its last record by
+//!   the uploader. Until then, and in one a daemon left open, zeros follow
+//!   the records: a zero length ends them. Where
 //!   a segment cannot be allocated and mapped, or its file system copies
 //!   on write (`writes_in_place`), its records are written.
 //! - `upload.pos`: `SEG OFFSET INTENT`, the next record to upload and, while
