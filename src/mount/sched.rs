@@ -314,8 +314,7 @@ impl QueueClass {
     }
 
     /// Is the thread in the idle class now (as its guard counts)?
-    #[cfg(test)]
-    fn idle(&self) -> bool {
+    pub fn idle(&self) -> bool {
         self.watch.as_ref().is_some_and(|w| w.guard.idle)
     }
 

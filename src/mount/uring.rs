@@ -9,6 +9,10 @@
 //! costs ~30 µs: an untar of 20k small files took 4–5 s that way, and
 //! 1.2–1.6 s through these queues.
 //!
+//! In the idle class, a thread looks for its caller's next request for a
+//! little while (`LOOK`) before it sleeps, so a caller making one request
+//! after another hands each over with no wakeup.
+//!
 //! Requests that may wait long (`LakeFs::may_wait`: control-file commands,
 //! fsync, uploads on a synchronous close, closes of big files, reads
 //! fetched from a remote store) go to helper threads, so they never hold up
@@ -304,10 +308,13 @@ fn serve(
     let mut live = ENTRIES;
     while live > 0 {
         class.tick();
-        match q.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => return Err(e),
+        let came = class.idle() && look_for_requests(&mut q.ring)?;
+        if !came {
+            match q.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
         }
         let completed: Vec<(u64, i32)> = q
             .ring
@@ -361,6 +368,48 @@ fn serve(
         }
     }
     Ok(())
+}
+
+/// How long a queue thread in the idle class looks for its caller's next
+/// request before it sleeps. A caller making one request after another
+/// (an untar: 8.4 a file) then finds the thread awake: its request is
+/// handed over with no wakeup, and the thread takes it as soon as the
+/// caller waits. In the idle class the looking takes no time from the
+/// caller or anything else on the CPU. By hand, 20k small files untarred
+/// pinned: 1.66–1.90 s against 1.76–2.11 s sleeping at once.
+const LOOK: Duration = Duration::from_micros(50);
+
+/// `IORING_ENTER_GETEVENTS`: run the task work that delivers requests.
+const ENTER_GETEVENTS: u32 = 1;
+
+/// Send what is queued (replies), then look for completions without
+/// sleeping, for up to `LOOK`: true if some came.
+fn look_for_requests(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>) -> io::Result<bool> {
+    match ring.submit() {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+        Err(e) => return Err(e),
+    }
+    let until = std::time::Instant::now() + LOOK;
+    loop {
+        // SAFETY: no argument is passed; with no minimum this only runs
+        // pending task work and returns.
+        match unsafe {
+            ring.submitter()
+                .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)
+        } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        if !ring.completion().is_empty() {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= until {
+            return Ok(false);
+        }
+        std::hint::spin_loop();
+    }
 }
 
 fn pin_to_cpu(cpu: usize) {
