@@ -376,7 +376,7 @@ fn serve(
 /// handed over with no wakeup, and the thread takes it as soon as the
 /// caller waits. In the idle class the looking takes no time from the
 /// caller or anything else on the CPU. By hand, 20k small files untarred
-/// pinned: 1.66–1.90 s against 1.76–2.11 s sleeping at once.
+/// pinned: 1.69–1.83 s against 1.77–2.04 s sleeping at once.
 const LOOK: Duration = Duration::from_micros(50);
 
 /// `IORING_ENTER_GETEVENTS`: run the task work that delivers requests.
