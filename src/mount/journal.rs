@@ -1170,6 +1170,37 @@ mod tests {
     }
 
     #[test]
+    fn segments_closed_but_not_yet_cut_by_a_killed_daemon_are_uploaded_in_order() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.segment_bytes
+            .store(600, std::sync::atomic::Ordering::Relaxed);
+        // Each close past 600 bytes closes its segment; no uploader tends
+        // them, so each closed one still ends in zeros.
+        for i in 0..4 {
+            put(&l, &j, "main", &format!("f{i}"), &i.to_string().repeat(700));
+        }
+        let segments = j.segments().unwrap();
+        assert_eq!(segments.len(), 4);
+        let (records, _) = read_records(&segments[0].1, 0, None).unwrap();
+        assert_eq!(records.len(), 1);
+        assert!(
+            std::fs::metadata(&segments[0].1).unwrap().len() > records[0].end,
+            "zeros follow its record until the uploader cuts it"
+        );
+        std::mem::forget(j); // killed
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.pending.lock().total, 4);
+        assert_eq!(j.upload_all(&l).unwrap(), 4);
+        for i in 0..4 {
+            assert_eq!(text(&l, "main", &format!("f{i}")), i.to_string().repeat(700));
+        }
+        assert!(j.segments().unwrap().is_empty(), "uploaded, not set aside");
+        assert!(!dir.path().join("journal/orphaned").exists());
+    }
+
+    #[test]
     fn a_segment_made_ahead_is_used_and_one_left_over_is_removed() {
         let l = lake();
         let dir = tempfile::tempdir().unwrap();
