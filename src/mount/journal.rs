@@ -1194,7 +1194,10 @@ mod tests {
         assert_eq!(j.pending.lock().total, 4);
         assert_eq!(j.upload_all(&l).unwrap(), 4);
         for i in 0..4 {
-            assert_eq!(text(&l, "main", &format!("f{i}")), i.to_string().repeat(700));
+            assert_eq!(
+                text(&l, "main", &format!("f{i}")),
+                i.to_string().repeat(700)
+            );
         }
         assert!(j.segments().unwrap().is_empty(), "uploaded, not set aside");
         assert!(!dir.path().join("journal/orphaned").exists());
