@@ -98,15 +98,16 @@ struct Appender {
 #[derive(Default)]
 struct Spare {
     ready: Option<Segment>,
-    /// How big the next is to be; none wanted yet.
-    wanted: Option<u64>,
+    /// One was taken (or none made yet when the log began): make another.
+    wanted: bool,
     closed: Vec<Segment>,
 }
 
 /// The name of a segment made ahead, in `log/`, until it is numbered.
 const SPARE: &str = "next";
 
-/// The log segment being appended to.
+/// A log segment: the one being appended to, the one made ahead, or one
+/// closed and not yet let go of (see `Spare`).
 struct Segment {
     /// Its number: the sequence number of its first record.
     seq: u64,
@@ -115,8 +116,8 @@ struct Segment {
     size: u64,
     /// The file mapped, its blocks allocated when it was made: an append
     /// is a copy into the page cache (as durable as a `write`), no system
-    /// call. `None` where the blocks could not be allocated: records are
-    /// then written.
+    /// call. `None` where the blocks could not be allocated or the file
+    /// system copies on write (`writes_in_place`): records are then written.
     map: Option<memmap2::MmapMut>,
 }
 
@@ -138,11 +139,7 @@ impl Segment {
 
     fn map(file: &std::fs::File, room: u64) -> Option<memmap2::MmapMut> {
         use std::os::fd::AsRawFd;
-        // SAFETY: fstatfs fills the struct it is given.
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0
-            || !writes_in_place(st.f_type as i64)
-        {
+        if !file_system_type(file).is_some_and(writes_in_place) {
             return None;
         }
         let len = room.next_multiple_of(4096);
@@ -210,6 +207,14 @@ fn writes_in_place(f_type: i64) -> bool {
     const XFS: i64 = 0x5846_5342;
     const TMPFS: i64 = 0x0102_1994;
     matches!(f_type, EXT4 | XFS | TMPFS)
+}
+
+/// The type of the file system `file` is on (`statfs`'s `f_type`).
+fn file_system_type(file: &std::fs::File) -> Option<i64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs fills the struct it is given, on a live descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } == 0).then_some(st.f_type as i64)
 }
 
 /// A record buffer bigger than this is not kept for the next record.
@@ -497,7 +502,7 @@ impl Journal {
             };
             a.segment = Some(made);
             let mut spare = self.spare.lock();
-            spare.wanted = Some(limit);
+            spare.wanted = true;
             spare.closed.extend(closed);
         }
         let segment = a.segment.as_mut().expect("opened");
@@ -533,22 +538,23 @@ impl Journal {
     fn tend(&self) {
         let (closed, wanted) = {
             let mut spare = self.spare.lock();
-            let wanted = if spare.ready.is_none() {
-                spare.wanted.take()
-            } else {
-                None
-            };
+            let wanted = spare.ready.is_none() && std::mem::take(&mut spare.wanted);
             (std::mem::take(&mut spare.closed), wanted)
         };
         drop(closed);
-        let Some(room) = wanted else { return };
+        if !wanted {
+            return;
+        }
         let path = self.spare_path();
         let _ = std::fs::remove_file(&path);
+        let room = self
+            .segment_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         match Segment::create(&path, 0, room) {
             Ok(made) => self.spare.lock().ready = Some(made),
             Err(e) => {
                 tracing::debug!(%e, "no journal segment made ahead");
-                self.spare.lock().wanted = Some(room);
+                self.spare.lock().wanted = true;
             }
         }
     }
@@ -1275,10 +1281,8 @@ mod tests {
         assert!(!writes_in_place(BTRFS) && !writes_in_place(ZFS));
         let dir = tempfile::tempdir().unwrap();
         let s = Segment::create(&dir.path().join("seg"), 0, 1 << 20).unwrap();
-        use std::os::fd::AsRawFd;
-        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstatfs(s.file.as_raw_fd(), &mut st) }, 0);
-        assert_eq!(s.map.is_some(), writes_in_place(st.f_type as i64));
+        let f_type = file_system_type(&s.file).expect("statfs of a temp file");
+        assert_eq!(s.map.is_some(), writes_in_place(f_type));
     }
 
     #[test]
