@@ -1002,6 +1002,20 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// The journal a killed daemon left in `dir`, opened again: every file
+    /// of `files` (path, text) is pending, is uploaded, and the log is
+    /// emptied with nothing set aside.
+    fn reopened_uploads_all(l: &Lake, dir: &Path, files: &[(String, String)]) {
+        let j = Journal::open(dir).unwrap();
+        assert_eq!(j.pending.lock().total, files.len());
+        assert_eq!(j.upload_all(l).unwrap(), files.len());
+        for (path, content) in files {
+            assert_eq!(&text(l, "main", path), content);
+        }
+        assert!(j.segments().unwrap().is_empty(), "uploaded, not set aside");
+        assert!(!dir.join("journal/orphaned").exists());
+    }
+
     #[test]
     fn waiting_for_what_was_appended_is_not_held_up_by_what_came_after() {
         let l = lake();
@@ -1154,8 +1168,9 @@ mod tests {
         let l = lake();
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        for i in 0..3 {
-            put(&l, &j, "main", &format!("f{i}"), &i.to_string());
+        let files: Vec<_> = (0..3).map(|i| (format!("f{i}"), i.to_string())).collect();
+        for (path, content) in &files {
+            put(&l, &j, "main", path, content);
         }
         let (seg, end) = j.mark();
         // Killed: the segment is not closed, its allocation not cut off.
@@ -1165,14 +1180,7 @@ mod tests {
             std::fs::metadata(&path).unwrap().len() > end,
             "zeros follow"
         );
-        let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.pending.lock().total, 3);
-        assert_eq!(j.upload_all(&l).unwrap(), 3);
-        for i in 0..3 {
-            assert_eq!(text(&l, "main", &format!("f{i}")), i.to_string());
-        }
-        assert!(j.segments().unwrap().is_empty(), "uploaded, not set aside");
-        assert!(!dir.path().join("journal/orphaned").exists());
+        reopened_uploads_all(&l, dir.path(), &files);
     }
 
     #[test]
@@ -1184,8 +1192,11 @@ mod tests {
             .store(600, std::sync::atomic::Ordering::Relaxed);
         // Each close past 600 bytes closes its segment; no uploader tends
         // them, so each closed one still ends in zeros.
-        for i in 0..4 {
-            put(&l, &j, "main", &format!("f{i}"), &i.to_string().repeat(700));
+        let files: Vec<_> = (0..4)
+            .map(|i| (format!("f{i}"), i.to_string().repeat(700)))
+            .collect();
+        for (path, content) in &files {
+            put(&l, &j, "main", path, content);
         }
         let segments = j.segments().unwrap();
         assert_eq!(segments.len(), 4);
@@ -1196,17 +1207,7 @@ mod tests {
             "zeros follow its record until the uploader cuts it"
         );
         std::mem::forget(j); // killed
-        let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.pending.lock().total, 4);
-        assert_eq!(j.upload_all(&l).unwrap(), 4);
-        for i in 0..4 {
-            assert_eq!(
-                text(&l, "main", &format!("f{i}")),
-                i.to_string().repeat(700)
-            );
-        }
-        assert!(j.segments().unwrap().is_empty(), "uploaded, not set aside");
-        assert!(!dir.path().join("journal/orphaned").exists());
+        reopened_uploads_all(&l, dir.path(), &files);
     }
 
     #[test]
