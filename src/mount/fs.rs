@@ -3505,11 +3505,12 @@ fn read_external(
 mod tests {
     //! The filesystem core, driven directly: no kernel, no mount.
     use super::*;
+    use crate::store::Store;
 
     #[test]
     fn a_path_index_keeps_every_inode_of_a_place() {
-        let mut ix = super::PathIndex::default();
-        let at = |ix: &super::PathIndex, h| {
+        let mut ix = PathIndex::default();
+        let at = |ix: &PathIndex, h| {
             let mut v: Vec<u64> = ix.get(h).collect();
             v.sort();
             v
@@ -3531,7 +3532,6 @@ mod tests {
         ix.remove(8, 4);
         assert!(ix.is_empty());
     }
-    use crate::store::Store;
 
     fn setup() -> (tempfile::TempDir, LakeFs, u64) {
         setup_with(|_| {})
