@@ -379,9 +379,6 @@ fn serve(
 /// pinned: 1.69–1.83 s against 1.77–2.04 s sleeping at once.
 const LOOK: Duration = Duration::from_micros(50);
 
-/// `IORING_ENTER_GETEVENTS`: run the task work that delivers requests.
-const ENTER_GETEVENTS: u32 = 1;
-
 /// Send what is queued (replies), then look for completions without
 /// sleeping, for up to `LOOK`: true if some came.
 fn look_for_requests(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>) -> io::Result<bool> {
@@ -392,11 +389,15 @@ fn look_for_requests(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>) -> io:
     }
     let until = std::time::Instant::now() + LOOK;
     loop {
-        // SAFETY: no argument is passed; with no minimum this only runs
-        // pending task work and returns.
+        // SAFETY: no argument is passed; GETEVENTS with no minimum only
+        // runs the pending task work that delivers requests, and returns.
         match unsafe {
-            ring.submitter()
-                .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)
+            ring.submitter().enter::<libc::sigset_t>(
+                0,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
         } {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
