@@ -100,6 +100,12 @@ pub fn run(
     // daemon left behind is uploaded before anything else happens.
     let journal = journal::Journal::open(&opts.cache_dir)
         .map_err(io(format!("journal in {}", opts.cache_dir.display())))?;
+    // Files an earlier daemon was still writing when it died, first.
+    match journal.recover_drafts(lake.config().chunking) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "made again files an earlier daemon was writing"),
+        Err(e) => return Err(io("journal drafts")(std::io::Error::other(e))),
+    }
     match journal.upload_all(&lake) {
         Ok(0) => {}
         Ok(n) => tracing::info!(
@@ -162,6 +168,19 @@ pub fn run(
         !opts.allow_other,
         opts.io_uring && allow_io_uring(),
     ));
+    if opts.writeback {
+        let weak = Arc::downgrade(&adapter);
+        adapter
+            .fs
+            .defer_releases(move |fhs| {
+                if let Some(a) = weak.upgrade() {
+                    for fh in fhs {
+                        a.fs.release_logged(fh);
+                    }
+                }
+            })
+            .map_err(|e| io("release thread")(std::io::Error::other(e.to_string())))?;
+    }
     let mut session =
         fuser::Session::new(fuse::Classic(adapter.clone()), &opts.mountpoint, &config)
             .map_err(io(format!("mount {}", opts.mountpoint.display())))?;
@@ -196,6 +215,9 @@ pub fn run(
     if let Some(q) = queues {
         q.join(std::time::Duration::from_secs(5));
     }
+    // Releases answered but not yet staged (what stays open is journaled,
+    // and made again by the next daemon).
+    adapter.fs.release_queued();
     copies.finish_copies(std::time::Duration::from_secs(60));
     Ok(())
 }

@@ -231,9 +231,15 @@ impl FuseAdapter {
             .fs
             .create(parent, name_str(name)?, mode & !umask, if_exists)?;
         // A new file is written through the spool, never the page cache.
+        let mut flags = FopenFlags::FOPEN_DIRECT_IO;
+        if self.fs.is_draft(fh) {
+            // Each change is journaled as it comes: a close has nothing
+            // left to do, so it need not wait for a FLUSH.
+            flags |= FopenFlags::FOPEN_NOFLUSH;
+        }
         let opened = Opened {
             fh,
-            flags: FopenFlags::FOPEN_DIRECT_IO,
+            flags,
             backing_id: None,
         };
         Ok((attr, opened))

@@ -43,7 +43,7 @@ use crate::chunk::Stored;
 use crate::hash::Hash;
 use crate::repo::{Lake, RepoError, StageHint};
 use crate::store::Store;
-use crate::tree::{Content, Entry, Op};
+use crate::tree::{Content, Entry, File, Op};
 
 /// How long the uploader waits before trying a failed upload again.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -69,6 +69,77 @@ pub struct JournalEntry {
     /// store agree on the batch.
     pub batch: String,
     pub ops: Vec<Op>,
+}
+
+/// A step in the life of a file made through a `--writeback` mount and
+/// not yet staged. The kernel is told not to flush such a file at close
+/// (no request comes, so a close costs nothing), so each change to it is
+/// journaled before it is answered: after a crash, `recover_drafts` makes
+/// the file again from its steps and stages it. Until then the uploader
+/// passes over these records, and the segments holding a file's steps are
+/// kept while it is open (see `Journal::pins`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DraftRecord {
+    /// The file (`new_draft_id`), for as long as it is open.
+    pub id: u64,
+    pub step: DraftStep,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DraftStep {
+    /// The whole file: where it is, its mode, time and size, and its bytes
+    /// (or the name of the spool file under `drafts/` that holds them). Its
+    /// first step, and again whenever its steps would keep old segments.
+    State {
+        repo: String,
+        branch: String,
+        path: String,
+        mode: u32,
+        mtime: i64,
+        size: u64,
+        bytes: bytes::Bytes,
+        spool: Option<String>,
+    },
+    /// Written: `bytes` at `offset` (none once a spool file holds them),
+    /// and its mode and time after.
+    Write {
+        offset: u64,
+        len: u64,
+        bytes: bytes::Bytes,
+        mode: u32,
+        mtime: i64,
+    },
+    /// Truncated or extended.
+    Size { size: u64, mtime: i64 },
+    /// Its mode or time set.
+    Attr { mode: u32, mtime: i64 },
+    /// Renamed (itself, or a directory above it).
+    Path(String),
+    /// Its bytes now live in this spool file, under `drafts/`.
+    Spilled(String),
+    /// Staged by its last close, or removed: nothing left to make again.
+    Done,
+}
+
+/// A fresh draft id: random, so no two daemons' drafts share one.
+pub fn new_draft_id() -> u64 {
+    ulid::Ulid::new().0 as u64
+}
+
+/// Records of drafts start with this byte, where an entry's payload starts
+/// with the length of its (never empty) repository name.
+const DRAFT_MARK: u8 = 0;
+
+/// A draft whose steps began this many segments before the one being
+/// written is written again whole (`Journal::on_stale_drafts`), so an open
+/// file never keeps more than a few segments.
+const REBASE_AFTER: u64 = 4;
+
+/// A record of the log.
+#[derive(Debug)]
+enum Rec {
+    Entry(JournalEntry),
+    Draft(DraftRecord),
 }
 
 /// Why an entry did not upload.
@@ -229,10 +300,19 @@ struct Position {
     intent: u64,
 }
 
-/// One record of a log segment: where it ends, and its entry.
+/// One record of a log segment: where it ends, and what it holds.
 struct Record {
     end: u64,
-    entry: JournalEntry,
+    rec: Rec,
+}
+
+impl Record {
+    fn entry(&self) -> Option<&JournalEntry> {
+        match &self.rec {
+            Rec::Entry(e) => Some(e),
+            Rec::Draft(_) => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -261,7 +341,15 @@ pub struct Journal {
     needed: Mutex<HashMap<Hash, usize>>,
     pending: Mutex<Pending>,
     drained: Condvar,
+    /// Drafts still open: the segment of each one's latest `State`. No
+    /// segment from the oldest of them on is removed.
+    pins: Mutex<HashMap<u64, u64>>,
+    /// Writes a draft's `State` again (given the ids of those whose steps
+    /// began `REBASE_AFTER` segments ago): set by the mount.
+    rebase: Mutex<Option<Rebase>>,
 }
+
+type Rebase = Box<dyn Fn(Vec<u64>) + Send + Sync>;
 
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -281,6 +369,7 @@ impl Journal {
         std::fs::create_dir_all(dir.join("entries"))?;
         std::fs::create_dir_all(dir.join("log"))?;
         std::fs::create_dir_all(dir.join("objects"))?;
+        std::fs::create_dir_all(dir.join("drafts"))?;
         let objects = Store::open(&format!("file://{}", dir.join("objects").display()))
             .map_err(std::io::Error::other)?;
         let j = Journal {
@@ -291,6 +380,8 @@ impl Journal {
             needed: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             drained: Condvar::new(),
+            pins: Mutex::default(),
+            rebase: Mutex::new(None),
             dir,
         };
         for (_, path) in j.entries()? {
@@ -307,9 +398,9 @@ impl Journal {
             let from = if seg == pos.segment { pos.offset } else { 0 };
             let (records, _) = read_records(&path, from, None)?;
             if seg >= pos.segment {
-                for r in &records {
+                for e in records.iter().filter_map(Record::entry) {
                     j.count(1);
-                    j.need(&chunks_of(&r.entry.ops));
+                    j.need(&chunks_of(&e.ops));
                 }
             }
             next = next.max(seg + records.len() as u64 + 1);
@@ -445,6 +536,77 @@ impl Journal {
         }
     }
 
+    /// Make again the files a daemon that died was still writing (drafts
+    /// with no `Done`), journal each as a close would, and end their
+    /// drafts. Run before the uploader starts. Returns how many there were.
+    pub fn recover_drafts(&self, params: crate::chunk::ChunkParams) -> Result<usize, String> {
+        let mut open: HashMap<u64, Folded> = HashMap::new();
+        let mut steps = 0u64;
+        for (_, path) in self.segments().map_err(io_err)? {
+            let (records, _) = read_records(&path, 0, None).map_err(io_err)?;
+            for r in records {
+                if let Rec::Draft(d) = r.rec {
+                    steps += 1;
+                    fold(&mut open, d, steps);
+                }
+            }
+        }
+        let mut left: Vec<(u64, Folded)> = open.into_iter().collect();
+        left.sort_by_key(|(_, f)| f.last_step);
+        let mut batch: Option<String> = None;
+        for (id, f) in &left {
+            match f.content(&self.drafts_dir()) {
+                Ok(bytes) => {
+                    let (content, size, _) = self.store_file(params, &bytes[..], &f.path)?;
+                    let id_now = crate::repo::Lake::new_batch_id(batch.as_deref());
+                    batch = Some(id_now.clone());
+                    self.append(&JournalEntry {
+                        repo: f.repo.clone(),
+                        branch: f.branch.clone(),
+                        batch: id_now,
+                        ops: vec![Op::Put {
+                            path: f.path.clone(),
+                            entry: Entry::File(File {
+                                size,
+                                mode: f.mode,
+                                mtime: f.mtime,
+                                content,
+                            }),
+                        }],
+                    })?;
+                }
+                Err(e) => {
+                    let why = format!(
+                        "{}/{}: {} cannot be made again: {e}",
+                        f.repo, f.branch, f.path
+                    );
+                    self.put_aside(
+                        std::ffi::OsStr::new(&format!("draft-{id:016x}")),
+                        &why,
+                        |to| std::fs::write(to, format!("{why}\n")),
+                    )?;
+                }
+            }
+            self.draft(&DraftRecord {
+                id: *id,
+                step: DraftStep::Done,
+            })?;
+        }
+        if !left.is_empty() {
+            // Closed, so it goes once uploaded (an open segment stays until
+            // it is full; closes may never come).
+            let closed = self.append.lock().segment.take();
+            drop(closed);
+            // Nor is one made ahead for closes that may never come.
+            self.spare.lock().wanted = false;
+        }
+        // Every draft has ended: their spool files are no one's now.
+        for e in std::fs::read_dir(self.drafts_dir()).map_err(io_err)? {
+            let _ = std::fs::remove_file(e.map_err(io_err)?.path());
+        }
+        Ok(left.len())
+    }
+
     /// Make every appended entry and journaled chunk survive a machine
     /// crash: one `syncfs` of the cache file system.
     pub fn sync(&self) -> Result<(), String> {
@@ -472,12 +634,51 @@ impl Journal {
 
     fn append_record(&self, entry: &JournalEntry) -> Result<(), String> {
         let mut a = self.append.lock();
-        let record = record_in(entry, std::mem::take(&mut a.buffer));
+        let record = record_in(None, entry, std::mem::take(&mut a.buffer));
         let res = self.write_record(&mut a, &record);
         if record.capacity() <= KEEP_BUFFER {
             a.buffer = record;
         }
         res
+    }
+
+    /// Append a step of a draft (durable against the daemon dying, as an
+    /// entry is). Not counted as an upload: the uploader passes over it.
+    pub fn draft(&self, draft: &DraftRecord) -> Result<(), String> {
+        let mut a = self.append.lock();
+        let record = record_in(Some(DRAFT_MARK), draft, std::mem::take(&mut a.buffer));
+        let res = self.write_record(&mut a, &record);
+        if record.capacity() <= KEEP_BUFFER {
+            a.buffer = record;
+        }
+        res?;
+        let seg = a.segment.as_ref().map_or(a.next, |s| s.seq);
+        match draft.step {
+            DraftStep::State { .. } => {
+                self.pins.lock().insert(draft.id, seg);
+            }
+            DraftStep::Done => {
+                self.pins.lock().remove(&draft.id);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Where drafts' spool files go (kept across a crash, unlike the
+    /// daemon's own spool directory).
+    pub fn drafts_dir(&self) -> PathBuf {
+        self.dir.join("drafts")
+    }
+
+    /// Set how a draft's whole state is written again (see `REBASE_AFTER`).
+    pub fn on_stale_drafts(&self, f: impl Fn(Vec<u64>) + Send + Sync + 'static) {
+        *self.rebase.lock() = Some(Box::new(f));
+    }
+
+    /// The oldest segment an open draft needs (`u64::MAX`: none).
+    fn pinned_from(&self) -> u64 {
+        self.pins.lock().values().copied().min().unwrap_or(u64::MAX)
     }
 
     /// Append a whole record to the open segment (another once it is full).
@@ -542,6 +743,19 @@ impl Journal {
             (std::mem::take(&mut spare.closed), wanted)
         };
         drop(closed);
+        let current = {
+            let a = self.append.lock();
+            a.segment.as_ref().map_or(a.next, |s| s.seq)
+        };
+        let stale: Vec<u64> = (self.pins.lock().iter())
+            .filter(|(_, seg)| **seg + REBASE_AFTER <= current)
+            .map(|(id, _)| *id)
+            .collect();
+        if !stale.is_empty() {
+            if let Some(rebase) = &*self.rebase.lock() {
+                rebase(stale);
+            }
+        }
         if !wanted {
             return;
         }
@@ -649,7 +863,9 @@ impl Journal {
         let mut pos = self.position();
         for (seg, path) in self.segments().map_err(io_err)? {
             if seg < pos.segment {
-                std::fs::remove_file(&path).map_err(io_err)?; // uploaded before
+                if seg < self.pinned_from() {
+                    std::fs::remove_file(&path).map_err(io_err)?; // uploaded before
+                }
                 continue;
             }
             if seg > pos.segment {
@@ -666,27 +882,29 @@ impl Journal {
                     .map(|s| s.size);
                 let closed = appended.is_none();
                 let (records, torn) = read_records(&path, pos.offset, appended).map_err(io_err)?;
+                // Drafts' steps are passed over (see `DraftRecord`).
+                let entries: Vec<(u64, &JournalEntry)> = (records.iter())
+                    .filter_map(|r| Some((r.end, r.entry()?)))
+                    .collect();
                 let mut i = 0;
-                while i < records.len() {
-                    let first = &records[i].entry;
+                while i < entries.len() {
+                    let first = entries[i].1;
                     let mut j = i + 1;
-                    while j < records.len()
+                    while j < entries.len()
                         && j - i < GROUP_ENTRIES
                         && if pos.intent > pos.offset {
                             // Exactly the group a dead daemon was staging.
-                            records[j - 1].end < pos.intent
+                            entries[j - 1].0 < pos.intent
                         } else {
-                            records[j].entry.repo == first.repo
-                                && records[j].entry.branch == first.branch
+                            entries[j].1.repo == first.repo && entries[j].1.branch == first.branch
                         }
                     {
                         j += 1;
                     }
-                    let group = &records[i..j];
-                    let end = group.last().expect("non-empty").end;
+                    let group: Vec<&JournalEntry> = entries[i..j].iter().map(|(_, e)| *e).collect();
+                    let end = entries[j - 1].0;
                     self.set_position(Position { intent: end, ..pos })?;
-                    let entries: Vec<&JournalEntry> = group.iter().map(|r| &r.entry).collect();
-                    self.upload_group(lake, &entries)?;
+                    self.upload_group(lake, &group)?;
                     pos = Position {
                         segment: seg,
                         offset: end,
@@ -696,6 +914,16 @@ impl Journal {
                     self.uploaded_to(seg, end);
                     done += group.len();
                     i = j;
+                }
+                if let Some(last) = records.last().filter(|r| r.end > pos.offset) {
+                    // Only drafts' steps after the last entry.
+                    pos = Position {
+                        segment: seg,
+                        offset: last.end,
+                        intent: 0,
+                    };
+                    self.set_position(pos)?;
+                    self.uploaded_to(seg, last.end);
                 }
                 if torn {
                     // Records after a damaged one cannot be found: keep the
@@ -724,7 +952,9 @@ impl Journal {
                 if more && (!records.is_empty() || !closed) {
                     continue;
                 }
-                std::fs::remove_file(&path).map_err(io_err)?;
+                if seg < self.pinned_from() {
+                    std::fs::remove_file(&path).map_err(io_err)?;
+                }
                 drop(a);
                 self.uploaded_to(seg, u64::MAX);
                 break;
@@ -847,6 +1077,110 @@ impl Journal {
     }
 }
 
+/// A draft as its steps so far leave it (see `recover_drafts`).
+#[derive(Debug, Default)]
+struct Folded {
+    repo: String,
+    branch: String,
+    path: String,
+    mode: u32,
+    mtime: i64,
+    size: u64,
+    /// Its bytes, until a spool file holds them.
+    bytes: Vec<u8>,
+    spool: Option<String>,
+    /// The number of its latest step: drafts are made again in that order.
+    last_step: u64,
+}
+
+impl Folded {
+    /// The file's bytes: exactly `size` of them (a sparse tail reads as
+    /// zeros).
+    fn content(&self, drafts: &Path) -> std::io::Result<Vec<u8>> {
+        let mut bytes = match &self.spool {
+            Some(name) => std::fs::read(drafts.join(name))?,
+            None => self.bytes.clone(),
+        };
+        bytes.resize(self.size as usize, 0);
+        Ok(bytes)
+    }
+}
+
+/// Apply one step of draft `d` (the `n`th step read) to the open drafts.
+fn fold(open: &mut HashMap<u64, Folded>, d: DraftRecord, n: u64) {
+    if let DraftStep::State {
+        repo,
+        branch,
+        path,
+        mode,
+        mtime,
+        size,
+        bytes,
+        spool,
+    } = d.step
+    {
+        open.insert(
+            d.id,
+            Folded {
+                repo,
+                branch,
+                path,
+                mode,
+                mtime,
+                size,
+                bytes: bytes.to_vec(),
+                spool,
+                last_step: n,
+            },
+        );
+        return;
+    }
+    if d.step == DraftStep::Done {
+        open.remove(&d.id);
+        return;
+    }
+    // A step of a draft whose state is not here (it began in a segment
+    // that is gone, so it had ended): nothing to make.
+    let Some(f) = open.get_mut(&d.id) else {
+        return;
+    };
+    f.last_step = n;
+    match d.step {
+        DraftStep::Write {
+            offset,
+            len,
+            bytes,
+            mode,
+            mtime,
+        } => {
+            let end = offset + len;
+            if f.spool.is_none() && bytes.len() as u64 == len {
+                if f.bytes.len() < end as usize {
+                    f.bytes.resize(end as usize, 0);
+                }
+                f.bytes[offset as usize..end as usize].copy_from_slice(&bytes);
+            }
+            f.size = f.size.max(end);
+            f.mode = mode;
+            f.mtime = mtime;
+        }
+        DraftStep::Size { size, mtime } => {
+            if f.spool.is_none() {
+                f.bytes.resize(size as usize, 0);
+            }
+            f.size = size;
+            f.mtime = mtime;
+        }
+        DraftStep::Attr { mode, mtime } => {
+            f.mode = mode;
+            f.mtime = mtime;
+        }
+        DraftStep::Path(p) => f.path = p,
+        DraftStep::Spilled(name) => f.spool = Some(name),
+        DraftStep::State { .. } | DraftStep::Done => unreachable!("handled above"),
+    }
+}
+
 /// The records of a log segment from `from` on, and whether it ends with a
 /// damaged record (a torn tail, only ever unacknowledged, reads as the end).
 fn read_records(path: &Path, from: u64, to: Option<u64>) -> std::io::Result<(Vec<Record>, bool)> {
@@ -873,25 +1207,31 @@ fn read_records(path: &Path, from: u64, to: Option<u64>) -> std::io::Result<(Vec
         let Some(payload) = bytes.get(start..start + len) else {
             break; // torn tail
         };
-        let entry = checks_out(payload, &bytes[at + 4..at + 12])
-            .then(|| postcard::from_bytes::<JournalEntry>(payload).ok())
+        let rec = checks_out(payload, &bytes[at + 4..at + 12])
+            .then(|| match payload.split_first() {
+                Some((&DRAFT_MARK, draft)) => postcard::from_bytes(draft).ok().map(Rec::Draft),
+                _ => postcard::from_bytes(payload).ok().map(Rec::Entry),
+            })
             .flatten();
-        let Some(entry) = entry else {
+        let Some(rec) = rec else {
             return Ok((out, true));
         };
         at = start + len;
         out.push(Record {
             end: from + at as u64,
-            entry,
+            rec,
         });
     }
     Ok((out, false))
 }
 
-/// `entry` as a record (head and payload), built in place in `buf`: encoded
-/// after room for its head, which is filled in after.
-fn record_in(entry: &JournalEntry, buf: Vec<u8>) -> Vec<u8> {
-    let mut record = crate::tree::encode_after_in(&[0; RECORD_HEAD], entry, buf);
+/// `value` (after `mark`, if any) as a record (head and payload), built in
+/// place in `buf`: encoded after room for its head, which is filled in after.
+fn record_in<T: Serialize>(mark: Option<u8>, value: &T, buf: Vec<u8>) -> Vec<u8> {
+    let mut prefix = [0; RECORD_HEAD + 1];
+    prefix[RECORD_HEAD] = mark.unwrap_or_default();
+    let prefix = &prefix[..RECORD_HEAD + usize::from(mark.is_some())];
+    let mut record = crate::tree::encode_after_in(prefix, value, buf);
     let (head, payload) = record.split_at_mut(RECORD_HEAD);
     head[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     head[4..].copy_from_slice(&record_check(payload));
@@ -1127,7 +1467,7 @@ mod tests {
         let (records, stopped) = read_records(&seg, 0, None).unwrap();
         let paths: Vec<_> = records
             .iter()
-            .map(|r| match &r.entry.ops[0] {
+            .map(|r| match &r.entry().unwrap().ops[0] {
                 Op::Delete { path } => path.as_str(),
                 _ => unreachable!(),
             })
@@ -1256,7 +1596,7 @@ mod tests {
             batch: "b".into(),
             ops: vec![Op::Delete { path: path.into() }],
         };
-        let record = |e: &JournalEntry| record_in(e, Vec::new());
+        let record = |e: &JournalEntry| record_in(None, e, Vec::new());
         let mut s = Segment {
             seq: 0,
             file: std::fs::File::create(&path).unwrap(),

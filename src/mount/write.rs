@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -52,6 +52,29 @@ pub struct WriteFile {
     /// The inodes the mount's table of files open for writing holds it
     /// under (`LakeFs::writes`); changed only under that table's lock.
     pub inos: Mutex<Vec<u64>>,
+    /// Made by a create in write-back mode: its changes are journaled as
+    /// they come (see `Draft`). Held while a change is made and journaled,
+    /// so its steps are journaled in the order they were made.
+    pub draft: Mutex<Option<Draft>>,
+    /// A draft's spool file stays (emptied, or when this is dropped) until
+    /// `remove_spool`: its steps name it.
+    keep_spool: AtomicBool,
+}
+
+/// A file made by a create on a `--writeback` mount. The kernel is told
+/// not to flush it at close (so a close sends no request at all), so each
+/// change is journaled before it is answered (`journal::DraftRecord`), and
+/// the file is staged by its release. Its spool file, if it grows one, is
+/// kept in the journal's `drafts/` until then.
+#[derive(Debug)]
+pub struct Draft {
+    pub id: u64,
+    pub repo: String,
+    pub branch: String,
+    /// The spool file its steps name (`None`: its bytes are in its steps).
+    pub spool: Option<String>,
+    /// Staged by its last close, or removed: no more steps.
+    pub done: bool,
 }
 
 enum Spool {
@@ -289,6 +312,8 @@ impl WriteFile {
             writers: Mutex::default(),
             staging: Mutex::new(()),
             inos: Mutex::new(Vec::new()),
+            draft: Mutex::new(None),
+            keep_spool: AtomicBool::new(false),
         };
         let size = initial(&|at, data| wf.put(at, data))?;
         wf.resize(size)?;
@@ -385,7 +410,7 @@ impl WriteFile {
     /// Set the spool's length (no metadata change).
     fn resize(&self, size: u64) -> std::io::Result<()> {
         let mut spool = self.spool.write();
-        if size == 0 {
+        if size == 0 && !self.keep_spool.load(Ordering::Relaxed) {
             // Emptied (O_TRUNC): written from the start again, it may stream.
             *spool = Spool::Memory(Vec::new());
             if let Some(path) = self.spool_path.lock().take() {
@@ -487,10 +512,31 @@ impl WriteFile {
     }
 }
 
-impl Drop for WriteFile {
-    fn drop(&mut self) {
+impl WriteFile {
+    /// Make this file a draft (see `Draft`).
+    pub fn set_draft(&self, draft: Draft) {
+        self.keep_spool.store(true, Ordering::Relaxed);
+        *self.draft.lock() = Some(draft);
+    }
+
+    /// The name of its spool file, if it has one.
+    pub fn spool_name(&self) -> Option<String> {
+        let path = self.spool_path.lock();
+        Some(path.as_ref()?.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// Remove its spool file now (a draft's, once the draft has ended).
+    pub fn remove_spool(&self) {
         if let Some(path) = self.spool_path.lock().take() {
             let _ = fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for WriteFile {
+    fn drop(&mut self) {
+        if !self.keep_spool.load(Ordering::Relaxed) {
+            self.remove_spool();
         }
     }
 }
