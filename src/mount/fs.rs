@@ -3909,6 +3909,69 @@ mod tests {
         a.ino
     }
 
+    /// A staged file of branch main: its bytes and mode.
+    fn staged_file(lake: &Lake, path: &str) -> Option<(Vec<u8>, u32)> {
+        let (_, work) = lake.working_tree("r", "main").unwrap();
+        let Some(Entry::File(f)) = lake.trees().lookup(&work, path).unwrap() else {
+            return None;
+        };
+        let mut out = Vec::new();
+        lake.read_file(&f, &mut out).unwrap();
+        Some((out, f.mode))
+    }
+
+    #[test]
+    fn a_created_file_is_journaled_as_it_is_written_and_outlives_its_daemon() {
+        let jdir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(jdir.path()).unwrap();
+        let j = journal.clone();
+        let (_dir, fs, main) = setup_with(move |fs| fs.cfg.writeback = Some(j));
+        let lake = fs.lake.clone();
+        let chmod = |mode| SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        // Written and chmod-ed, never closed: a draft.
+        let (a, fh_a) = fs.create(main, "a", 0o644, IfExists::Fail).unwrap();
+        assert!(fs.is_draft(fh_a), "its close needs no FLUSH");
+        fs.write(fh_a, 0, b"hello").unwrap();
+        fs.setattr(a.ino, Some(fh_a), chmod(0o600)).unwrap();
+        // Released: staged by its release.
+        let (_, fh_b) = fs.create(main, "b", 0o644, IfExists::Fail).unwrap();
+        fs.write(fh_b, 0, b"bee").unwrap();
+        fs.release(fh_b).unwrap();
+        // Removed while open: nothing to make again.
+        let (_, fh_c) = fs.create(main, "c", 0o644, IfExists::Fail).unwrap();
+        fs.write(fh_c, 0, b"sea").unwrap();
+        fs.unlink(main, "c").unwrap();
+        // Closed but not released yet: a command stages it first.
+        let (_, fh_d) = fs.create(main, "d", 0o644, IfExists::Fail).unwrap();
+        fs.write(fh_d, 0, b"dee").unwrap();
+        fs.catch_up().unwrap();
+        journal.upload_all(&lake).unwrap();
+        assert_eq!(staged_file(&lake, "d").unwrap().0, b"dee");
+        assert_eq!(staged_file(&lake, "b").unwrap().0, b"bee");
+        assert!(staged_file(&lake, "c").is_none());
+        assert!(staged_file(&lake, "a").is_some(), "staged with d");
+        fs.write(fh_a, 5, b" world").unwrap();
+        // The daemon dies here (its open files are never released).
+        drop(fs);
+        drop(journal);
+        let journal = Journal::open(jdir.path()).unwrap();
+        assert_eq!(
+            journal.recover_drafts(lake.config().chunking).unwrap(),
+            2,
+            "a, d"
+        );
+        journal.upload_all(&lake).unwrap();
+        assert_eq!(
+            staged_file(&lake, "a").unwrap(),
+            (b"hello world".to_vec(), 0o600)
+        );
+        assert_eq!(staged_file(&lake, "d").unwrap().0, b"dee");
+        assert!(staged_file(&lake, "c").is_none());
+    }
+
     /// A directory's entries with their inode numbers.
     /// A second inode of a file, as the kernel may hold one: the one its
     /// content names, beside the one it was written through (which

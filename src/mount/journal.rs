@@ -1356,6 +1356,131 @@ mod tests {
         assert!(!dir.join("journal/orphaned").exists());
     }
 
+    /// A draft step of file `id`.
+    fn step(j: &Journal, id: u64, step: DraftStep) {
+        j.draft(&DraftRecord { id, step }).unwrap();
+    }
+
+    /// The first step of a draft: an empty file at `path` on main.
+    fn begin(j: &Journal, id: u64, path: &str, spool: Option<&str>) {
+        let step = DraftStep::State {
+            repo: "r".into(),
+            branch: "main".into(),
+            path: path.into(),
+            mode: 0o600,
+            mtime: 1,
+            size: 0,
+            bytes: bytes::Bytes::new(),
+            spool: spool.map(String::from),
+        };
+        self::step(j, id, step);
+    }
+
+    fn write(j: &Journal, id: u64, offset: u64, data: &str, mode: u32) {
+        let step = DraftStep::Write {
+            offset,
+            len: data.len() as u64,
+            bytes: bytes::Bytes::copy_from_slice(data.as_bytes()),
+            mode,
+            mtime: 2,
+        };
+        self::step(j, id, step);
+    }
+
+    fn mode_of(l: &Lake, path: &str) -> u32 {
+        let (_, work) = l.working_tree("r", "main").unwrap();
+        match l.trees().lookup(&work, path).unwrap() {
+            Some(Entry::File(f)) => f.mode,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn drafts_a_killed_daemon_left_open_are_made_again_and_staged() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            // Written, truncated, chmod-ed and renamed; never released.
+            begin(&j, 1, "a", None);
+            write(&j, 1, 0, "hello world", 0o600);
+            put(&l, &j, "main", "other", "x");
+            step(&j, 1, DraftStep::Size { size: 5, mtime: 3 });
+            write(&j, 1, 7, "!", 0o600);
+            step(
+                &j,
+                1,
+                DraftStep::Attr {
+                    mode: 0o640,
+                    mtime: 4,
+                },
+            );
+            step(&j, 1, DraftStep::Path("b".into()));
+            // Released (staged by its close): nothing to make again.
+            begin(&j, 2, "c", None);
+            write(&j, 2, 0, "staged", 0o644);
+            step(&j, 2, DraftStep::Done);
+            // Its bytes in a spool file, past a sparse tail.
+            std::fs::write(j.drafts_dir().join("spool-1"), "spooled").unwrap();
+            begin(&j, 3, "d", Some("spool-1"));
+            write(&j, 3, 0, "", 0o644);
+            step(&j, 3, DraftStep::Size { size: 9, mtime: 5 });
+            // Removed while open.
+            begin(&j, 4, "e", None);
+            step(&j, 4, DraftStep::Done);
+            assert_eq!(j.pinned_from(), 1, "open drafts keep their segment");
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.pending.lock().total, 1, "steps are not uploads");
+        assert_eq!(j.recover_drafts(l.config().chunking).unwrap(), 2);
+        assert_eq!(j.pinned_from(), u64::MAX, "all ended");
+        assert_eq!(std::fs::read_dir(j.drafts_dir()).unwrap().count(), 0);
+        assert_eq!(j.upload_all(&l).unwrap(), 3);
+        assert_eq!(text(&l, "main", "b"), "hello\0\0!");
+        assert_eq!(mode_of(&l, "b"), 0o640);
+        assert_eq!(text(&l, "main", "d"), "spooled\0\0");
+        assert_eq!(text(&l, "main", "other"), "x");
+        let (_, work) = l.working_tree("r", "main").unwrap();
+        assert_eq!(l.trees().count(&work).unwrap(), 3, "not c, a nor e");
+        assert!(j.segments().unwrap().is_empty(), "uploaded, emptied");
+        // Made again once: the next daemon finds nothing left.
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.recover_drafts(l.config().chunking).unwrap(), 0);
+    }
+
+    #[test]
+    fn segments_an_open_draft_needs_stay_and_a_stale_one_is_asked_for_again() {
+        let l = lake();
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.segment_bytes
+            .store(300, std::sync::atomic::Ordering::Relaxed);
+        begin(&j, 7, "open", None);
+        for i in 0..20 {
+            put(&l, &j, "main", &format!("f{i}"), "x");
+        }
+        // The uploader passes over the steps and stages the rest...
+        assert_eq!(j.upload_all(&l).unwrap(), 20);
+        j.wait_uploaded(Duration::from_millis(50)).unwrap();
+        let segments = j.segments().unwrap();
+        assert_eq!(segments[0].0, j.pinned_from(), "...keeping the draft's");
+        // Its steps began long ago: the mount is asked to write it whole.
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        j.on_stale_drafts(move |ids| seen.lock().extend(ids));
+        j.tend();
+        assert_eq!(*asked.lock(), vec![7]);
+        begin(&j, 7, "open", None); // as the mount does
+        j.upload_all(&l).unwrap();
+        assert_eq!(j.segments().unwrap().len(), 1, "the older ones went");
+        asked.lock().clear();
+        j.tend();
+        assert!(asked.lock().is_empty());
+        step(&j, 7, DraftStep::Done);
+        assert_eq!(j.pinned_from(), u64::MAX);
+    }
+
     #[test]
     fn waiting_for_what_was_appended_is_not_held_up_by_what_came_after() {
         let l = lake();
