@@ -3530,6 +3530,7 @@ impl LakeFs {
                 }
             }
             let mut m = wf.meta.lock();
+            let before = (m.mode, m.mtime);
             if let Some(mode) = set.mode {
                 m.mode = mode & 0o7777;
                 m.changed();
@@ -3540,15 +3541,11 @@ impl LakeFs {
                 m.mtime = ns_of(t);
                 m.changed();
             }
-            let attr = DraftStep::Attr {
-                mode: m.mode,
-                mtime: m.mtime,
-            };
+            let after = (m.mode, m.mtime);
             drop(m);
-            if let Some(d) = draft.as_mut().filter(|d| !d.done) {
-                if set.mode.is_some() || set.mtime.is_some() || set.kill_suid {
-                    self.draft_step(&wf, d, attr)?;
-                }
+            if let Some(d) = draft.as_mut().filter(|d| !d.done && after != before) {
+                let (mode, mtime) = after;
+                self.draft_step(&wf, d, DraftStep::Attr { mode, mtime })?;
             }
             drop(draft);
             // fchmod/futimens/truncate come without a handle (the kernel
