@@ -24,6 +24,10 @@
 //!   again (the same batch, so staging it twice is harmless).
 //! - `entries/<seq>`: one entry per file, as journals were written before
 //!   the log; uploaded first, one by one.
+//! - `drafts/`: spool files of drafts (`DraftRecord`) grown past 1 MiB.
+//!   Records of drafts, the steps of files a create made and not yet
+//!   staged, are in the log beside the entries; only `recover_drafts`
+//!   reads them.
 //! - `objects/`: a local object store holding the chunks of files closed
 //!   but not yet uploaded (read by the chunk cache meanwhile). A chunk is
 //!   counted for each entry that needs it, from before it is written until
