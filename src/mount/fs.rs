@@ -1455,11 +1455,12 @@ impl LakeFs {
         self.views.lock().values().find(|v| v.id == id).cloned()
     }
 
-    /// Before a command, or a look at the staged changes: stage what
-    /// releases are queued, and every draft with changes not staged (a
-    /// file closed whose release has not come yet: the kernel sends it
-    /// after the close returns).
-    fn catch_up(&self) -> Result<()> {
+    /// Before a command on `view`, or a look at its staged changes: stage
+    /// what releases are queued, and every draft with changes not staged
+    /// (a file closed whose release has not come yet: the kernel sends it
+    /// after the close returns). A draft of another view that cannot be
+    /// staged is only logged: it holds up no command but its own view's.
+    fn catch_up(&self, view: &View) -> Result<()> {
         self.release_queued();
         let open: Vec<Arc<WriteFile>> = self
             .drafts
@@ -1473,8 +1474,15 @@ impl LakeFs {
                 let m = wf.meta.lock();
                 m.dirty() && !m.unlinked
             };
-            if let (Some(ino), true) = (ino, dirty) {
-                self.commit_write(ino, &wf)?;
+            let (Some(ino), true) = (ino, dirty) else {
+                continue;
+            };
+            match self.commit_write(ino, &wf) {
+                Err(e) if wf.view == view.id => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%e, path = %wf.path.lock(), "a closed file not staged yet")
+                }
+                Ok(()) => {}
             }
         }
         Ok(())
@@ -2804,7 +2812,7 @@ impl LakeFs {
         let outcome = control::parse(line).and_then(|cmd| {
             // Commands act on the lake: let it catch up with closed files first.
             if let Some(journal) = &self.cfg.writeback {
-                self.catch_up()
+                self.catch_up(view)
                     .map_err(|e| control::ControlError::Pending(e.to_string()))?;
                 journal
                     .wait_uploaded(JOURNAL_WAIT)
@@ -3606,7 +3614,7 @@ impl LakeFs {
     fn control_text(&self, view: &View, f: ControlFile) -> Result<String> {
         if f == ControlFile::Status {
             // Files closed but not released yet are staged changes too.
-            self.catch_up()?;
+            self.catch_up(view)?;
         }
         let state = self.state(view)?;
         Ok(match f {
@@ -3944,7 +3952,8 @@ mod tests {
         // Closed but not released yet: a command stages it first.
         let (_, fh_d) = fs.create(main, "d", 0o644, IfExists::Fail).unwrap();
         fs.write(fh_d, 0, b"dee").unwrap();
-        fs.catch_up().unwrap();
+        let (view, _) = fs.dir_node(main).unwrap();
+        fs.catch_up(&view).unwrap();
         journal.upload_all(&lake).unwrap();
         assert_eq!(staged_file(&lake, "d").unwrap().0, b"dee");
         assert_eq!(staged_file(&lake, "b").unwrap().0, b"bee");
