@@ -2510,9 +2510,21 @@ impl LakeFs {
                         }
                     };
                     if truncate {
-                        if let Err(e) = wf.truncate(0) {
+                        let mut draft = wf.draft.lock();
+                        let res = wf.truncate(0).map_err(FsError::from).and_then(|()| {
+                            // A draft joined (its own release is still to come).
+                            match draft.as_mut().filter(|d| !d.done) {
+                                Some(d) => {
+                                    let mtime = wf.meta.lock().mtime;
+                                    self.draft_step(&wf, d, DraftStep::Size { size: 0, mtime })
+                                }
+                                None => Ok(()),
+                            }
+                        });
+                        drop(draft);
+                        if let Err(e) = res {
                             self.close_spool(&wf);
-                            return Err(e.into());
+                            return Err(e);
                         }
                     }
                     let fh = self.add_handle(Handle::Write(wf.clone(), ino));
@@ -3960,16 +3972,24 @@ mod tests {
         assert!(staged_file(&lake, "c").is_none());
         assert!(staged_file(&lake, "a").is_some(), "staged with d");
         fs.write(fh_a, 5, b" world").unwrap();
+        // Closed, then opened again with O_TRUNC and written shorter before
+        // its release came: the truncate is a step too.
+        let (e, fh_e) = fs.create(main, "e", 0o644, IfExists::Fail).unwrap();
+        fs.write(fh_e, 0, b"long content").unwrap();
+        let (fh_e2, _) = fs.open(e.ino, true, true).unwrap();
+        fs.write(fh_e2, 0, b"s").unwrap();
+        fs.flush(fh_e2).unwrap();
         // The daemon dies here (its open files are never released).
         drop(fs);
         drop(journal);
         let journal = Journal::open(jdir.path()).unwrap();
         assert_eq!(
             journal.recover_drafts(lake.config().chunking).unwrap(),
-            2,
-            "a, d"
+            3,
+            "a, d, e"
         );
         journal.upload_all(&lake).unwrap();
+        assert_eq!(staged_file(&lake, "e").unwrap().0, b"s");
         assert_eq!(
             staged_file(&lake, "a").unwrap(),
             (b"hello world".to_vec(), 0o600)
