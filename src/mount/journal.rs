@@ -1286,6 +1286,16 @@ mod tests {
         l
     }
 
+    /// A lake and a new journal in a temporary directory whose segments
+    /// close once they hold `segment_bytes`.
+    fn with_segments(segment_bytes: u64) -> (Lake, tempfile::TempDir, Arc<Journal>) {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.segment_bytes
+            .store(segment_bytes, std::sync::atomic::Ordering::Relaxed);
+        (lake(), dir, j)
+    }
+
     #[test]
     fn a_burst_of_closes_on_one_branch_is_staged_as_one_batch() {
         let l = lake();
@@ -1455,11 +1465,7 @@ mod tests {
 
     #[test]
     fn segments_an_open_draft_needs_stay_and_a_stale_one_is_asked_for_again() {
-        let l = lake();
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
-        j.segment_bytes
-            .store(300, std::sync::atomic::Ordering::Relaxed);
+        let (l, _dir, j) = with_segments(300);
         begin(&j, 7, "open", None);
         for i in 0..20 {
             put(&l, &j, "main", &format!("f{i}"), "x");
@@ -1537,12 +1543,9 @@ mod tests {
 
     #[test]
     fn closes_appending_while_segments_turn_over_are_all_uploaded() {
-        let l = Arc::new(lake());
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
         // Small segments: many are closed while the uploader is in them.
-        j.segment_bytes
-            .store(600, std::sync::atomic::Ordering::Relaxed);
+        let (l, _dir, j) = with_segments(600);
+        let l = Arc::new(l);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let uploader = {
             let (j, l, stop) = (j.clone(), l.clone(), stop.clone());
@@ -1654,11 +1657,7 @@ mod tests {
 
     #[test]
     fn segments_closed_but_not_yet_cut_by_a_killed_daemon_are_uploaded_in_order() {
-        let l = lake();
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
-        j.segment_bytes
-            .store(600, std::sync::atomic::Ordering::Relaxed);
+        let (l, dir, j) = with_segments(600);
         // Each close past 600 bytes closes its segment; no uploader tends
         // them, so each closed one still ends in zeros.
         let files: Vec<_> = (0..4)
@@ -1681,11 +1680,7 @@ mod tests {
 
     #[test]
     fn a_segment_made_ahead_is_used_and_one_left_over_is_removed() {
-        let l = lake();
-        let dir = tempfile::tempdir().unwrap();
-        let j = Journal::open(dir.path()).unwrap();
-        j.segment_bytes
-            .store(600, std::sync::atomic::Ordering::Relaxed);
+        let (l, dir, j) = with_segments(600);
         let spare = j.spare_path();
         put(&l, &j, "main", "a", &"1".repeat(700));
         assert!(j.spare.lock().ready.is_none(), "made by the uploader");
