@@ -23,7 +23,7 @@ use rustc_hash::FxHashMap;
 use super::assembly::Assembly;
 use super::cache::ChunkCache;
 use super::control;
-use super::journal::{new_draft_id, DraftRecord, DraftStep, Journal, JournalEntry};
+use super::journal::{new_draft_id, DraftRecord, DraftState, DraftStep, Journal, JournalEntry};
 use super::write::{close_ref, killed_suid, now_ns, open_ref, Draft, StageQueue, WriteFile};
 use crate::hash::{ChunkRef, Hash};
 use crate::repo::{BranchRef, Lake, RepoConfig, RepoError, StageHint};
@@ -3710,7 +3710,7 @@ fn draft_state(wf: &WriteFile, d: &mut Draft) -> Result<DraftStep> {
         None => Bytes::from(wf.read(0, size as usize)?),
     };
     d.spool = spool.clone();
-    Ok(DraftStep::State {
+    Ok(DraftStep::State(DraftState {
         repo: d.repo.clone(),
         branch: d.branch.clone(),
         path: wf.path.lock().clone(),
@@ -3719,7 +3719,7 @@ fn draft_state(wf: &WriteFile, d: &mut Draft) -> Result<DraftStep> {
         size,
         bytes,
         spool,
-    })
+    }))
 }
 
 fn release_free_memory() {

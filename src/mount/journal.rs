@@ -91,19 +91,9 @@ pub struct DraftRecord {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DraftStep {
-    /// The whole file: where it is, its mode, time and size, and its bytes
-    /// (or the name of the spool file under `drafts/` that holds them). Its
-    /// first step, and again whenever its steps would keep old segments.
-    State {
-        repo: String,
-        branch: String,
-        path: String,
-        mode: u32,
-        mtime: i64,
-        size: u64,
-        bytes: bytes::Bytes,
-        spool: Option<String>,
-    },
+    /// The whole file. Its first step, and again whenever its steps would
+    /// keep old segments, or its bytes moved (into a spool file, or back).
+    State(DraftState),
     /// Written: `bytes` at `offset` (none once a spool file holds them),
     /// and its mode and time after.
     Write {
@@ -119,10 +109,22 @@ pub enum DraftStep {
     Attr { mode: u32, mtime: i64 },
     /// Renamed (itself, or a directory above it).
     Path(String),
-    /// Its bytes now live in this spool file, under `drafts/`.
-    Spilled(String),
     /// Staged by its last close, or removed: nothing left to make again.
     Done,
+}
+
+/// A draft's whole state: where it is, its mode, time and size, and its
+/// bytes (or the name of the spool file under `drafts/` that holds them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DraftState {
+    pub repo: String,
+    pub branch: String,
+    pub path: String,
+    pub mode: u32,
+    pub mtime: i64,
+    pub size: u64,
+    pub bytes: bytes::Bytes,
+    pub spool: Option<String>,
 }
 
 /// A fresh draft id: random, so no two daemons' drafts share one.
@@ -558,8 +560,9 @@ impl Journal {
         let mut left: Vec<(u64, Folded)> = open.into_iter().collect();
         left.sort_by_key(|(_, f)| f.last_step);
         let mut batch: Option<String> = None;
-        for (id, f) in &left {
-            match f.content(&self.drafts_dir()) {
+        for (id, folded) in &left {
+            let f = &folded.state;
+            match folded.content(&self.drafts_dir()) {
                 Ok(bytes) => {
                     let (content, size, _) = self.store_file(params, &bytes[..], &f.path)?;
                     let id_now = crate::repo::Lake::new_batch_id(batch.as_deref());
@@ -658,7 +661,7 @@ impl Journal {
         res?;
         let seg = a.segment.as_ref().map_or(a.next, |s| s.seq);
         match draft.step {
-            DraftStep::State { .. } => {
+            DraftStep::State(_) => {
                 self.pins.lock().insert(draft.id, seg);
             }
             DraftStep::Done => {
@@ -1082,17 +1085,12 @@ impl Journal {
 }
 
 /// A draft as its steps so far leave it (see `recover_drafts`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Folded {
-    repo: String,
-    branch: String,
-    path: String,
-    mode: u32,
-    mtime: i64,
-    size: u64,
-    /// Its bytes, until a spool file holds them.
-    bytes: Vec<u8>,
-    spool: Option<String>,
+    /// Its state, but for its bytes...
+    state: DraftState,
+    /// ...which are here, until a spool file holds them.
+    data: Vec<u8>,
     /// The number of its latest step: drafts are made again in that order.
     last_step: u64,
 }
@@ -1101,55 +1099,45 @@ impl Folded {
     /// The file's bytes: exactly `size` of them (a sparse tail reads as
     /// zeros).
     fn content(&self, drafts: &Path) -> std::io::Result<Vec<u8>> {
-        let mut bytes = match &self.spool {
+        let mut bytes = match &self.state.spool {
             Some(name) => std::fs::read(drafts.join(name))?,
-            None => self.bytes.clone(),
+            None => self.data.clone(),
         };
-        bytes.resize(self.size as usize, 0);
+        bytes.resize(self.state.size as usize, 0);
         Ok(bytes)
     }
 }
 
 /// Apply one step of draft `d` (the `n`th step read) to the open drafts.
 fn fold(open: &mut HashMap<u64, Folded>, d: DraftRecord, n: u64) {
-    if let DraftStep::State {
-        repo,
-        branch,
-        path,
-        mode,
-        mtime,
-        size,
-        bytes,
-        spool,
-    } = d.step
-    {
-        open.insert(
-            d.id,
-            Folded {
-                repo,
-                branch,
-                path,
-                mode,
-                mtime,
-                size,
-                bytes: bytes.to_vec(),
-                spool,
-                last_step: n,
-            },
-        );
-        return;
-    }
-    if d.step == DraftStep::Done {
-        open.remove(&d.id);
-        return;
-    }
+    let step = match d.step {
+        DraftStep::State(mut state) => {
+            let data = std::mem::take(&mut state.bytes).to_vec();
+            let last_step = n;
+            open.insert(
+                d.id,
+                Folded {
+                    state,
+                    data,
+                    last_step,
+                },
+            );
+            return;
+        }
+        DraftStep::Done => {
+            open.remove(&d.id);
+            return;
+        }
+        step => step,
+    };
     // A step of a draft whose state is not here (it began in a segment
     // that is gone, so it had ended): nothing to make.
     let Some(f) = open.get_mut(&d.id) else {
         return;
     };
     f.last_step = n;
-    match d.step {
+    let st = &mut f.state;
+    match step {
         DraftStep::Write {
             offset,
             len,
@@ -1158,30 +1146,29 @@ fn fold(open: &mut HashMap<u64, Folded>, d: DraftRecord, n: u64) {
             mtime,
         } => {
             let end = offset + len;
-            if f.spool.is_none() && bytes.len() as u64 == len {
-                if f.bytes.len() < end as usize {
-                    f.bytes.resize(end as usize, 0);
+            if st.spool.is_none() && bytes.len() as u64 == len {
+                if f.data.len() < end as usize {
+                    f.data.resize(end as usize, 0);
                 }
-                f.bytes[offset as usize..end as usize].copy_from_slice(&bytes);
+                f.data[offset as usize..end as usize].copy_from_slice(&bytes);
             }
-            f.size = f.size.max(end);
-            f.mode = mode;
-            f.mtime = mtime;
+            st.size = st.size.max(end);
+            st.mode = mode;
+            st.mtime = mtime;
         }
         DraftStep::Size { size, mtime } => {
-            if f.spool.is_none() {
-                f.bytes.resize(size as usize, 0);
+            if st.spool.is_none() {
+                f.data.resize(size as usize, 0);
             }
-            f.size = size;
-            f.mtime = mtime;
+            st.size = size;
+            st.mtime = mtime;
         }
         DraftStep::Attr { mode, mtime } => {
-            f.mode = mode;
-            f.mtime = mtime;
+            st.mode = mode;
+            st.mtime = mtime;
         }
-        DraftStep::Path(p) => f.path = p,
-        DraftStep::Spilled(name) => f.spool = Some(name),
-        DraftStep::State { .. } | DraftStep::Done => unreachable!("handled above"),
+        DraftStep::Path(p) => st.path = p,
+        DraftStep::State(_) | DraftStep::Done => unreachable!("handled above"),
     }
 }
 
@@ -1377,7 +1364,7 @@ mod tests {
 
     /// The first step of a draft: an empty file at `path` on main.
     fn begin(j: &Journal, id: u64, path: &str, spool: Option<&str>) {
-        let step = DraftStep::State {
+        let step = DraftStep::State(DraftState {
             repo: "r".into(),
             branch: "main".into(),
             path: path.into(),
@@ -1386,7 +1373,7 @@ mod tests {
             size: 0,
             bytes: bytes::Bytes::new(),
             spool: spool.map(String::from),
-        };
+        });
         self::step(j, id, step);
     }
 
