@@ -1008,6 +1008,53 @@ fn writeback_survives_kill_9_and_is_replayed_by_the_next_daemon() {
 }
 
 #[test]
+fn writeback_files_still_open_at_kill_9_come_back_as_far_as_written() {
+    if !fuse_available() {
+        return;
+    }
+    let s = branch_setup();
+    let mut m = Mount::new(&s, "mnt", &["--writeback"]);
+    let d = m.p("sales/dev");
+    // New files, held open while the daemon dies: every write and chmod
+    // that returned is there after, with no close to stage them.
+    let small = pseudo_random(10_000, 1);
+    let big = pseudo_random(3 << 20, 2); // past the memory spool
+    let mut f = std::fs::File::create(d.join("open.bin")).unwrap();
+    f.write_all(&small).unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    std::fs::create_dir(d.join("dir")).unwrap();
+    let mut g = std::fs::File::create(d.join("dir/big.bin")).unwrap();
+    g.write_all(&big).unwrap();
+    std::fs::rename(d.join("dir"), d.join("moved")).unwrap();
+    g.write_all(b"tail").unwrap();
+    // Made, written and removed while open: not there after.
+    let mut h = std::fs::File::create(d.join("gone.txt")).unwrap();
+    h.write_all(b"x").unwrap();
+    std::fs::remove_file(d.join("gone.txt")).unwrap();
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    drop((f, g, h));
+    drop(m);
+    let m = Mount::new(&s, "mnt", &[]);
+    let d = m.p("sales/dev");
+    assert_eq!(std::fs::read(d.join("open.bin")).unwrap(), small);
+    let mode = std::fs::metadata(d.join("open.bin"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let mut whole = big.clone();
+    whole.extend_from_slice(b"tail");
+    assert_eq!(std::fs::read(d.join("moved/big.bin")).unwrap(), whole);
+    assert!(!d.join("gone.txt").exists());
+    assert!(!d.join("dir").exists());
+    ctl(&d, "commit -m after").unwrap();
+    assert_eq!(s.got("sales/dev/moved/big.bin"), whole);
+    assert_eq!(s.json(&["fsck"])["problems"], serde_json::json!([]));
+}
+
+#[test]
 fn closes_from_other_processes_mid_write_never_win_over_the_last() {
     if !fuse_available() {
         return;
