@@ -3625,8 +3625,10 @@ impl LakeFs {
 
     fn control_text(&self, view: &View, f: ControlFile) -> Result<String> {
         if f == ControlFile::Status {
-            // Files closed but not released yet are staged changes too.
-            self.catch_up(view)?;
+            // Files closed whose releases wait are staged changes already.
+            // (Not every draft, as a command does: a file being written
+            // stays "W", and is not staged at every look.)
+            self.release_queued();
         }
         let state = self.state(view)?;
         Ok(match f {
