@@ -145,7 +145,8 @@ const REBASE_AFTER: u64 = 4;
 #[derive(Debug)]
 enum Rec {
     Entry(JournalEntry),
-    Draft(DraftRecord),
+    /// A draft's step: read only where asked for (`read_records`).
+    Draft(Option<DraftRecord>),
 }
 
 /// Why an entry did not upload.
@@ -402,7 +403,7 @@ impl Journal {
         let mut next = 0;
         for (seg, path) in j.segments()? {
             let from = if seg == pos.segment { pos.offset } else { 0 };
-            let (records, _) = read_records(&path, from, None)?;
+            let (records, _) = read_records(&path, from, None, false)?;
             if seg >= pos.segment {
                 for e in records.iter().filter_map(Record::entry) {
                     j.count(1);
@@ -549,9 +550,9 @@ impl Journal {
         let mut open: HashMap<u64, Folded> = HashMap::new();
         let mut steps = 0u64;
         for (_, path) in self.segments().map_err(io_err)? {
-            let (records, _) = read_records(&path, 0, None).map_err(io_err)?;
+            let (records, _) = read_records(&path, 0, None, true).map_err(io_err)?;
             for r in records {
-                if let Rec::Draft(d) = r.rec {
+                if let Rec::Draft(Some(d)) = r.rec {
                     steps += 1;
                     fold(&mut open, d, steps);
                 }
@@ -888,7 +889,8 @@ impl Journal {
                     .filter(|s| s.seq == seg)
                     .map(|s| s.size);
                 let closed = appended.is_none();
-                let (records, torn) = read_records(&path, pos.offset, appended).map_err(io_err)?;
+                let (records, torn) =
+                    read_records(&path, pos.offset, appended, false).map_err(io_err)?;
                 // Drafts' steps are passed over (see `DraftRecord`).
                 let entries: Vec<(u64, &JournalEntry)> = (records.iter())
                     .filter_map(|r| Some((r.end, r.entry()?)))
@@ -1174,7 +1176,14 @@ fn fold(open: &mut HashMap<u64, Folded>, d: DraftRecord, n: u64) {
 
 /// The records of a log segment from `from` on, and whether it ends with a
 /// damaged record (a torn tail, only ever unacknowledged, reads as the end).
-fn read_records(path: &Path, from: u64, to: Option<u64>) -> std::io::Result<(Vec<Record>, bool)> {
+/// `drafts`: decode drafts' steps too (else only their place is read: the
+/// uploader passes over them).
+fn read_records(
+    path: &Path,
+    from: u64,
+    to: Option<u64>,
+    drafts: bool,
+) -> std::io::Result<(Vec<Record>, bool)> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
@@ -1200,7 +1209,10 @@ fn read_records(path: &Path, from: u64, to: Option<u64>) -> std::io::Result<(Vec
         };
         let rec = checks_out(payload, &bytes[at + 4..at + 12])
             .then(|| match payload.split_first() {
-                Some((&DRAFT_MARK, draft)) => postcard::from_bytes(draft).ok().map(Rec::Draft),
+                Some((&DRAFT_MARK, _)) if !drafts => Some(Rec::Draft(None)),
+                Some((&DRAFT_MARK, draft)) => postcard::from_bytes(draft)
+                    .ok()
+                    .map(|d| Rec::Draft(Some(d))),
                 _ => postcard::from_bytes(payload).ok().map(Rec::Entry),
             })
             .flatten();
@@ -1583,7 +1595,7 @@ mod tests {
         garbled[last] ^= 1;
         bytes.extend(garbled);
         std::fs::write(&seg, &bytes).unwrap();
-        let (records, stopped) = read_records(&seg, 0, None).unwrap();
+        let (records, stopped) = read_records(&seg, 0, None, false).unwrap();
         let paths: Vec<_> = records
             .iter()
             .map(|r| match &r.entry().unwrap().ops[0] {
@@ -1655,7 +1667,7 @@ mod tests {
         }
         let segments = j.segments().unwrap();
         assert_eq!(segments.len(), 4);
-        let (records, _) = read_records(&segments[0].1, 0, None).unwrap();
+        let (records, _) = read_records(&segments[0].1, 0, None, false).unwrap();
         assert_eq!(records.len(), 1);
         assert!(
             std::fs::metadata(&segments[0].1).unwrap().len() > records[0].end,
@@ -1683,7 +1695,7 @@ mod tests {
         // The closed one is let go of (cut to its records) by the uploader.
         let first = &segments[0].1;
         j.tend();
-        let (records, _) = read_records(first, 0, None).unwrap();
+        let (records, _) = read_records(first, 0, None, false).unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(std::fs::metadata(first).unwrap().len(), records[0].end);
         assert_eq!(j.upload_all(&l).unwrap(), 2);
@@ -1718,7 +1730,7 @@ mod tests {
         s.append(&record(&entry("a"))).unwrap();
         s.append(&record(&entry("b"))).unwrap();
         let size = s.size;
-        let (records, damaged) = read_records(&path, 0, Some(size)).unwrap();
+        let (records, damaged) = read_records(&path, 0, Some(size), false).unwrap();
         assert_eq!((records.len(), damaged), (2, false));
         assert_eq!(records[1].end, size);
         drop(s);
