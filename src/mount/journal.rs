@@ -10,7 +10,8 @@
 //!   segment's file mapped in memory (in the page cache once copied: it
 //!   survives the daemon being killed; `sync` makes it survive a machine
 //!   crash). A record is `len: u32 LE`, the payload's check
-//!   (`record_check`), the payload (a postcard `JournalEntry`). A segment
+//!   (`record_check`), the payload: a postcard `JournalEntry`, or a
+//!   draft's step (`DRAFT_MARK`, then a postcard `DraftRecord`). A segment
 //!   is named by the sequence number of its first record, allocated whole
 //!   when made (`log/next`, made ahead by the uploader, numbered when
 //!   taken), and closed at `SEGMENT_BYTES`, then cut to its last record by
@@ -165,6 +166,14 @@ struct Appender {
     segment: Option<Segment>,
     /// The last record's buffer, for the next one.
     buffer: Vec<u8>,
+}
+
+impl Appender {
+    /// The number of the segment being appended to (or, none being open,
+    /// of the next: all is before it).
+    fn segment_seq(&self) -> u64 {
+        self.segment.as_ref().map_or(self.next, |s| s.seq)
+    }
 }
 
 /// The next log segment, made ready before it is needed, and segments
@@ -641,26 +650,31 @@ impl Journal {
     }
 
     fn append_record(&self, entry: &JournalEntry) -> Result<(), String> {
+        self.encode_and_write(None, entry).map(drop)
+    }
+
+    /// Append `value` (after `mark`) as a record; the appender, still
+    /// held, for what goes with the append.
+    fn encode_and_write<T: Serialize>(
+        &self,
+        mark: Option<u8>,
+        value: &T,
+    ) -> Result<parking_lot::MutexGuard<'_, Appender>, String> {
         let mut a = self.append.lock();
-        let record = record_in(None, entry, std::mem::take(&mut a.buffer));
+        let record = record_in(mark, value, std::mem::take(&mut a.buffer));
         let res = self.write_record(&mut a, &record);
         if record.capacity() <= KEEP_BUFFER {
             a.buffer = record;
         }
-        res
+        res.map(|()| a)
     }
 
     /// Append a step of a draft (durable against the daemon dying, as an
     /// entry is). Not counted as an upload: the uploader passes over it.
     pub fn draft(&self, draft: &DraftRecord) -> Result<(), String> {
-        let mut a = self.append.lock();
-        let record = record_in(Some(DRAFT_MARK), draft, std::mem::take(&mut a.buffer));
-        let res = self.write_record(&mut a, &record);
-        if record.capacity() <= KEEP_BUFFER {
-            a.buffer = record;
-        }
-        res?;
-        let seg = a.segment.as_ref().map_or(a.next, |s| s.seq);
+        let seg = self
+            .encode_and_write(Some(DRAFT_MARK), draft)?
+            .segment_seq();
         match draft.step {
             DraftStep::State(_) => {
                 self.pins.lock().insert(draft.id, seg);
@@ -751,10 +765,7 @@ impl Journal {
             (std::mem::take(&mut spare.closed), wanted)
         };
         drop(closed);
-        let current = {
-            let a = self.append.lock();
-            a.segment.as_ref().map_or(a.next, |s| s.seq)
-        };
+        let current = self.append.lock().segment_seq();
         let stale: Vec<u64> = (self.pins.lock().iter())
             .filter(|(_, seg)| **seg + REBASE_AFTER <= current)
             .map(|(id, _)| *id)
@@ -797,11 +808,7 @@ impl Journal {
     /// Where the log ends now: (segment, offset).
     fn mark(&self) -> (u64, u64) {
         let a = self.append.lock();
-        match &a.segment {
-            Some(s) => (s.seq, s.size),
-            // The next segment is numbered `next`: all is before it.
-            None => (a.next, 0),
-        }
+        (a.segment_seq(), a.segment.as_ref().map_or(0, |s| s.size))
     }
 
     fn wait_uploaded_to(&self, mark: (u64, u64), limit: Duration) -> Result<(), String> {
