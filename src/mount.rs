@@ -101,10 +101,14 @@ pub fn run(
     let journal = journal::Journal::open(&opts.cache_dir)
         .map_err(io(format!("journal in {}", opts.cache_dir.display())))?;
     // Files an earlier daemon was still writing when it died, first.
-    match journal.recover_drafts(lake.config().chunking) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(files = n, "made again files an earlier daemon was writing"),
-        Err(e) => return Err(io("journal drafts")(std::io::Error::other(e))),
+    let remade = journal
+        .recover_drafts(lake.config().chunking)
+        .map_err(|e| io("journal drafts")(std::io::Error::other(e)))?;
+    if remade > 0 {
+        tracing::info!(
+            files = remade,
+            "made again files an earlier daemon was writing"
+        );
     }
     match journal.upload_all(&lake) {
         Ok(0) => {}
@@ -170,16 +174,13 @@ pub fn run(
     ));
     if opts.writeback {
         let weak = Arc::downgrade(&adapter);
-        adapter
-            .fs
-            .defer_releases(move |fhs| {
-                if let Some(a) = weak.upgrade() {
-                    for fh in fhs {
-                        a.fs.release_logged(fh);
-                    }
+        adapter.fs.defer_releases(move |fhs| {
+            if let Some(a) = weak.upgrade() {
+                for fh in fhs {
+                    a.fs.release_logged(fh);
                 }
-            })
-            .map_err(|e| io("release thread")(std::io::Error::other(e.to_string())))?;
+            }
+        })?;
     }
     let mut session =
         fuser::Session::new(fuse::Classic(adapter.clone()), &opts.mountpoint, &config)
