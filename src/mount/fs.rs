@@ -704,11 +704,13 @@ pub struct LakeFs {
     /// re-read once its metadata TTL has passed.
     policies: Mutex<HashMap<String, (Arc<RepoConfig>, Instant)>>,
     /// The applier thread: views whose pending closes are to be applied.
-    applier: Applier,
+    applier: Worker<Weak<View>>,
     /// Drafts (files a create made in write-back mode) not yet ended.
     drafts: Arc<Mutex<FxHashMap<u64, Weak<WriteFile>>>>,
-    /// Releases of drafts left to their own thread (`defer_releases`).
-    releaser: std::sync::OnceLock<Releaser>,
+    /// Releases of drafts left to their own thread (`defer_releases`): a
+    /// release is answered at once and staging the file is left to it,
+    /// off the CPU of the caller's next request.
+    releaser: std::sync::OnceLock<Worker<u64>>,
     /// The empty directory's hash (see `Pending::push`).
     empty_dir: Hash,
     /// Names the spill directories of working trees.
@@ -963,7 +965,7 @@ impl Nodes {
             return None;
         }
         known.lookups = known.lookups.saturating_sub(n.min(u32::MAX as u64) as u32);
-        if known.lookups > 0 || ino == ROOT_INO || keep {
+        if keep {
             return None;
         }
         self.drop_unlooked(ino)
@@ -1217,9 +1219,20 @@ struct PollQueue<T> {
     stop: AtomicBool,
 }
 
+/// A `PollQueue` and its thread, which stops when this is dropped.
+struct Worker<T>(Arc<PollQueue<T>>);
+
+impl<T> Drop for Worker<T> {
+    fn drop(&mut self) {
+        let _items = self.0.items.lock();
+        self.0.stop.store(true, Ordering::SeqCst);
+        self.0.wake.notify_one();
+    }
+}
+
 impl<T: Send + 'static> PollQueue<T> {
     /// Start its thread, which hands what comes to `serve`, in order.
-    fn start(name: &str, serve: impl FnMut(Vec<T>) + Send + 'static) -> Result<Arc<PollQueue<T>>> {
+    fn start(name: &str, serve: impl FnMut(Vec<T>) + Send + 'static) -> Result<Worker<T>> {
         let q = Arc::new(PollQueue {
             items: Mutex::new(Vec::new()),
             parked: AtomicBool::new(false),
@@ -1231,7 +1244,7 @@ impl<T: Send + 'static> PollQueue<T> {
             .name(name.into())
             .spawn(move || shared.run(serve))
             .map_err(FsError::Io)?;
-        Ok(q)
+        Ok(Worker(q))
     }
 
     fn push(&self, item: T) {
@@ -1244,12 +1257,6 @@ impl<T: Send + 'static> PollQueue<T> {
     /// What is queued and not yet taken by the thread.
     fn take(&self) -> Vec<T> {
         std::mem::take(&mut *self.items.lock())
-    }
-
-    fn stop(&self) {
-        let _items = self.items.lock();
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
     }
 
     fn run(&self, mut serve: impl FnMut(Vec<T>)) {
@@ -1278,52 +1285,26 @@ impl<T: Send + 'static> PollQueue<T> {
     }
 }
 
-/// The applier thread and its queue of views whose closes are to be
-/// applied (queued by closes, see `PollQueue`).
-struct Applier(Arc<PollQueue<Weak<View>>>);
-
-impl Applier {
-    fn start() -> Result<Applier> {
-        PollQueue::start("tarn-apply", |views: Vec<Weak<View>>| {
-            for view in views {
-                let Some(view) = view.upgrade() else { continue };
-                view.apply_queued.store(false, Ordering::Release);
-                if let Err(e) = view.apply_pending() {
-                    // The next request that needs the tree tries again
-                    // and reports it.
-                    tracing::debug!(repo = %view.repo, view = %view.name, %e, "applying closes");
-                }
+/// The applier thread: views whose closes are to be applied, queued by
+/// closes (see `PollQueue`).
+fn start_applier() -> Result<Worker<Weak<View>>> {
+    PollQueue::start("tarn-apply", |views: Vec<Weak<View>>| {
+        for view in views {
+            let Some(view) = view.upgrade() else { continue };
+            view.apply_queued.store(false, Ordering::Release);
+            if let Err(e) = view.apply_pending() {
+                // The next request that needs the tree tries again
+                // and reports it.
+                tracing::debug!(repo = %view.repo, view = %view.name, %e, "applying closes");
             }
-        })
-        .map(Applier)
-    }
-
-    fn queue(&self, view: Weak<View>) {
-        self.0.push(view);
-    }
-}
-
-impl Drop for Applier {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
-
-/// Releases of drafts (files a create made in write-back mode), served
-/// by their own thread: a release is answered at once and staging the
-/// file is left to it, off the CPU of the caller's next request.
-struct Releaser(Arc<PollQueue<u64>>);
-
-impl Drop for Releaser {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
+        }
+    })
 }
 
 impl LakeFs {
     pub fn new(lake: Arc<Lake>, cache: Arc<ChunkCache>, cfg: FsConfig) -> Result<LakeFs> {
         let empty_dir = lake.trees().scratch().empty_dir();
-        let applier = Applier::start()?;
+        let applier = start_applier()?;
         let fs = LakeFs {
             lake,
             cache,
@@ -1376,16 +1357,10 @@ impl LakeFs {
                         .collect()
                 };
                 for wf in files {
-                    let mut draft = wf.draft.lock();
-                    let Some(d) = draft.as_mut().filter(|d| !d.done) else {
-                        continue;
-                    };
-                    let res = draft_state(&wf, d).and_then(|step| {
-                        j.draft(&DraftRecord { id: d.id, step })
-                            .map_err(FsError::Stage)
-                    });
-                    if let Err(e) = res {
-                        tracing::warn!(%e, "a draft not journaled again");
+                    if let Some(d) = wf.draft.lock().as_mut() {
+                        if let Err(e) = journal_state(&j, &wf, d) {
+                            tracing::warn!(%e, "a draft not journaled again");
+                        }
                     }
                 }
             });
@@ -1397,8 +1372,7 @@ impl LakeFs {
     /// thread running `serve` (which calls `release_now`); without this
     /// they are staged by the release itself.
     pub fn defer_releases(&self, serve: impl FnMut(Vec<u64>) + Send + 'static) -> Result<()> {
-        let q = PollQueue::start("tarn-release", serve)?;
-        let _ = self.releaser.set(Releaser(q));
+        let _ = self.releaser.set(PollQueue::start("tarn-release", serve)?);
         Ok(())
     }
 
@@ -1429,30 +1403,39 @@ impl LakeFs {
             .writeback
             .as_ref()
             .expect("drafts only in write-back mode");
-        let step = if wf.spool_name() != d.spool {
-            draft_state(wf, d)?
-        } else {
-            step
-        };
+        if wf.spool_name() != d.spool {
+            return journal_state(journal, wf, d);
+        }
         journal
             .draft(&DraftRecord { id: d.id, step })
             .map_err(FsError::Stage)
     }
 
-    /// End a draft (staged by its last close, or removed): no more steps.
-    fn end_draft(&self, wf: &WriteFile, d: &mut Draft) -> Result<()> {
-        if d.done {
+    /// End a draft (staged by its last close, or removed): no more steps,
+    /// and its spool file is its own again (removed now: handles still
+    /// open read on through their descriptor).
+    fn end_draft(&self, wf: &WriteFile, draft: &mut Option<Draft>) -> Result<()> {
+        let Some(d) = draft.as_mut() else {
             return Ok(());
-        }
+        };
         self.draft_step(wf, d, DraftStep::Done)?;
-        d.done = true;
         self.drafts.lock().remove(&d.id);
+        *draft = None;
+        wf.end_draft_spool();
         Ok(())
     }
 
-    /// The view numbered `id`, if it is still shown.
-    fn view_by_id(&self, id: u64) -> Option<Arc<View>> {
-        self.views.lock().values().find(|v| v.id == id).cloned()
+    /// Truncate (or extend) a file open for writing; a draft's size is
+    /// journaled with it.
+    fn truncate_open(&self, wf: &WriteFile, draft: &mut Option<Draft>, size: u64) -> Result<()> {
+        wf.truncate(size)?;
+        match draft.as_mut() {
+            Some(d) => {
+                let mtime = wf.meta.lock().mtime;
+                self.draft_step(wf, d, DraftStep::Size { size, mtime })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Before a command on `view`, or a look at its staged changes: stage
@@ -2021,7 +2004,7 @@ impl LakeFs {
         // Off the request path: on a small machine the caller and this
         // request's thread share a CPU, the applier another.
         if pending >= PENDING_MAX && !view.apply_queued.swap(true, Ordering::AcqRel) {
-            self.applier.queue(Arc::downgrade(view));
+            self.applier.0.push(Arc::downgrade(view));
         }
         Ok(())
     }
@@ -2510,18 +2493,8 @@ impl LakeFs {
                         }
                     };
                     if truncate {
-                        let mut draft = wf.draft.lock();
-                        let res = wf.truncate(0).map_err(FsError::from).and_then(|()| {
-                            // A draft joined (its own release is still to come).
-                            match draft.as_mut().filter(|d| !d.done) {
-                                Some(d) => {
-                                    let mtime = wf.meta.lock().mtime;
-                                    self.draft_step(&wf, d, DraftStep::Size { size: 0, mtime })
-                                }
-                                None => Ok(()),
-                            }
-                        });
-                        drop(draft);
+                        // (A draft joined: its own release is still to come.)
+                        let res = self.truncate_open(&wf, &mut wf.draft.lock(), 0);
                         if let Err(e) = res {
                             self.close_spool(&wf);
                             return Err(e);
@@ -2774,7 +2747,7 @@ impl LakeFs {
             let mut draft = wf.draft.lock();
             wf.write(offset, data)?;
             wf.writers.lock().insert(fh); // again, if written after a close
-            if let Some(d) = draft.as_mut().filter(|d| !d.done) {
+            if let Some(d) = draft.as_mut() {
                 let (mode, mtime) = {
                     let m = wf.meta.lock();
                     (m.mode, m.mtime)
@@ -2905,13 +2878,10 @@ impl LakeFs {
         if !meta.dirty() || meta.unlinked {
             return Ok(());
         }
-        let view = match self.node(ino) {
-            Ok(Node::File { view, .. }) => view,
-            Ok(_) => return Err(FsError::BadHandle),
-            // Forgotten by the kernel already: a release comes after the
-            // kernel has let go of the inode (and a draft's is staged by
-            // its release). The file is where its spool says.
-            Err(_) => self.view_by_id(wf.view).ok_or(FsError::BadHandle)?,
+        // (The inode is here even if the kernel has let go of it: a file
+        // open for writing keeps its inodes until its release, `forget`.)
+        let Node::File { view, .. } = self.node(ino)? else {
+            return Err(FsError::BadHandle);
         };
         let path = wf.path.lock().clone();
         let what = || format!("spool of {path}");
@@ -3054,11 +3024,8 @@ impl LakeFs {
                 idle
             };
             if gone {
-                if let Some(d) = wf.draft.lock().as_mut() {
-                    // Staged above: its steps are no longer needed.
-                    self.end_draft(&wf, d)?;
-                    wf.remove_spool();
-                }
+                // Staged above: a draft's steps are no longer needed.
+                self.end_draft(&wf, &mut wf.draft.lock())?;
                 if let Ok(Node::File { view, path, .. }) = self.node(ino) {
                     let mut st = view.state.lock();
                     if st.creating.get(&path) == Some(&ino) {
@@ -3176,12 +3143,8 @@ impl LakeFs {
                 repo: view.repo.clone(),
                 branch: branch.clone(),
                 spool: None,
-                done: false,
             };
-            let step = draft_state(&wf, &mut d)?;
-            journal
-                .draft(&DraftRecord { id: d.id, step })
-                .map_err(FsError::Stage)?;
+            journal_state(journal, &wf, &mut d)?;
             self.drafts.lock().insert(d.id, Arc::downgrade(&wf));
             wf.set_draft(d);
         }
@@ -3316,12 +3279,9 @@ impl LakeFs {
             if *wf.path.lock() == path {
                 wf.meta.lock().unlinked = true;
                 writes.unindex(wf, path.to_string());
-                let mut draft = wf.draft.lock();
-                if let Some(d) = draft.as_mut() {
-                    // Removed: nothing to make again after a crash.
-                    if let Err(e) = self.end_draft(wf, d) {
-                        tracing::warn!(%e, "the end of a removed draft not journaled");
-                    }
+                // Removed: nothing to make again after a crash.
+                if let Err(e) = self.end_draft(wf, &mut wf.draft.lock()) {
+                    tracing::warn!(%e, "the end of a removed draft not journaled");
                 }
             }
         }
@@ -3451,7 +3411,7 @@ impl LakeFs {
                 let old = std::mem::replace(&mut *wf.path.lock(), new.clone());
                 writes.unindex(&wf, old);
                 writes.index(&wf, new.clone());
-                if let Some(d) = draft.as_mut().filter(|d| !d.done) {
+                if let Some(d) = draft.as_mut() {
                     if let Err(e) = self.draft_step(&wf, d, DraftStep::Path(new)) {
                         tracing::warn!(%e, "a draft's rename not journaled");
                     }
@@ -3543,11 +3503,7 @@ impl LakeFs {
         if let Some(wf) = open {
             let mut draft = wf.draft.lock();
             if let Some(size) = set.size {
-                wf.truncate(size)?;
-                if let Some(d) = draft.as_mut().filter(|d| !d.done) {
-                    let mtime = wf.meta.lock().mtime;
-                    self.draft_step(&wf, d, DraftStep::Size { size, mtime })?;
-                }
+                self.truncate_open(&wf, &mut draft, size)?;
             }
             let mut m = wf.meta.lock();
             let before = (m.mode, m.mtime);
@@ -3563,7 +3519,7 @@ impl LakeFs {
             }
             let after = (m.mode, m.mtime);
             drop(m);
-            if let Some(d) = draft.as_mut().filter(|d| !d.done && after != before) {
+            if let Some(d) = draft.as_mut().filter(|_| after != before) {
                 let (mode, mtime) = after;
                 self.draft_step(&wf, d, DraftStep::Attr { mode, mtime })?;
             }
@@ -3697,11 +3653,8 @@ impl LakeFs {
     }
 }
 
-/// Hand memory the allocator holds free back to the system. glibc returns
-/// only the top of each arena by itself: after a commit of 100k small files
-/// the daemon's RSS stayed at its 1.35 GB peak with 0.58 GB in use.
-/// A draft's whole state, as its next step; `d` notes where its bytes are.
-fn draft_state(wf: &WriteFile, d: &mut Draft) -> Result<DraftStep> {
+/// Journal a draft's whole state (`d` notes where its bytes are now).
+fn journal_state(journal: &Journal, wf: &WriteFile, d: &mut Draft) -> Result<()> {
     let spool = wf.spool_name();
     let (mode, mtime, size) = {
         let m = wf.meta.lock();
@@ -3712,7 +3665,7 @@ fn draft_state(wf: &WriteFile, d: &mut Draft) -> Result<DraftStep> {
         None => Bytes::from(wf.read(0, size as usize)?),
     };
     d.spool = spool.clone();
-    Ok(DraftStep::State(DraftState {
+    let state = DraftState {
         repo: d.repo.clone(),
         branch: d.branch.clone(),
         path: wf.path.lock().clone(),
@@ -3721,9 +3674,16 @@ fn draft_state(wf: &WriteFile, d: &mut Draft) -> Result<DraftStep> {
         size,
         bytes,
         spool,
-    }))
+    };
+    let step = DraftStep::State(state);
+    journal
+        .draft(&DraftRecord { id: d.id, step })
+        .map_err(FsError::Stage)
 }
 
+/// Hand memory the allocator holds free back to the system. glibc returns
+/// only the top of each arena by itself: after a commit of 100k small files
+/// the daemon's RSS stayed at its 1.35 GB peak with 0.58 GB in use.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only works on the allocator's own free lists.

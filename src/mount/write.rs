@@ -52,9 +52,10 @@ pub struct WriteFile {
     /// The inodes the mount's table of files open for writing holds it
     /// under (`LakeFs::writes`); changed only under that table's lock.
     pub inos: Mutex<Vec<u64>>,
-    /// Made by a create in write-back mode: its changes are journaled as
-    /// they come (see `Draft`). Held while a change is made and journaled,
-    /// so its steps are journaled in the order they were made.
+    /// Made by a create in write-back mode and not yet staged by its last
+    /// close (or removed): its changes are journaled as they come (see
+    /// `Draft`). Held while a change is made and journaled, so its steps
+    /// are journaled in the order they were made.
     pub draft: Mutex<Option<Draft>>,
     /// A draft's spool file stays (emptied, or when this is dropped) until
     /// `remove_spool`: its steps name it.
@@ -73,8 +74,6 @@ pub struct Draft {
     pub branch: String,
     /// The spool file its steps name (`None`: its bytes are in its steps).
     pub spool: Option<String>,
-    /// Staged by its last close, or removed: no more steps.
-    pub done: bool,
 }
 
 enum Spool {
@@ -413,9 +412,7 @@ impl WriteFile {
         if size == 0 && !self.keep_spool.load(Ordering::Relaxed) {
             // Emptied (O_TRUNC): written from the start again, it may stream.
             *spool = Spool::Memory(Vec::new());
-            if let Some(path) = self.spool_path.lock().take() {
-                let _ = fs::remove_file(path);
-            }
+            self.remove_spool();
             return Ok(());
         }
         if let Spool::Stream(s) = &*spool {
@@ -510,13 +507,19 @@ impl WriteFile {
             }),
         })
     }
-}
 
-impl WriteFile {
-    /// Make this file a draft (see `Draft`).
+    /// Make this file a draft (see `Draft`): its spool file, if it grows
+    /// one, stays until the draft ends (`end_draft_spool`).
     pub fn set_draft(&self, draft: Draft) {
         self.keep_spool.store(true, Ordering::Relaxed);
         *self.draft.lock() = Some(draft);
+    }
+
+    /// Its draft ended: its spool file is its own again, and goes now
+    /// (handles still open read on through their descriptor).
+    pub fn end_draft_spool(&self) {
+        self.keep_spool.store(false, Ordering::Relaxed);
+        self.remove_spool();
     }
 
     /// The name of its spool file, if it has one.
@@ -525,8 +528,7 @@ impl WriteFile {
         Some(path.as_ref()?.file_name()?.to_string_lossy().into_owned())
     }
 
-    /// Remove its spool file now (a draft's, once the draft has ended).
-    pub fn remove_spool(&self) {
+    fn remove_spool(&self) {
         if let Some(path) = self.spool_path.lock().take() {
             let _ = fs::remove_file(path);
         }
