@@ -3681,15 +3681,13 @@ fn journal_state(journal: &Journal, wf: &WriteFile, d: &mut Draft) -> Result<()>
         .map_err(FsError::Stage)
 }
 
-/// Hand memory the allocator holds free back to the system. glibc returns
-/// only the top of each arena by itself: after a commit of 100k small files
-/// the daemon's RSS stayed at its 1.35 GB peak with 0.58 GB in use.
+/// Hand memory the allocator holds free back to the system now. mimalloc
+/// returns freed pages after a delay, and only when it next runs: after a
+/// commit of 100k small files, with nothing written after it, the daemon's
+/// RSS stayed at 388 MiB instead of 170.
 fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only works on the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // SAFETY: takes no pointers; only frees what the allocator holds free.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// The handle's whole-file copy, started if it has none yet.

@@ -363,6 +363,8 @@ pub struct Journal {
     /// Writes a draft's `State` again (given the ids of those whose steps
     /// began `REBASE_AFTER` segments ago): set by the mount.
     rebase: Mutex<Option<Rebase>>,
+    /// What the uploader reads the log into (see `read_records_with`).
+    read_buf: Mutex<Vec<u8>>,
 }
 
 type Rebase = Box<dyn Fn(Vec<u64>) + Send + Sync>;
@@ -398,6 +400,7 @@ impl Journal {
             drained: Condvar::new(),
             pins: Mutex::default(),
             rebase: Mutex::new(None),
+            read_buf: Mutex::default(),
             dir,
         };
         for (_, path) in j.entries()? {
@@ -876,6 +879,7 @@ impl Journal {
     fn upload_log(&self, lake: &Lake) -> Result<usize, String> {
         let mut done = 0;
         let mut pos = self.position();
+        let mut buf = self.read_buf.lock();
         for (seg, path) in self.segments().map_err(io_err)? {
             if seg < pos.segment {
                 if seg < self.pinned_from() {
@@ -897,7 +901,8 @@ impl Journal {
                     .map(|s| s.size);
                 let closed = appended.is_none();
                 let (records, torn) =
-                    read_records(&path, pos.offset, appended, false).map_err(io_err)?;
+                    read_records_with(&mut buf, &path, pos.offset, appended, false)
+                        .map_err(io_err)?;
                 // Drafts' steps are passed over (see `DraftRecord`).
                 let entries: Vec<(u64, &JournalEntry)> = (records.iter())
                     .filter_map(|r| Some((r.end, r.entry()?)))
@@ -1191,6 +1196,19 @@ fn read_records(
     to: Option<u64>,
     drafts: bool,
 ) -> std::io::Result<(Vec<Record>, bool)> {
+    read_records_with(&mut Vec::new(), path, from, to, drafts)
+}
+
+/// `read_records`, reading into `bytes` (the uploader's, kept from one
+/// pass to the next: a fresh buffer of a segment's worth of closes is
+/// fresh pages, each faulted in and zeroed).
+fn read_records_with(
+    bytes: &mut Vec<u8>,
+    path: &Path,
+    from: u64,
+    to: Option<u64>,
+    drafts: bool,
+) -> std::io::Result<(Vec<Record>, bool)> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
@@ -1200,9 +1218,14 @@ fn read_records(
     // have got to in an open segment): a segment is read a little at a
     // time while closes append to it.
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from))?;
-    let mut bytes = Vec::new();
     let limit = to.map_or(u64::MAX, |to| to.saturating_sub(from));
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), &mut bytes)?;
+    // Room for all of it at once: grown a little at a time, the buffer
+    // for a segment's worth of closes is copied over and over.
+    let size = f.metadata()?.len().saturating_sub(from).min(limit);
+    bytes.clear();
+    bytes.reserve(size as usize + 1);
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), bytes)?;
+    let bytes = &bytes[..];
     let mut out = Vec::new();
     let mut at = 0;
     while at + RECORD_HEAD <= bytes.len() {
