@@ -10,6 +10,7 @@ pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod memory;
 pub mod sched;
 pub mod uring;
 pub mod write;

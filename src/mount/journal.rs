@@ -1088,6 +1088,7 @@ impl Journal {
                         }
                     }
                 } else {
+                    super::memory::give_back_if_asked();
                     let mut p = j.pending.lock();
                     if p.total == 0 {
                         j.drained.wait_for(&mut p, RETRY_AFTER);

@@ -310,6 +310,7 @@ fn serve(
         class.tick();
         let came = class.idle() && look_for_requests(&mut q.ring)?;
         if !came {
+            super::memory::give_back_if_asked();
             match q.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
