@@ -1270,10 +1270,10 @@ impl<T: Send + 'static> PollQueue<T> {
                 idle += 1;
                 std::thread::sleep(POLL);
             } else {
+                super::memory::give_back_if_asked();
                 // `push` pushes, then looks at `parked`: set under the
                 // lock before the last look, so an item pushed after that
                 // look finds it set and wakes this thread.
-                super::memory::give_back_if_asked();
                 let mut items = self.items.lock();
                 self.parked.store(true, Ordering::SeqCst);
                 while items.is_empty() && !self.stop.load(Ordering::SeqCst) {

@@ -1,10 +1,10 @@
 //! Handing freed memory back to the system. The daemon's allocator,
 //! mimalloc (see main.rs), keeps a heap per thread and returns a thread's
-//! free pages only when that thread next runs it, after a delay: after a
+//! free pages only when that thread next runs it, after a delay. So a
+//! commit asks (`release_free_memory`), and each long-lived thread gives
+//! back what it holds as it goes idle (`give_back_if_asked`): 5 s after a
 //! commit of 100k small files (their bytes staged by one thread, freed by
-//! another) the daemon held 270 MiB, most of it free. So a commit asks
-//! (`release_free_memory`), and each long-lived thread gives back what it
-//! holds as it goes idle (`give_back_if_asked`).
+//! another) the daemon held 211–234 MiB, against 233–258 without.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
