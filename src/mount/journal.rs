@@ -27,8 +27,9 @@
 //!   the log; uploaded first, one by one.
 //! - `drafts/`: spool files of drafts (`DraftRecord`) grown past 1 MiB.
 //!   Records of drafts, the steps of files a create made and not yet
-//!   staged, are in the log beside the entries; only `recover_drafts`
-//!   reads them.
+//!   staged, are in the log beside the entries; read only when a journal
+//!   is opened (`Journal::open` folds them, `recover_drafts` makes the
+//!   files again).
 //! - `objects/`: a local object store holding the chunks of files closed
 //!   but not yet uploaded (read by the chunk cache meanwhile). A chunk is
 //!   counted for each entry that needs it, from before it is written until
@@ -365,6 +366,9 @@ pub struct Journal {
     rebase: Mutex<Option<Rebase>>,
     /// What the uploader reads the log into (see `read_records_with`).
     read_buf: Mutex<Vec<u8>>,
+    /// Drafts a dead daemon left open, folded from their steps as `open`
+    /// read the log: made again by `recover_drafts`.
+    left_drafts: Mutex<HashMap<u64, Folded>>,
 }
 
 type Rebase = Box<dyn Fn(Vec<u64>) + Send + Sync>;
@@ -401,6 +405,7 @@ impl Journal {
             pins: Mutex::default(),
             rebase: Mutex::new(None),
             read_buf: Mutex::default(),
+            left_drafts: Mutex::default(),
             dir,
         };
         for (_, path) in j.entries()? {
@@ -413,17 +418,29 @@ impl Journal {
         let pos = j.position();
         j.pending.lock().uploaded = (pos.segment, pos.offset);
         let mut next = 0;
+        let mut drafts = HashMap::new();
+        let mut steps = 0u64;
+        // Each segment read once, whole: entries not uploaded yet are
+        // counted, and drafts' steps folded (for `recover_drafts`; a
+        // draft's first steps may be in a segment uploaded already).
         for (seg, path) in j.segments()? {
-            let from = if seg == pos.segment { pos.offset } else { 0 };
-            let (records, _) = read_records(&path, from, None, false)?;
-            if seg >= pos.segment {
-                for e in records.iter().filter_map(Record::entry) {
-                    j.count(1);
-                    j.need(&chunks_of(&e.ops));
+            let (records, _) = read_records(&path, 0, None, true)?;
+            next = next.max(seg + records.len() as u64 + 1);
+            for r in records {
+                match r.rec {
+                    Rec::Entry(e) if (seg, r.end) > (pos.segment, pos.offset) => {
+                        j.count(1);
+                        j.need(&chunks_of(&e.ops));
+                    }
+                    Rec::Draft(Some(d)) => {
+                        steps += 1;
+                        fold(&mut drafts, d, steps);
+                    }
+                    _ => {}
                 }
             }
-            next = next.max(seg + records.len() as u64 + 1);
         }
+        *j.left_drafts.lock() = drafts;
         j.append.lock().next = next.max(pos.segment + 1);
         // A segment made ahead by an earlier daemon, never used.
         let _ = std::fs::remove_file(j.spare_path());
@@ -556,21 +573,11 @@ impl Journal {
     }
 
     /// Make again the files a daemon that died was still writing (drafts
-    /// with no `Done`), journal each as a close would, and end their
-    /// drafts. Run before the uploader starts. Returns how many there were.
+    /// with no `Done`, as `open` found them), journal each as a close
+    /// would, and end their drafts. Run before the uploader starts. Returns how many there were.
     pub fn recover_drafts(&self, params: crate::chunk::ChunkParams) -> Result<usize, String> {
-        let mut open: HashMap<u64, Folded> = HashMap::new();
-        let mut steps = 0u64;
-        for (_, path) in self.segments().map_err(io_err)? {
-            let (records, _) = read_records(&path, 0, None, true).map_err(io_err)?;
-            for r in records {
-                if let Rec::Draft(Some(d)) = r.rec {
-                    steps += 1;
-                    fold(&mut open, d, steps);
-                }
-            }
-        }
-        let mut left: Vec<(u64, Folded)> = open.into_iter().collect();
+        let left = std::mem::take(&mut *self.left_drafts.lock());
+        let mut left: Vec<(u64, Folded)> = left.into_iter().collect();
         left.sort_by_key(|(_, f)| f.last_step);
         let mut batch: Option<String> = None;
         for (id, folded) in &left {
@@ -1222,7 +1229,10 @@ fn read_records_with(
     let limit = to.map_or(u64::MAX, |to| to.saturating_sub(from));
     // Room for all of it at once: grown a little at a time, the buffer
     // for a segment's worth of closes is copied over and over.
-    let size = f.metadata()?.len().saturating_sub(from).min(limit);
+    let size = match to {
+        Some(_) => limit,
+        None => f.metadata()?.len().saturating_sub(from),
+    };
     bytes.clear();
     bytes.reserve(size as usize + 1);
     std::io::Read::read_to_end(&mut std::io::Read::take(f, limit), bytes)?;

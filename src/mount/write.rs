@@ -58,7 +58,8 @@ pub struct WriteFile {
     /// are journaled in the order they were made.
     pub draft: Mutex<Option<Draft>>,
     /// A draft's spool file stays (emptied, or when this is dropped) until
-    /// `remove_spool`: its steps name it.
+    /// `end_draft_spool`: its steps name it. (Not `draft.is_some()`: a
+    /// truncate, which may empty the spool, runs under `draft`'s lock.)
     keep_spool: AtomicBool,
 }
 
