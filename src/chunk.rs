@@ -95,26 +95,21 @@ pub fn store_content_seen(
     };
     let mut reader = reader;
     // Read the first INLINE_MAX + 1 bytes to decide inline vs chunked.
-    let mut head = [0u8; INLINE_MAX as usize + 1];
-    let mut got = 0;
-    while got < head.len() {
-        match reader.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io(e)),
-        }
-    }
+    let mut head = Vec::with_capacity(INLINE_MAX as usize + 1);
+    (&mut reader)
+        .take(INLINE_MAX + 1)
+        .read_to_end(&mut head)
+        .map_err(io)?;
     let mut stats = StoreStats::default();
-    if got as u64 <= INLINE_MAX {
-        stats.bytes = got as u64;
+    if head.len() as u64 <= INLINE_MAX {
+        stats.bytes = head.len() as u64;
         // A copy of exactly its size: a small file's content is held for
         // as long as its file is (a mount's view and inodes hold every
         // file written), and a buffer shrunk in place may keep its room
         // (mimalloc's does, within a size class).
-        return Ok((Stored::Inline(head[..got].to_vec()), stats));
+        return Ok((Stored::Inline(head.to_vec()), stats));
     }
-    let source = std::io::Cursor::new(&head[..]).chain(reader);
+    let source = std::io::Cursor::new(head).chain(reader);
     let mut uploads = Uploads::new(store.clone(), UPLOAD_BATCH);
     for chunk in fastcdc::v2020::StreamCDC::new(source, params.min, params.avg, params.max) {
         let chunk = chunk.map_err(|e| io(e.into()))?;
