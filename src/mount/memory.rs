@@ -4,7 +4,9 @@
 //! commit asks (`release_free_memory`), and each long-lived thread gives
 //! back what it holds as it goes idle (`give_back_if_asked`): 5 s after a
 //! commit of 100k small files (their bytes staged by one thread, freed by
-//! another) the daemon held 211–234 MiB, against 233–258 without.
+//! another) the daemon held 211–234 MiB, against 233–258 without, in
+//! alternating runs (199–290 over ten later runs: mimalloc's retention
+//! varies from run to run).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
